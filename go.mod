@@ -8,6 +8,7 @@ require (
 	github.com/influxdata/telegraf v1.37.2
 	github.com/mochi-mqtt/server/v2 v2.7.9
 	github.com/stretchr/testify v1.12.1
+	golang.org/x/time v0.14.0
 )
 
 require (

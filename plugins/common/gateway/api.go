@@ -1,0 +1,138 @@
+// Package gateway is the OmniCore gateway session: one MQTT connection to the
+// bridge that speaks for many devices. It owns the connection (JWT minting and
+// renewal, reconnects with back-off), the attachments (pipelined QoS 1
+// attaches, re-attached after every connect), publishing with acknowledgement,
+// and routing of inbound config, commands and errors. Both plugins use it
+// through the Conn interface and never see paho.
+package gateway
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+)
+
+// Conn is what the plugins need from a gateway connection. *Session implements
+// it in process; the cross-process sharing layer implements it over a Unix
+// socket, so the plugins do not know which they hold.
+type Conn interface {
+	// GatewayID is the gateway's own device ID.
+	GatewayID() string
+	// Attach makes device part of the gateway's attached set and waits until
+	// the bridge acknowledged the attach on the current connection. The device
+	// stays wanted (re-attached after every reconnect) until Detach. It returns
+	// ErrAttachRefused (wrapped, with the bridge's description) when the bridge
+	// refused it; the device is then retried with back-off on later calls.
+	// Attaching the gateway itself is a no-op.
+	Attach(ctx context.Context, device string) error
+	// Detach publishes a detach and forgets the device.
+	Detach(ctx context.Context, device string) error
+	// Publish sends one message for the gateway or a device (attaching the
+	// device first when needed). At QoS 1 it returns nil only once the bridge
+	// acknowledged the message; across reconnects and timeouts it retries
+	// until ctx is done. At QoS 0 it returns once the message is written.
+	Publish(ctx context.Context, msg Message) error
+	// Subscribe delivers device's config and commands to h (attaching the
+	// device first when it is not the gateway). Subscriptions are restored
+	// after every reconnect; the bridge then re-sends the latest config.
+	Subscribe(ctx context.Context, device string, h Handler) (Subscription, error)
+	// SubscribeAll delivers config and commands of every device attached
+	// through this gateway, now and later, including the gateway's own.
+	SubscribeAll(h Handler) Subscription
+	// SubscribeErrors delivers every message of the gateway's errors topic.
+	SubscribeErrors(h Handler) Subscription
+	// CountDrop records a message a plugin gave up on, by reason, so that the
+	// counters of the whole gateway are in one place.
+	CountDrop(reason string, n uint64)
+	// Stats returns a snapshot of the counters.
+	Stats() Stats
+}
+
+// Subscription ends a Subscribe or SubscribeErrors.
+type Subscription interface {
+	Unsubscribe()
+}
+
+// Message is one outbound publish.
+type Message struct {
+	Device    string        // device ID; the gateway's own ID for its own telemetry
+	Kind      omnicore.Kind // KindEvents or KindState
+	Subfolder string        // events only; "" for the plain events topic
+	Payload   []byte
+	QoS       byte // 0 or 1
+}
+
+// Inbound is one message from the bridge.
+type Inbound struct {
+	Device    string        // the device the topic names (the gateway for errors)
+	Kind      omnicore.Kind // KindConfig, KindCommands or KindErrors
+	Subfolder string        // commands subfolder, "" when none
+	Topic     string
+	Payload   []byte
+	Received  time.Time
+}
+
+// Handler receives inbound messages. It runs on the session's dispatch
+// goroutine: it may block briefly (back-pressure) but must not call back into
+// the session synchronously.
+type Handler func(Inbound)
+
+// Errors a caller can act on.
+var (
+	// ErrAttachRefused means the bridge refused to attach the device (not
+	// bound, unknown, blocked, bad device token, attach limit).
+	ErrAttachRefused = errors.New("attach refused by the bridge")
+	// ErrInvalidDevice means the device ID can never be a topic level.
+	ErrInvalidDevice = errors.New("invalid device ID")
+	// ErrTooLarge means the payload is over the bridge's limit for its kind.
+	ErrTooLarge = errors.New("payload over the bridge's size limit")
+	// ErrClosed means the session was closed.
+	ErrClosed = errors.New("gateway session closed")
+)
+
+// Stats are the session's counters. Maps are copies.
+type Stats struct {
+	Connected       bool
+	Connects        uint64 // successful CONNECTs
+	ConnectFailures uint64
+	ConnectionLost  uint64
+	TokenRenewals   uint64 // planned reconnects to renew the JWT
+	AttachesOK      uint64
+	AttachesFailed  uint64
+	Detaches        uint64
+	Attached        int    // devices attached on the current connection
+	Published       uint64 // publish attempts written
+	Acked           uint64 // messages acknowledged (QoS 1) or written (QoS 0)
+	Retries         uint64 // publish attempts repeated after a timeout or reconnect
+	Received        uint64 // inbound messages routed
+	ErrorsByType    map[string]uint64
+	DroppedByReason map[string]uint64
+}
+
+// Snapshot fields as a flat map for a metric; keys are snake_case.
+func (s Stats) Fields() map[string]any {
+	f := map[string]any{
+		"connected":        s.Connected,
+		"connects":         s.Connects,
+		"connect_failures": s.ConnectFailures,
+		"connection_lost":  s.ConnectionLost,
+		"token_renewals":   s.TokenRenewals,
+		"attaches_ok":      s.AttachesOK,
+		"attaches_failed":  s.AttachesFailed,
+		"detaches":         s.Detaches,
+		"attached":         int64(s.Attached),
+		"published":        s.Published,
+		"acked":            s.Acked,
+		"retries":          s.Retries,
+		"received":         s.Received,
+	}
+	for k, v := range s.ErrorsByType {
+		f["errors_"+snake(k)] = v
+	}
+	for k, v := range s.DroppedByReason {
+		f["dropped_"+snake(k)] = v
+	}
+	return f
+}

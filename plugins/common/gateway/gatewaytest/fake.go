@@ -1,0 +1,256 @@
+// Package gatewaytest provides a fake gateway.Conn for the plugins' unit
+// tests: it records what is published and lets a test inject inbound
+// messages and per-device failures, with no network.
+package gatewaytest
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+)
+
+// Conn is a fake gateway.Conn. The zero value is not usable; use New.
+type Conn struct {
+	Gateway string
+
+	mu         sync.Mutex
+	published  []gateway.Message
+	attached   map[string]bool
+	refused    map[string]string // device -> description
+	publishErr map[string]error  // device -> error returned by Publish
+	handlers   map[int]sub
+	nextID     int
+	drops      map[string]uint64
+	changed    chan struct{}
+}
+
+type sub struct {
+	device string // "" with all: every attached device; "!errors" for errors
+	all    bool
+	h      gateway.Handler
+}
+
+// New returns a fake for gateway gatewayID.
+func New(gatewayID string) *Conn {
+	return &Conn{
+		Gateway:    gatewayID,
+		attached:   make(map[string]bool),
+		refused:    make(map[string]string),
+		publishErr: make(map[string]error),
+		handlers:   make(map[int]sub),
+		drops:      make(map[string]uint64),
+		changed:    make(chan struct{}),
+	}
+}
+
+var _ gateway.Conn = (*Conn)(nil)
+
+// Refuse makes Attach (and so Publish and Subscribe) for device fail with
+// gateway.ErrAttachRefused.
+func (c *Conn) Refuse(device, description string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.refused[device] = description
+}
+
+// FailPublish makes Publish for device return err (nil to clear).
+func (c *Conn) FailPublish(device string, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err == nil {
+		delete(c.publishErr, device)
+		return
+	}
+	c.publishErr[device] = err
+}
+
+func (c *Conn) GatewayID() string { return c.Gateway }
+
+func (c *Conn) Attach(_ context.Context, device string) error {
+	if err := omnicore.ValidateID(device); err != nil {
+		return fmt.Errorf("%w: %w", gateway.ErrInvalidDevice, err)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if device == c.Gateway {
+		return nil
+	}
+	if d, ok := c.refused[device]; ok {
+		return fmt.Errorf("%w: device %q: %s", gateway.ErrAttachRefused, device, d)
+	}
+	c.attached[device] = true
+	c.notifyLocked()
+	return nil
+}
+
+func (c *Conn) Detach(_ context.Context, device string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.attached, device)
+	c.notifyLocked()
+	return nil
+}
+
+func (c *Conn) Publish(ctx context.Context, msg gateway.Message) error {
+	if err := c.Attach(ctx, msg.Device); err != nil {
+		return err
+	}
+	limit := omnicore.MaxTelemetryBytes
+	if msg.Kind == omnicore.KindState {
+		limit = omnicore.MaxStateBytes
+	}
+	if len(msg.Payload) > limit {
+		return fmt.Errorf("%w: %d bytes", gateway.ErrTooLarge, len(msg.Payload))
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.publishErr[msg.Device]; err != nil {
+		return err
+	}
+	msg.Payload = append([]byte(nil), msg.Payload...)
+	c.published = append(c.published, msg)
+	c.notifyLocked()
+	return nil
+}
+
+func (c *Conn) Subscribe(ctx context.Context, device string, h gateway.Handler) (gateway.Subscription, error) {
+	if err := c.Attach(ctx, device); err != nil {
+		return nil, err
+	}
+	return c.add(sub{device: device, h: h}), nil
+}
+
+func (c *Conn) SubscribeAll(h gateway.Handler) gateway.Subscription {
+	return c.add(sub{all: true, h: h})
+}
+
+func (c *Conn) SubscribeErrors(h gateway.Handler) gateway.Subscription {
+	return c.add(sub{device: "!errors", h: h})
+}
+
+func (c *Conn) add(s sub) gateway.Subscription {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.nextID++
+	id := c.nextID
+	c.handlers[id] = s
+	c.notifyLocked()
+	return unsubscribe(func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		delete(c.handlers, id)
+	})
+}
+
+type unsubscribe func()
+
+func (u unsubscribe) Unsubscribe() { u() }
+
+func (c *Conn) CountDrop(reason string, n uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.drops[reason] += n
+	c.notifyLocked()
+}
+
+func (c *Conn) Stats() gateway.Stats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	drops := make(map[string]uint64, len(c.drops))
+	for k, v := range c.drops {
+		drops[k] = v
+	}
+	return gateway.Stats{
+		Connected:       true,
+		Connects:        1,
+		Attached:        len(c.attached),
+		Published:       uint64(len(c.published)),
+		Acked:           uint64(len(c.published)),
+		ErrorsByType:    map[string]uint64{},
+		DroppedByReason: drops,
+	}
+}
+
+// Deliver injects an inbound message as if the bridge had sent it, calling
+// every matching handler synchronously. For KindErrors, Device is ignored
+// and the gateway's errors subscribers get it.
+func (c *Conn) Deliver(in gateway.Inbound) {
+	if in.Received.IsZero() {
+		in.Received = time.Now()
+	}
+	if in.Topic == "" {
+		dev := in.Device
+		if in.Kind == omnicore.KindErrors {
+			dev = c.Gateway
+		}
+		in.Topic = omnicore.Topic("registry", dev, in.Kind, in.Subfolder)
+	}
+	c.mu.Lock()
+	var hs []gateway.Handler
+	for _, s := range c.handlers {
+		switch {
+		case in.Kind == omnicore.KindErrors:
+			if s.device == "!errors" {
+				hs = append(hs, s.h)
+			}
+		case s.all && (c.attached[in.Device] || in.Device == c.Gateway):
+			hs = append(hs, s.h)
+		case !s.all && s.device == in.Device:
+			hs = append(hs, s.h)
+		}
+	}
+	c.mu.Unlock()
+	for _, h := range hs {
+		h(in)
+	}
+}
+
+// Published returns a copy of every message published so far.
+func (c *Conn) Published() []gateway.Message {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]gateway.Message(nil), c.published...)
+}
+
+// Attached reports whether device is attached.
+func (c *Conn) Attached(device string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.attached[device]
+}
+
+// Subscribers returns how many handlers are registered.
+func (c *Conn) Subscribers() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.handlers)
+}
+
+// Drops returns the drop counters.
+func (c *Conn) Drops() map[string]uint64 { return c.Stats().DroppedByReason }
+
+// WaitFor blocks until cond holds (checked after every change) or ctx ends.
+func (c *Conn) WaitFor(ctx context.Context, cond func() bool) error {
+	for {
+		c.mu.Lock()
+		ch := c.changed
+		c.mu.Unlock()
+		if cond() {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (c *Conn) notifyLocked() {
+	close(c.changed)
+	c.changed = make(chan struct{})
+}

@@ -1,0 +1,235 @@
+package gateway
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+	"unicode"
+
+	"github.com/influxdata/telegraf"
+	"github.com/influxdata/telegraf/config"
+	common_tls "github.com/influxdata/telegraf/plugins/common/tls"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+)
+
+// Options are the connection options both plugins share, with the TOML names
+// of the public contract (SPEC section 4) and outputs.mqtt's habits for the
+// rest. Plugins embed it.
+type Options struct {
+	Servers              []string        `toml:"servers"`
+	SubscriptionID       string          `toml:"subscription_id"`
+	RegistryID           string          `toml:"registry_id"`
+	GatewayID            string          `toml:"gateway_id"`
+	PrivateKey           string          `toml:"private_key"`
+	Algorithm            string          `toml:"algorithm"`
+	TokenLifetime        config.Duration `toml:"token_lifetime"`
+	KeepAlive            config.Duration `toml:"keep_alive"`
+	ConnectionTimeout    config.Duration `toml:"connection_timeout"`
+	Timeout              config.Duration `toml:"timeout"`
+	MaxReconnectInterval config.Duration `toml:"max_reconnect_interval"`
+	MaxInflight          int             `toml:"max_inflight"`
+	MaxMessageRate       float64         `toml:"max_message_rate"`
+	DeviceAuth           string          `toml:"device_auth"`
+	DeviceKeyDir         string          `toml:"device_key_dir"`
+	DeviceAlgorithm      string          `toml:"device_algorithm"`
+	DetachIdle           config.Duration `toml:"detach_idle"`
+	common_tls.ClientConfig
+}
+
+// Device authentication modes for attach (device_auth).
+const (
+	DeviceAuthAssociation = "association" // attach payload {}; the bridge checks the binding
+	DeviceAuthToken       = "token"       // attach payload carries a device JWT
+)
+
+// DefaultOptions are the defaults the plugin factories start from; sample.conf
+// shows the same values.
+func DefaultOptions() Options {
+	return Options{
+		Algorithm:            omnicore.RS256,
+		TokenLifetime:        config.Duration(time.Hour),
+		KeepAlive:            config.Duration(60 * time.Second),
+		ConnectionTimeout:    config.Duration(30 * time.Second),
+		Timeout:              config.Duration(10 * time.Second),
+		MaxReconnectInterval: config.Duration(30 * time.Second),
+		MaxInflight:          100,
+		DeviceAuth:           DeviceAuthAssociation,
+	}
+}
+
+// Config is a validated Options plus what was loaded from files: it is what a
+// Session runs on.
+type Config struct {
+	Servers        []string
+	SubscriptionID string
+	RegistryID     string
+	GatewayID      string
+	Signer         *omnicore.Signer
+	TLS            *tls.Config
+	TokenLifetime  time.Duration
+	// RenewBefore is how long before the token's exp the session reconnects
+	// with a fresh one.
+	RenewBefore       time.Duration
+	KeepAlive         time.Duration
+	ConnectionTimeout time.Duration
+	Timeout           time.Duration
+	MinReconnect      time.Duration
+	MaxReconnect      time.Duration
+	MaxInflight       int
+	MaxMessageRate    float64
+	DeviceAuth        string
+	DeviceKeyDir      string
+	DeviceAlgorithm   string
+	DetachIdle        time.Duration
+	Log               telegraf.Logger
+}
+
+// Key identifies a gateway identity: two configs with the same key must share
+// one connection, because the bridge kicks the older of two connections with
+// the same client ID.
+func (c *Config) Key() string {
+	return omnicore.ClientID(c.SubscriptionID, c.RegistryID, c.GatewayID) + "@" + strings.Join(c.Servers, ",")
+}
+
+// Validate checks the options without any network I/O, reads the private key
+// and builds the TLS configuration. It is what plugins call from Init.
+func (o *Options) Validate(log telegraf.Logger) (*Config, error) {
+	if len(o.Servers) == 0 {
+		return nil, errors.New("servers is required, e.g. [\"tls://<hostprefix>.mqtt.korewireless.com:8883\"]")
+	}
+	for _, s := range o.Servers {
+		u, err := url.Parse(s)
+		if err != nil || u.Host == "" {
+			return nil, fmt.Errorf("server %q is not scheme://host:port", s)
+		}
+		switch u.Scheme {
+		case "tls", "ssl", "mqtts":
+		case "tcp", "mqtt":
+			if log != nil {
+				log.Warnf("Server %q is plain TCP: the OmniCore bridge requires TLS; use tcp:// only with a local emulator", s)
+			}
+		default:
+			return nil, fmt.Errorf("server %q: scheme must be tls:// (or tcp:// for local testing)", s)
+		}
+	}
+	for name, v := range map[string]string{"subscription_id": o.SubscriptionID, "registry_id": o.RegistryID, "gateway_id": o.GatewayID} {
+		if v == "" {
+			return nil, fmt.Errorf("%s is required", name)
+		}
+	}
+	if strings.ContainsFunc(o.SubscriptionID, func(r rune) bool { return r == '/' || r == '+' || r == '#' || unicode.IsSpace(r) }) {
+		return nil, fmt.Errorf("subscription_id %q must not contain '/', '+', '#' or spaces", o.SubscriptionID)
+	}
+	if err := omnicore.ValidateID(o.RegistryID); err != nil {
+		return nil, fmt.Errorf("registry_id: %w", err)
+	}
+	if err := omnicore.ValidateID(o.GatewayID); err != nil {
+		return nil, fmt.Errorf("gateway_id: %w", err)
+	}
+	if o.PrivateKey == "" {
+		return nil, errors.New("private_key is required: the path of the gateway's PEM private key")
+	}
+	warnLoosePermissions(log, "private_key", o.PrivateKey)
+	signer, err := omnicore.LoadSigner(o.PrivateKey, o.Algorithm)
+	if err != nil {
+		return nil, fmt.Errorf("private_key %q: %w", o.PrivateKey, err)
+	}
+	lifetime := time.Duration(o.TokenLifetime)
+	if lifetime < 10*time.Second || lifetime > omnicore.MaxTokenLifetime {
+		return nil, fmt.Errorf("token_lifetime %s must be between 10s and 24h", lifetime)
+	}
+	if o.MaxInflight < 1 || o.MaxInflight > 65000 {
+		return nil, fmt.Errorf("max_inflight %d must be between 1 and 65000", o.MaxInflight)
+	}
+	if o.MaxMessageRate < 0 {
+		return nil, fmt.Errorf("max_message_rate %v must not be negative", o.MaxMessageRate)
+	}
+	if time.Duration(o.Timeout) <= 0 || time.Duration(o.ConnectionTimeout) <= 0 {
+		return nil, errors.New("timeout and connection_timeout must be positive")
+	}
+	switch o.DeviceAuth {
+	case DeviceAuthAssociation:
+	case DeviceAuthToken:
+		if o.DeviceKeyDir == "" {
+			return nil, fmt.Errorf("device_auth = %q needs device_key_dir (one {device_id}.pem per device)", DeviceAuthToken)
+		}
+		if st, err := os.Stat(o.DeviceKeyDir); err != nil || !st.IsDir() {
+			return nil, fmt.Errorf("device_key_dir %q is not a readable directory", o.DeviceKeyDir)
+		}
+	default:
+		return nil, fmt.Errorf("device_auth %q must be %q or %q", o.DeviceAuth, DeviceAuthAssociation, DeviceAuthToken)
+	}
+	devAlg := o.DeviceAlgorithm
+	if devAlg == "" {
+		devAlg = o.Algorithm
+	}
+	if devAlg != omnicore.RS256 && devAlg != omnicore.ES256 {
+		return nil, fmt.Errorf("device_algorithm %q must be %q or %q", devAlg, omnicore.RS256, omnicore.ES256)
+	}
+	tlsCfg, err := o.ClientConfig.TLSConfig()
+	if err != nil {
+		return nil, fmt.Errorf("TLS options: %w", err)
+	}
+	if o.InsecureSkipVerify && log != nil {
+		log.Warn("insecure_skip_verify = true: the bridge's certificate is NOT verified; anyone on the path can read the gateway's token and data")
+	}
+	renew := lifetime / 10
+	if renew > 5*time.Minute {
+		renew = 5 * time.Minute
+	}
+	return &Config{
+		Servers:           o.Servers,
+		SubscriptionID:    o.SubscriptionID,
+		RegistryID:        o.RegistryID,
+		GatewayID:         o.GatewayID,
+		Signer:            signer,
+		TLS:               tlsCfg,
+		TokenLifetime:     lifetime,
+		RenewBefore:       renew,
+		KeepAlive:         time.Duration(o.KeepAlive),
+		ConnectionTimeout: time.Duration(o.ConnectionTimeout),
+		Timeout:           time.Duration(o.Timeout),
+		MinReconnect:      500 * time.Millisecond,
+		MaxReconnect:      max(time.Duration(o.MaxReconnectInterval), time.Second),
+		MaxInflight:       o.MaxInflight,
+		MaxMessageRate:    o.MaxMessageRate,
+		DeviceAuth:        o.DeviceAuth,
+		DeviceKeyDir:      o.DeviceKeyDir,
+		DeviceAlgorithm:   devAlg,
+		DetachIdle:        time.Duration(o.DetachIdle),
+		Log:               log,
+	}, nil
+}
+
+// warnLoosePermissions warns when a private key file can be read by others.
+func warnLoosePermissions(log telegraf.Logger, option, path string) {
+	if log == nil {
+		return
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		return
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		log.Warnf("%s %q is readable by group or others (mode %04o); it should be 0600", option, filepath.Clean(path), st.Mode().Perm())
+	}
+}
+
+// snake turns an error type or reason into a snake_case field suffix.
+func snake(s string) string {
+	var b strings.Builder
+	for _, r := range strings.ToLower(s) {
+		if (r >= 'a' && r <= 'z') || (r >= '0' && r <= '9') {
+			b.WriteRune(r)
+		} else {
+			b.WriteByte('_')
+		}
+	}
+	return b.String()
+}

@@ -1,0 +1,1257 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/influxdata/telegraf"
+	"golang.org/x/time/rate"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+)
+
+// Session is one gateway connection to the OmniCore bridge. It follows paho
+// autopaho's idea: a single goroutine owns the connection and rebuilds all
+// per-connection state (errors subscription, attachments, subscriptions) on
+// every connect; callers only ever wait for a ready connection.
+type Session struct {
+	cfg      *Config
+	log      telegraf.Logger
+	clientID string
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the connection owner exits
+
+	window  chan struct{} // bounds messages in flight (attaches included)
+	limiter *rate.Limiter // optional per-connection message rate
+	inbound chan Inbound  // routed messages waiting for handlers
+
+	mu        sync.Mutex
+	conn      *connection // current connection, nil while down
+	connReady chan struct{}
+	devices   map[string]*device
+	handlers  map[uint64]*handlerEntry
+	nextSubID uint64
+	lastErr   error
+	started   bool
+	closed    bool
+
+	c counters
+}
+
+// connection is the state of one MQTT connection: everything in it dies with
+// the connection and is rebuilt on the next.
+type connection struct {
+	gen      uint64
+	client   mqtt.Client
+	lost     chan struct{} // closed when the connection is gone
+	lostOnce sync.Once
+	ready    chan struct{} // closed once rebuilt and open for publishing
+	draining atomic.Bool   // token renewal in progress: no new publishes
+	inflight sync.WaitGroup
+	lastAck  atomic.Int64 // unix nanos of the last acknowledgement
+	expires  time.Time    // token exp
+
+	mu      sync.Mutex
+	pending map[uint16]chan struct{} // packet ID -> signal "bridge says device not found"
+}
+
+type device struct {
+	id          string
+	wanted      bool   // attached by request; re-attached after reconnects
+	attachedGen uint64 // connection generation the device is attached on
+	subGen      uint64 // connection generation its config/commands are subscribed on
+	attempt     *attachAttempt
+	failures    int
+	retryAt     time.Time // refused: no new attach before this
+	lastErr     error
+	lastUsed    time.Time
+}
+
+type attachAttempt struct {
+	gen     uint64
+	done    chan struct{}
+	err     error
+	refused atomic.Pointer[string] // set by the errors handler
+	signal  chan struct{}          // closed when refused is set
+	once    sync.Once
+}
+
+type handlerEntry struct {
+	device string // "" for SubscribeAll and errors
+	all    bool
+	errors bool
+	h      Handler
+}
+
+type counters struct {
+	connects, connectFailures, connectionLost, renewals atomic.Uint64
+	attachesOK, attachesFailed, detaches                atomic.Uint64
+	published, acked, retries, received                 atomic.Uint64
+	mu                                                  sync.Mutex
+	errorsByType, droppedByReason                       map[string]uint64
+}
+
+// Internal drop reasons.
+const (
+	dropInboundUnroutable = "inbound_unroutable"
+)
+
+// New builds a session from a validated Config. It does no network I/O.
+func New(cfg *Config) (*Session, error) {
+	if cfg == nil || cfg.Signer == nil {
+		return nil, errors.New("gateway: config not validated")
+	}
+	log := cfg.Log
+	if log == nil {
+		log = discardLogger{}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Session{
+		cfg:       cfg,
+		log:       log,
+		clientID:  omnicore.ClientID(cfg.SubscriptionID, cfg.RegistryID, cfg.GatewayID),
+		ctx:       ctx,
+		cancel:    cancel,
+		done:      make(chan struct{}),
+		window:    make(chan struct{}, cfg.MaxInflight),
+		inbound:   make(chan Inbound, 1024),
+		connReady: make(chan struct{}),
+		devices:   make(map[string]*device),
+		handlers:  make(map[uint64]*handlerEntry),
+	}
+	s.c.errorsByType = make(map[string]uint64)
+	s.c.droppedByReason = make(map[string]uint64)
+	if cfg.MaxMessageRate > 0 {
+		burst := max(1, int(cfg.MaxMessageRate/10))
+		s.limiter = rate.NewLimiter(rate.Limit(cfg.MaxMessageRate), burst)
+	}
+	return s, nil
+}
+
+// Start launches the connection owner and the inbound dispatcher. It returns
+// at once; use WaitReady to wait for the first connection.
+func (s *Session) Start() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.started {
+		return
+	}
+	s.started = true
+	go s.dispatch()
+	go s.run()
+	if s.cfg.DetachIdle > 0 {
+		go s.detachIdleLoop()
+	}
+}
+
+// WaitReady waits until a connection is up and rebuilt. It returns the last
+// connection error when ctx ends first.
+func (s *Session) WaitReady(ctx context.Context) error {
+	_, err := s.ready(ctx)
+	if err != nil {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.lastErr != nil {
+			return fmt.Errorf("%w (last connection error: %w)", err, s.lastErr)
+		}
+	}
+	return err
+}
+
+// Close stops the session: new calls fail with ErrClosed, in-flight messages
+// get until ctx ends to be acknowledged, then the connection is closed.
+func (s *Session) Close(ctx context.Context) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	cs := s.conn
+	started := s.started
+	s.mu.Unlock()
+	if cs != nil {
+		waitGroup(ctx, &cs.inflight)
+	}
+	s.cancel()
+	if started {
+		select {
+		case <-s.done:
+		case <-ctx.Done():
+		}
+	}
+	return nil
+}
+
+// GatewayID implements Conn.
+func (s *Session) GatewayID() string { return s.cfg.GatewayID }
+
+// ---------------------------------------------------------------------------
+// Connection owner
+
+func (s *Session) run() {
+	defer close(s.done)
+	defer close(s.inbound)
+	backoff := s.cfg.MinReconnect
+	var gen uint64
+	for s.ctx.Err() == nil {
+		gen++
+		cs, err := s.connect(gen)
+		if err != nil {
+			s.c.connectFailures.Add(1)
+			s.setLastErr(err)
+			wait := jitter(backoff)
+			s.log.Errorf("Connecting to the bridge as %q failed: %v; retrying in %s", s.clientID, err, wait.Round(time.Millisecond))
+			backoff = min(backoff*2, s.cfg.MaxReconnect)
+			if !sleepCtx(s.ctx, wait) {
+				return
+			}
+			continue
+		}
+		backoff = s.cfg.MinReconnect
+		s.c.connects.Add(1)
+		s.setLastErr(nil)
+		s.log.Infof("Connected to the bridge as %q", s.clientID)
+
+		s.mu.Lock()
+		s.conn = cs
+		s.mu.Unlock()
+		if err := s.rebuild(cs); err != nil {
+			s.log.Warnf("Restoring gateway state after connect failed: %v; reconnecting", err)
+			s.lose(cs)
+		}
+		s.openForPublishing(cs)
+
+		renew := time.NewTimer(max(time.Until(cs.expires)-s.cfg.RenewBefore, time.Second))
+		planned := false
+		select {
+		case <-cs.lost:
+			s.c.connectionLost.Add(1)
+			s.log.Warnf("Connection to the bridge lost; reconnecting")
+		case <-renew.C:
+			planned = true
+			s.c.renewals.Add(1)
+			s.log.Debugf("Renewing the gateway token: reconnecting with a fresh JWT")
+		case <-s.ctx.Done():
+			planned = true
+		}
+		renew.Stop()
+		s.takeDown(cs, planned)
+		if !planned {
+			// A short pause before the first retry avoids a hot loop when
+			// the bridge closes every connection at once (e.g. a kick).
+			if !sleepCtx(s.ctx, jitter(s.cfg.MinReconnect)) {
+				return
+			}
+		}
+	}
+}
+
+// connect makes one MQTT connection with a freshly minted token.
+func (s *Session) connect(gen uint64) (*connection, error) {
+	now := time.Now()
+	token, err := s.cfg.Signer.Token(s.cfg.SubscriptionID, now, s.cfg.TokenLifetime)
+	if err != nil {
+		return nil, fmt.Errorf("minting the gateway JWT: %w", err)
+	}
+	cs := &connection{
+		gen:     gen,
+		lost:    make(chan struct{}),
+		ready:   make(chan struct{}),
+		expires: now.Add(s.cfg.TokenLifetime),
+		pending: make(map[uint16]chan struct{}),
+	}
+	cs.lastAck.Store(now.UnixNano())
+	opts := mqtt.NewClientOptions()
+	for _, srv := range s.cfg.Servers {
+		opts.AddBroker(srv)
+	}
+	opts.SetClientID(s.clientID)
+	opts.SetUsername(omnicore.Username)
+	opts.SetPassword(token)
+	opts.SetProtocolVersion(4)
+	opts.SetCleanSession(true)
+	opts.SetAutoReconnect(false)
+	opts.SetConnectRetry(false)
+	opts.SetResumeSubs(false)
+	opts.SetKeepAlive(s.cfg.KeepAlive)
+	opts.SetPingTimeout(min(s.cfg.Timeout, s.cfg.KeepAlive))
+	opts.SetConnectTimeout(s.cfg.ConnectionTimeout)
+	opts.SetWriteTimeout(s.cfg.Timeout)
+	opts.SetOrderMatters(true)
+	if s.cfg.TLS != nil {
+		opts.SetTLSConfig(s.cfg.TLS)
+	}
+	opts.SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) { s.onMessage(cs, m) })
+	opts.SetConnectionLostHandler(func(_ mqtt.Client, err error) {
+		s.setLastErr(err)
+		s.lose(cs)
+	})
+	client := mqtt.NewClient(opts)
+	cs.client = client
+	tok := client.Connect()
+	if !tok.WaitTimeout(s.cfg.ConnectionTimeout + time.Second) {
+		client.Disconnect(0)
+		return nil, fmt.Errorf("no CONNACK within %s", s.cfg.ConnectionTimeout)
+	}
+	if err := tok.Error(); err != nil {
+		return nil, explainConnectError(err)
+	}
+	return cs, nil
+}
+
+func explainConnectError(err error) error {
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "ot Authorized"), strings.Contains(msg, "bad user name or password"):
+		return fmt.Errorf("%w (the bridge refused the JWT: check private_key, algorithm, subscription_id, that the key is registered for the gateway, and the clock)", err)
+	case strings.Contains(msg, "dentifier rejected"):
+		return fmt.Errorf("%w (the bridge does not know this gateway: check subscription_id, registry_id and gateway_id)", err)
+	case strings.Contains(msg, "certificate"), strings.Contains(msg, "x509"):
+		return fmt.Errorf("%w (TLS: the bridge's certificate is not trusted; set tls_ca to the CA file of the bridge)", err)
+	}
+	return err
+}
+
+// rebuild restores the per-connection state in the order the bridge needs:
+// errors first (so attach failures are seen), then attachments, then
+// subscriptions.
+func (s *Session) rebuild(cs *connection) error {
+	errTopic := omnicore.Topic(s.cfg.RegistryID, s.cfg.GatewayID, omnicore.KindErrors, "")
+	if err := s.subscribe(cs, map[string]byte{errTopic: 0}); err != nil {
+		return fmt.Errorf("subscribing %q: %w", errTopic, err)
+	}
+	s.mu.Lock()
+	var reattach []string
+	gatewaySubs := false
+	for id, d := range s.devices {
+		if id == s.cfg.GatewayID {
+			gatewaySubs = s.wantsSubscriptionLocked(id)
+			continue
+		}
+		if d.wanted && time.Now().After(d.retryAt) {
+			reattach = append(reattach, id)
+		}
+	}
+	if s.hasAllHandlersLocked() {
+		gatewaySubs = true
+	}
+	s.mu.Unlock()
+	if gatewaySubs {
+		if err := s.subscribeDevice(cs, s.cfg.GatewayID); err != nil {
+			return err
+		}
+	}
+	if len(reattach) > 0 {
+		start := time.Now()
+		var wg sync.WaitGroup
+		var failed atomic.Int64
+		work := make(chan string)
+		for range min(len(reattach), s.cfg.MaxInflight) {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for id := range work {
+					if err := s.attachOn(s.ctx, cs, id); err != nil {
+						failed.Add(1)
+						continue
+					}
+					if s.wantsSubscription(id) {
+						if err := s.subscribeDevice(cs, id); err != nil {
+							s.log.Warnf("Restoring subscriptions of device %q failed: %v", id, err)
+						}
+					}
+				}
+			}()
+		}
+		for _, id := range reattach {
+			work <- id
+		}
+		close(work)
+		wg.Wait()
+		s.log.Infof("Re-attached %d of %d devices in %s", len(reattach)-int(failed.Load()), len(reattach), time.Since(start).Round(time.Millisecond))
+	}
+	return nil
+}
+
+func (s *Session) openForPublishing(cs *connection) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn != cs || cs.isLost() {
+		return
+	}
+	close(cs.ready)
+	close(s.connReady)
+}
+
+// takeDown ends a connection. On a planned close (token renewal, shutdown)
+// publishing stops first and in-flight messages get up to Timeout to be
+// acknowledged, so a renewal loses nothing and duplicates nothing.
+func (s *Session) takeDown(cs *connection, planned bool) {
+	s.retire(cs)
+	if planned {
+		cs.draining.Store(true)
+		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeout)
+		waitGroup(ctx, &cs.inflight)
+		cancel()
+		cs.client.Disconnect(250)
+	} else {
+		cs.client.Disconnect(0)
+	}
+	s.lose(cs)
+}
+
+// retire makes cs no longer the current connection, so that callers of
+// ready wait for the next one.
+func (s *Session) retire(cs *connection) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn != cs {
+		return
+	}
+	s.conn = nil
+	select {
+	case <-s.connReady:
+		s.connReady = make(chan struct{})
+	default:
+	}
+}
+
+// lose marks cs as gone: everything waiting on it gives up and retries on
+// the next connection.
+func (s *Session) lose(cs *connection) {
+	s.retire(cs)
+	cs.close()
+}
+
+func (cs *connection) close() { cs.lostOnce.Do(func() { close(cs.lost) }) }
+
+func (cs *connection) isLost() bool {
+	select {
+	case <-cs.lost:
+		return true
+	default:
+		return false
+	}
+}
+
+// ready returns the current ready connection, waiting for one.
+func (s *Session) ready(ctx context.Context) (*connection, error) {
+	for {
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			return nil, ErrClosed
+		}
+		cs, ch := s.conn, s.connReady
+		s.mu.Unlock()
+		select {
+		case <-ch:
+			// connReady is closed only while s.conn is ready; retire swaps
+			// it before a connection stops being usable.
+			if cs != nil {
+				return cs, nil
+			}
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-s.ctx.Done():
+			return nil, ErrClosed
+		}
+	}
+}
+
+func (s *Session) setLastErr(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.lastErr = err
+}
+
+// ---------------------------------------------------------------------------
+// Publishing
+
+// Publish implements Conn.
+func (s *Session) Publish(ctx context.Context, msg Message) error {
+	if err := s.checkMessage(msg); err != nil {
+		return err
+	}
+	topic := omnicore.Topic(s.cfg.RegistryID, msg.Device, msg.Kind, msg.Subfolder)
+	for attempt := 0; ; attempt++ {
+		if attempt > 0 {
+			s.c.retries.Add(1)
+		}
+		cs, err := s.ready(ctx)
+		if err != nil {
+			return err
+		}
+		if msg.Device != s.cfg.GatewayID {
+			if err := s.attachOn(ctx, cs, msg.Device); err != nil {
+				if errors.Is(err, ErrAttachRefused) || errors.Is(err, ErrClosed) || ctx.Err() != nil {
+					return err
+				}
+				continue // connection lost or attach timed out: try again
+			}
+		}
+		err = s.send(ctx, cs, topic, msg.QoS, msg.Payload, msg.Device)
+		if err == nil {
+			s.touch(msg.Device)
+			return nil
+		}
+		if errors.Is(err, errDeviceNotFound) {
+			s.markDetached(cs, msg.Device)
+			continue
+		}
+		if ctx.Err() != nil || errors.Is(err, ErrClosed) {
+			return err
+		}
+	}
+}
+
+var (
+	errDeviceNotFound = errors.New("bridge: device not attached")
+	errConnLost       = errors.New("connection lost before acknowledgement")
+	errAckTimeout     = errors.New("no acknowledgement in time")
+)
+
+func (s *Session) checkMessage(msg Message) error {
+	if err := omnicore.ValidateID(msg.Device); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidDevice, err)
+	}
+	switch msg.Kind {
+	case omnicore.KindEvents:
+		if msg.Subfolder != "" {
+			if err := omnicore.ValidateSubfolder(msg.Subfolder); err != nil {
+				return fmt.Errorf("events subfolder: %w", err)
+			}
+		}
+		if len(msg.Payload) > omnicore.MaxTelemetryBytes {
+			return fmt.Errorf("%w: telemetry of %d bytes, limit %d", ErrTooLarge, len(msg.Payload), omnicore.MaxTelemetryBytes)
+		}
+	case omnicore.KindState:
+		if msg.Subfolder != "" {
+			return errors.New("state has no subfolders")
+		}
+		if len(msg.Payload) > omnicore.MaxStateBytes {
+			return fmt.Errorf("%w: state of %d bytes, limit %d", ErrTooLarge, len(msg.Payload), omnicore.MaxStateBytes)
+		}
+	default:
+		return fmt.Errorf("cannot publish %q messages", msg.Kind)
+	}
+	if msg.QoS > 1 {
+		return errors.New("QoS 2 is not supported by the bridge (it closes the connection)")
+	}
+	return nil
+}
+
+// send publishes once on cs and waits for the outcome. It holds a slot of the
+// in-flight window for the duration.
+func (s *Session) send(ctx context.Context, cs *connection, topic string, qos byte, payload []byte, device string) error {
+	select {
+	case s.window <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-cs.lost:
+		return errConnLost
+	}
+	defer func() { <-s.window }()
+	if s.limiter != nil {
+		if err := s.limiter.Wait(ctx); err != nil {
+			return err
+		}
+	}
+	cs.inflight.Add(1)
+	defer cs.inflight.Done()
+	if cs.isLost() {
+		return errConnLost
+	}
+	tok := cs.client.Publish(topic, qos, false, payload)
+	s.c.published.Add(1)
+	var notFound chan struct{}
+	if pt, ok := tok.(*mqtt.PublishToken); ok && qos > 0 && pt.MessageID() != 0 {
+		notFound = make(chan struct{})
+		cs.mu.Lock()
+		cs.pending[pt.MessageID()] = notFound
+		cs.mu.Unlock()
+		defer func() {
+			cs.mu.Lock()
+			if cs.pending[pt.MessageID()] == notFound {
+				delete(cs.pending, pt.MessageID())
+			}
+			cs.mu.Unlock()
+		}()
+	}
+	timer := time.NewTimer(s.cfg.Timeout)
+	defer timer.Stop()
+	select {
+	case <-tok.Done():
+		if err := tok.Error(); err != nil {
+			if cs.isLost() {
+				return errConnLost
+			}
+			return err
+		}
+		if notFound != nil {
+			// The error may have been routed just before the PUBACK.
+			select {
+			case <-notFound:
+				return errDeviceNotFound
+			default:
+			}
+		}
+		cs.lastAck.Store(time.Now().UnixNano())
+		s.c.acked.Add(1)
+		return nil
+	case <-notFound:
+		return errDeviceNotFound
+	case <-cs.lost:
+		return errConnLost
+	case <-timer.C:
+		// No PUBACK: the bridge may have dropped it (full buffer). Resend;
+		// when nothing at all was acknowledged for a while the connection
+		// is presumed dead and is replaced.
+		if time.Since(time.Unix(0, cs.lastAck.Load())) > s.cfg.Timeout {
+			s.log.Warnf("No acknowledgement from the bridge for %s; reconnecting", s.cfg.Timeout)
+			s.lose(cs)
+		}
+		return errAckTimeout
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Attachments
+
+// Attach implements Conn.
+func (s *Session) Attach(ctx context.Context, device string) error {
+	if err := omnicore.ValidateID(device); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidDevice, err)
+	}
+	if device == s.cfg.GatewayID {
+		return nil
+	}
+	for {
+		cs, err := s.ready(ctx)
+		if err != nil {
+			return err
+		}
+		err = s.attachOn(ctx, cs, device)
+		if err == nil || errors.Is(err, ErrAttachRefused) || ctx.Err() != nil || errors.Is(err, ErrClosed) {
+			return err
+		}
+	}
+}
+
+// attachOn makes sure device is attached on cs, joining an attempt already
+// under way for it. Attaches of different devices run concurrently, bounded
+// by the in-flight window, so thousands are pipelined through one connection.
+func (s *Session) attachOn(ctx context.Context, cs *connection, id string) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	d := s.deviceLocked(id)
+	d.wanted = true
+	d.lastUsed = time.Now()
+	if d.attachedGen == cs.gen {
+		s.mu.Unlock()
+		return nil
+	}
+	if d.attempt != nil && d.attempt.gen == cs.gen {
+		a := d.attempt
+		s.mu.Unlock()
+		select {
+		case <-a.done:
+			return a.err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if wait := time.Until(d.retryAt); wait > 0 && d.lastErr != nil {
+		err := d.lastErr
+		s.mu.Unlock()
+		return fmt.Errorf("%w (next attempt in %s)", err, wait.Round(time.Second))
+	}
+	a := &attachAttempt{gen: cs.gen, done: make(chan struct{}), signal: make(chan struct{})}
+	d.attempt = a
+	s.mu.Unlock()
+
+	a.err = s.doAttach(cs, id, a)
+
+	s.mu.Lock()
+	switch {
+	case a.err == nil:
+		d.attachedGen = cs.gen
+		d.failures = 0
+		d.lastErr = nil
+		s.c.attachesOK.Add(1)
+	case errors.Is(a.err, ErrAttachRefused), errors.Is(a.err, errAckTimeout):
+		d.failures++
+		d.lastErr = a.err
+		d.retryAt = time.Now().Add(retryBackoff(d.failures))
+		s.c.attachesFailed.Add(1)
+		s.log.Warnf("Attaching device %q failed: %v", id, a.err)
+	}
+	if d.attempt == a {
+		d.attempt = nil
+	}
+	s.mu.Unlock()
+	close(a.done)
+	return a.err
+}
+
+func (s *Session) doAttach(cs *connection, id string, a *attachAttempt) error {
+	payload, err := s.attachPayload(id)
+	if err != nil {
+		return fmt.Errorf("%w: device %q: %w", ErrAttachRefused, id, err)
+	}
+	topic := omnicore.Topic(s.cfg.RegistryID, id, omnicore.KindAttach, "")
+	ctx, cancel := context.WithCancel(s.ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-a.signal:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	err = s.send(ctx, cs, topic, 1, payload, id)
+	if r := a.refused.Load(); r != nil {
+		return fmt.Errorf("%w: device %q: %s", ErrAttachRefused, id, *r)
+	}
+	if errors.Is(err, errAckTimeout) {
+		return fmt.Errorf("attach of device %q: %w", id, errAckTimeout)
+	}
+	return err
+}
+
+// attachPayload is {} when the bridge checks the gateway binding, or carries
+// a device JWT signed with the device's own key.
+func (s *Session) attachPayload(id string) ([]byte, error) {
+	if s.cfg.DeviceAuth != DeviceAuthToken {
+		return []byte("{}"), nil
+	}
+	path := filepath.Join(s.cfg.DeviceKeyDir, id+".pem")
+	signer, err := omnicore.LoadSigner(path, s.cfg.DeviceAlgorithm)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("no device key %q", path)
+		}
+		return nil, err
+	}
+	tok, err := signer.Token(s.cfg.SubscriptionID, time.Now(), time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(map[string]string{"authorization": tok})
+}
+
+// Detach implements Conn.
+func (s *Session) Detach(ctx context.Context, device string) error {
+	if err := omnicore.ValidateID(device); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidDevice, err)
+	}
+	if device == s.cfg.GatewayID {
+		return nil
+	}
+	s.mu.Lock()
+	d, ok := s.devices[device]
+	cs := s.conn
+	attached := ok && cs != nil && d.attachedGen == cs.gen
+	if ok {
+		d.wanted = false
+		d.attachedGen = 0
+		d.subGen = 0
+		if !s.wantsSubscriptionLocked(device) {
+			delete(s.devices, device)
+		}
+	}
+	s.mu.Unlock()
+	if !attached {
+		return nil
+	}
+	err := s.send(ctx, cs, omnicore.Topic(s.cfg.RegistryID, device, omnicore.KindDetach, ""), 1, []byte("{}"), device)
+	if err == nil {
+		s.c.detaches.Add(1)
+	}
+	return err
+}
+
+func (s *Session) markDetached(cs *connection, id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if d, ok := s.devices[id]; ok && d.attachedGen == cs.gen {
+		d.attachedGen = 0
+		d.subGen = 0
+	}
+}
+
+func (s *Session) touch(id string) {
+	if s.cfg.DetachIdle <= 0 {
+		return
+	}
+	s.mu.Lock()
+	if d, ok := s.devices[id]; ok {
+		d.lastUsed = time.Now()
+	}
+	s.mu.Unlock()
+}
+
+func (s *Session) deviceLocked(id string) *device {
+	d, ok := s.devices[id]
+	if !ok {
+		d = &device{id: id}
+		s.devices[id] = d
+	}
+	return d
+}
+
+// detachIdleLoop detaches devices that published nothing for DetachIdle and
+// have no subscriptions, freeing their slot of the bridge's attach limit.
+func (s *Session) detachIdleLoop() {
+	t := time.NewTicker(max(s.cfg.DetachIdle/4, 50*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+		cutoff := time.Now().Add(-s.cfg.DetachIdle)
+		var idle []string
+		s.mu.Lock()
+		for id, d := range s.devices {
+			if d.wanted && d.lastUsed.Before(cutoff) && !s.wantsSubscriptionLocked(id) && d.attempt == nil {
+				idle = append(idle, id)
+			}
+		}
+		s.mu.Unlock()
+		for _, id := range idle {
+			ctx, cancel := context.WithTimeout(s.ctx, s.cfg.Timeout)
+			if err := s.Detach(ctx, id); err != nil {
+				s.log.Debugf("Detaching idle device %q: %v", id, err)
+			} else {
+				s.log.Debugf("Detached device %q after %s without traffic", id, s.cfg.DetachIdle)
+			}
+			cancel()
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Subscriptions and inbound routing
+
+// Subscribe implements Conn.
+func (s *Session) Subscribe(ctx context.Context, device string, h Handler) (Subscription, error) {
+	if err := omnicore.ValidateID(device); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidDevice, err)
+	}
+	sub := s.addHandler(&handlerEntry{device: device, h: h})
+	for {
+		cs, err := s.ready(ctx)
+		if err != nil {
+			sub.Unsubscribe()
+			return nil, err
+		}
+		if device != s.cfg.GatewayID {
+			if err := s.attachOn(ctx, cs, device); err != nil {
+				if errors.Is(err, ErrAttachRefused) || ctx.Err() != nil || errors.Is(err, ErrClosed) {
+					// Keep the handler: the device is retried on reconnects
+					// and on later attaches.
+					return sub, err
+				}
+				continue
+			}
+		}
+		if err := s.subscribeDevice(cs, device); err != nil {
+			if cs.isLost() {
+				continue // restored by rebuild on the next connection
+			}
+			return sub, err
+		}
+		return sub, nil
+	}
+}
+
+// SubscribeAll implements Conn.
+func (s *Session) SubscribeAll(h Handler) Subscription {
+	sub := s.addHandler(&handlerEntry{all: true, h: h})
+	// Subscribe what is attached already; later attaches subscribe in
+	// attachOn's callers via wantsSubscription.
+	go func() {
+		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.Timeout*3)
+		defer cancel()
+		cs, err := s.ready(ctx)
+		if err != nil {
+			return
+		}
+		s.mu.Lock()
+		ids := []string{s.cfg.GatewayID}
+		for id, d := range s.devices {
+			if d.attachedGen == cs.gen {
+				ids = append(ids, id)
+			}
+		}
+		s.mu.Unlock()
+		for _, id := range ids {
+			if err := s.subscribeDevice(cs, id); err != nil {
+				s.log.Warnf("Subscribing config and commands of %q failed: %v", id, err)
+			}
+		}
+	}()
+	return sub
+}
+
+// SubscribeErrors implements Conn.
+func (s *Session) SubscribeErrors(h Handler) Subscription {
+	return s.addHandler(&handlerEntry{errors: true, h: h})
+}
+
+type subscription struct {
+	s  *Session
+	id uint64
+}
+
+func (u subscription) Unsubscribe() {
+	u.s.mu.Lock()
+	defer u.s.mu.Unlock()
+	delete(u.s.handlers, u.id)
+}
+
+func (s *Session) addHandler(e *handlerEntry) Subscription {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.nextSubID++
+	s.handlers[s.nextSubID] = e
+	return subscription{s: s, id: s.nextSubID}
+}
+
+func (s *Session) hasAllHandlersLocked() bool {
+	for _, e := range s.handlers {
+		if e.all {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Session) wantsSubscriptionLocked(id string) bool {
+	for _, e := range s.handlers {
+		if e.all || (!e.errors && e.device == id) {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Session) wantsSubscription(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.wantsSubscriptionLocked(id)
+}
+
+// subscribeDevice subscribes device's config and commands on cs once per
+// connection. The bridge answers a config subscription with the latest config.
+func (s *Session) subscribeDevice(cs *connection, id string) error {
+	s.mu.Lock()
+	d := s.deviceLocked(id)
+	if d.subGen == cs.gen {
+		s.mu.Unlock()
+		return nil
+	}
+	d.subGen = cs.gen
+	s.mu.Unlock()
+	err := s.subscribe(cs, map[string]byte{
+		omnicore.Topic(s.cfg.RegistryID, id, omnicore.KindConfig, ""):   1,
+		omnicore.Topic(s.cfg.RegistryID, id, omnicore.KindCommands, "#"): 1,
+	})
+	if err != nil {
+		s.mu.Lock()
+		if d.subGen == cs.gen {
+			d.subGen = 0
+		}
+		s.mu.Unlock()
+	}
+	return err
+}
+
+func (s *Session) subscribe(cs *connection, filters map[string]byte) error {
+	tok := cs.client.SubscribeMultiple(filters, nil)
+	select {
+	case <-tok.Done():
+	case <-cs.lost:
+		return errConnLost
+	case <-time.After(s.cfg.Timeout):
+		return fmt.Errorf("no SUBACK within %s", s.cfg.Timeout)
+	}
+	if err := tok.Error(); err != nil {
+		return err
+	}
+	if st, ok := tok.(*mqtt.SubscribeToken); ok {
+		for topic, code := range st.Result() {
+			if code == 0x80 {
+				return fmt.Errorf("bridge refused subscription to %q", topic)
+			}
+		}
+	}
+	return nil
+}
+
+// onMessage runs on paho's router goroutine: it updates session state for
+// errors at once (so attach outcomes are seen quickly) and queues the message
+// for the handlers.
+func (s *Session) onMessage(cs *connection, m mqtt.Message) {
+	p, err := omnicore.ParseTopic(m.Topic())
+	if err != nil || p.Registry != s.cfg.RegistryID {
+		s.CountDrop(dropInboundUnroutable, 1)
+		s.log.Warnf("Dropping a message on unexpected topic %q", m.Topic())
+		return
+	}
+	in := Inbound{
+		Device:    p.Device,
+		Kind:      p.Kind,
+		Subfolder: p.Subfolder,
+		Topic:     m.Topic(),
+		Payload:   m.Payload(),
+		Received:  time.Now(),
+	}
+	switch p.Kind {
+	case omnicore.KindErrors:
+		s.handleBridgeError(cs, m.Payload())
+	case omnicore.KindCommands, omnicore.KindConfig:
+	default:
+		s.CountDrop(dropInboundUnroutable, 1)
+		s.log.Warnf("Dropping a message on unexpected topic %q", m.Topic())
+		return
+	}
+	s.c.received.Add(1)
+	select {
+	case s.inbound <- in:
+	case <-s.ctx.Done():
+	}
+}
+
+// handleBridgeError reacts to the errors topic: attachment errors fail the
+// device's attach attempt, not-found and detachment errors make the device
+// re-attach on its next use.
+func (s *Session) handleBridgeError(cs *connection, payload []byte) {
+	var e omnicore.ErrorMessage
+	if err := json.Unmarshal(payload, &e); err != nil || e.ErrorType == "" {
+		s.countError("UNPARSEABLE")
+		s.log.Warnf("Unparseable message on the errors topic: %q", truncate(payload, 200))
+		return
+	}
+	s.countError(e.ErrorType)
+	switch e.ErrorType {
+	case omnicore.ErrorAttachment:
+		s.mu.Lock()
+		if d, ok := s.devices[e.DeviceID]; ok {
+			if a := d.attempt; a != nil && a.gen == cs.gen {
+				desc := e.Description
+				a.refused.Store(&desc)
+				a.once.Do(func() { close(a.signal) })
+			} else if d.attachedGen == cs.gen {
+				// The error lost the race against the attach's PUBACK.
+				d.attachedGen = 0
+				d.failures++
+				d.lastErr = fmt.Errorf("%w: device %q: %s", ErrAttachRefused, e.DeviceID, e.Description)
+				d.retryAt = time.Now().Add(retryBackoff(d.failures))
+				s.c.attachesFailed.Add(1)
+			}
+		}
+		s.mu.Unlock()
+	case omnicore.ErrorDeviceNotFound, omnicore.ErrorDetachedByError:
+		s.log.Warnf("Bridge error %s for device %q: %s", e.ErrorType, e.DeviceID, e.Description)
+		s.markDetached(cs, e.DeviceID)
+		if e.MessageInfo != nil && e.MessageInfo.PacketID != 0 {
+			cs.mu.Lock()
+			if ch, ok := cs.pending[e.MessageInfo.PacketID]; ok {
+				delete(cs.pending, e.MessageInfo.PacketID)
+				close(ch)
+			}
+			cs.mu.Unlock()
+		}
+		if e.ErrorType == omnicore.ErrorDetachedByError && s.wantsSubscription(e.DeviceID) {
+			// Nothing may publish for it soon; re-attach now so that its
+			// config and commands keep flowing.
+			go func() {
+				ctx, cancel := context.WithTimeout(s.ctx, 3*s.cfg.Timeout)
+				defer cancel()
+				if err := s.attachOn(ctx, cs, e.DeviceID); err == nil {
+					_ = s.subscribeDevice(cs, e.DeviceID)
+				}
+			}()
+		}
+	default:
+		s.log.Warnf("Bridge error %s for device %q: %s", e.ErrorType, e.DeviceID, e.Description)
+	}
+}
+
+// dispatch hands inbound messages to the handlers, in order, off paho's
+// router goroutine.
+func (s *Session) dispatch() {
+	for in := range s.inbound {
+		s.mu.Lock()
+		var hs []Handler
+		for _, e := range s.handlers {
+			switch {
+			case in.Kind == omnicore.KindErrors:
+				if e.errors {
+					hs = append(hs, e.h)
+				}
+			case e.all || (!e.errors && e.device == in.Device):
+				hs = append(hs, e.h)
+			}
+		}
+		s.mu.Unlock()
+		for _, h := range hs {
+			h(in)
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Counters
+
+// CountDrop implements Conn.
+func (s *Session) CountDrop(reason string, n uint64) {
+	s.c.mu.Lock()
+	s.c.droppedByReason[reason] += n
+	s.c.mu.Unlock()
+}
+
+func (s *Session) countError(t string) {
+	s.c.mu.Lock()
+	s.c.errorsByType[t]++
+	s.c.mu.Unlock()
+}
+
+// Stats implements Conn.
+func (s *Session) Stats() Stats {
+	s.mu.Lock()
+	cs := s.conn
+	attached := 0
+	connected := cs != nil && !cs.isLost()
+	if cs != nil {
+		for _, d := range s.devices {
+			if d.attachedGen == cs.gen {
+				attached++
+			}
+		}
+	}
+	s.mu.Unlock()
+	st := Stats{
+		Connected:       connected,
+		Connects:        s.c.connects.Load(),
+		ConnectFailures: s.c.connectFailures.Load(),
+		ConnectionLost:  s.c.connectionLost.Load(),
+		TokenRenewals:   s.c.renewals.Load(),
+		AttachesOK:      s.c.attachesOK.Load(),
+		AttachesFailed:  s.c.attachesFailed.Load(),
+		Detaches:        s.c.detaches.Load(),
+		Attached:        attached,
+		Published:       s.c.published.Load(),
+		Acked:           s.c.acked.Load(),
+		Retries:         s.c.retries.Load(),
+		Received:        s.c.received.Load(),
+		ErrorsByType:    make(map[string]uint64),
+		DroppedByReason: make(map[string]uint64),
+	}
+	s.c.mu.Lock()
+	for k, v := range s.c.errorsByType {
+		st.ErrorsByType[k] = v
+	}
+	for k, v := range s.c.droppedByReason {
+		st.DroppedByReason[k] = v
+	}
+	s.c.mu.Unlock()
+	return st
+}
+
+// AttachedDevices lists the devices attached on the current connection.
+func (s *Session) AttachedDevices() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn == nil {
+		return nil
+	}
+	var ids []string
+	for id, d := range s.devices {
+		if d.attachedGen == s.conn.gen {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+// ---------------------------------------------------------------------------
+// helpers
+
+// jitter spreads d over [d/2, d) so that many gateways do not reconnect in step.
+func jitter(d time.Duration) time.Duration {
+	if d <= 1 {
+		return d
+	}
+	return d/2 + rand.N(d/2)
+}
+
+// retryBackoff is the wait before re-attaching a refused device: 1 s doubling
+// to 5 min, so a misconfigured device costs little but heals by itself.
+func retryBackoff(failures int) time.Duration {
+	d := time.Second << min(failures-1, 9)
+	return jitter(min(d, 5*time.Minute))
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func waitGroup(ctx context.Context, wg *sync.WaitGroup) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+}
+
+func truncate(b []byte, n int) string {
+	if len(b) > n {
+		return string(b[:n]) + "..."
+	}
+	return string(b)
+}
+
+type discardLogger struct{}
+
+func (discardLogger) Level() telegraf.LogLevel          { return telegraf.Error }
+func (discardLogger) AddAttribute(string, interface{})  {}
+func (discardLogger) Errorf(string, ...interface{})     {}
+func (discardLogger) Error(...interface{})              {}
+func (discardLogger) Warnf(string, ...interface{})      {}
+func (discardLogger) Warn(...interface{})               {}
+func (discardLogger) Infof(string, ...interface{})      {}
+func (discardLogger) Info(...interface{})               {}
+func (discardLogger) Debugf(string, ...interface{})     {}
+func (discardLogger) Debug(...interface{})              {}
+func (discardLogger) Tracef(string, ...interface{})     {}
+func (discardLogger) Trace(...interface{})              {}
