@@ -59,12 +59,18 @@ type connection struct {
 	lostOnce sync.Once
 	ready    chan struct{} // closed once rebuilt and open for publishing
 	draining atomic.Bool   // token renewal in progress: no new publishes
-	inflight sync.WaitGroup
+	inflight atomic.Int64  // publishes written and not yet resolved
 	lastAck  atomic.Int64 // unix nanos of the last acknowledgement
 	expires  time.Time    // token exp
 
-	mu      sync.Mutex
-	pending map[uint16]chan struct{} // packet ID -> signal "bridge says device not found"
+	// readPublishes counts PUBLISH packets read off the wire, routed those our
+	// handler has processed; see publishCountingConn for why.
+	readPublishes atomic.Uint64
+	routed        atomic.Uint64
+
+	mu       sync.Mutex
+	pending  map[uint16]chan struct{} // packet ID -> signal "bridge says device not found"
+	routedCh chan struct{}            // closed and replaced whenever routed grows
 }
 
 type device struct {
@@ -77,6 +83,8 @@ type device struct {
 	retryAt     time.Time // refused: no new attach before this
 	lastErr     error
 	lastUsed    time.Time
+	stateTurn   chan struct{} // one state message of the device at a time
+	nextState   time.Time     // earliest time the next state message may go
 }
 
 type attachAttempt struct {
@@ -183,7 +191,7 @@ func (s *Session) Close(ctx context.Context) error {
 	started := s.started
 	s.mu.Unlock()
 	if cs != nil {
-		waitGroup(ctx, &cs.inflight)
+		cs.drain(ctx)
 	}
 	s.cancel()
 	if started {
@@ -203,7 +211,6 @@ func (s *Session) GatewayID() string { return s.cfg.GatewayID }
 
 func (s *Session) run() {
 	defer close(s.done)
-	defer close(s.inbound)
 	backoff := s.cfg.MinReconnect
 	var gen uint64
 	for s.ctx.Err() == nil {
@@ -271,7 +278,8 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 		lost:    make(chan struct{}),
 		ready:   make(chan struct{}),
 		expires: now.Add(s.cfg.TokenLifetime),
-		pending: make(map[uint16]chan struct{}),
+		pending:  make(map[uint16]chan struct{}),
+		routedCh: make(chan struct{}),
 	}
 	cs.lastAck.Store(now.UnixNano())
 	opts := mqtt.NewClientOptions()
@@ -291,10 +299,11 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 	opts.SetConnectTimeout(s.cfg.ConnectionTimeout)
 	opts.SetWriteTimeout(s.cfg.Timeout)
 	opts.SetOrderMatters(true)
-	if s.cfg.TLS != nil {
-		opts.SetTLSConfig(s.cfg.TLS)
-	}
-	opts.SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) { s.onMessage(cs, m) })
+	opts.SetCustomOpenConnectionFn(dialer(s.cfg.TLS, s.cfg.ConnectionTimeout, &cs.readPublishes))
+	opts.SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) {
+		s.onMessage(cs, m)
+		cs.markRouted()
+	})
 	opts.SetConnectionLostHandler(func(_ mqtt.Client, err error) {
 		s.setLastErr(err)
 		s.lose(cs)
@@ -404,7 +413,7 @@ func (s *Session) takeDown(cs *connection, planned bool) {
 	if planned {
 		cs.draining.Store(true)
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeout)
-		waitGroup(ctx, &cs.inflight)
+		cs.drain(ctx)
 		cancel()
 		cs.client.Disconnect(250)
 	} else {
@@ -437,6 +446,41 @@ func (s *Session) lose(cs *connection) {
 }
 
 func (cs *connection) close() { cs.lostOnce.Do(func() { close(cs.lost) }) }
+
+// markRouted records that the handler finished one inbound message.
+func (cs *connection) markRouted() {
+	cs.mu.Lock()
+	cs.routed.Add(1)
+	close(cs.routedCh)
+	cs.routedCh = make(chan struct{})
+	cs.mu.Unlock()
+}
+
+// waitRouted waits until the handler has processed target inbound messages
+// (normally at once: the count only lags while a message is between paho's
+// reader and router), the connection is lost, or timeout passes.
+func (cs *connection) waitRouted(target uint64, timeout time.Duration) {
+	if cs.routed.Load() >= target {
+		return
+	}
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	for {
+		cs.mu.Lock()
+		ch := cs.routedCh
+		cs.mu.Unlock()
+		if cs.routed.Load() >= target {
+			return
+		}
+		select {
+		case <-ch:
+		case <-cs.lost:
+			return
+		case <-timer.C:
+			return
+		}
+	}
+}
 
 func (cs *connection) isLost() bool {
 	select {
@@ -503,7 +547,11 @@ func (s *Session) Publish(ctx context.Context, msg Message) error {
 				continue // connection lost or attach timed out: try again
 			}
 		}
-		err = s.send(ctx, cs, topic, msg.QoS, msg.Payload, msg.Device)
+		if msg.Kind == omnicore.KindState {
+			err = s.sendState(ctx, cs, topic, msg)
+		} else {
+			err = s.send(ctx, cs, topic, msg.QoS, msg.Payload, msg.Device)
+		}
 		if err == nil {
 			s.touch(msg.Device)
 			return nil
@@ -515,6 +563,12 @@ func (s *Session) Publish(ctx context.Context, msg Message) error {
 		if ctx.Err() != nil || errors.Is(err, ErrClosed) {
 			return err
 		}
+		if !errors.Is(err, errConnLost) && !errors.Is(err, errAckTimeout) {
+			// paho could not even queue the message: the connection is
+			// wedged, replace it rather than spin on it.
+			s.log.Warnf("Publishing to %q failed: %v; reconnecting", topic, err)
+			s.lose(cs)
+		}
 	}
 }
 
@@ -523,6 +577,42 @@ var (
 	errConnLost       = errors.New("connection lost before acknowledgement")
 	errAckTimeout     = errors.New("no acknowledgement in time")
 )
+
+// sendState sends a state message no sooner than omnicore.StateInterval
+// after the device's previous one was acknowledged (so surely after it
+// arrived): the bridge detaches a device, or drops the gateway's own
+// connection, for faster state. Callers wanting "latest wins" coalesce
+// before publishing; this is the guarantee underneath.
+func (s *Session) sendState(ctx context.Context, cs *connection, topic string, msg Message) error {
+	s.mu.Lock()
+	d := s.deviceLocked(msg.Device)
+	if d.stateTurn == nil {
+		d.stateTurn = make(chan struct{}, 1)
+	}
+	turn := d.stateTurn
+	s.mu.Unlock()
+	select {
+	case turn <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-turn }()
+	s.mu.Lock()
+	wait := time.Until(d.nextState)
+	s.mu.Unlock()
+	if wait > 0 && !sleepCtx(ctx, wait) {
+		return ctx.Err()
+	}
+	err := s.send(ctx, cs, topic, msg.QoS, msg.Payload, msg.Device)
+	s.mu.Lock()
+	// Attempts that failed count too: the bridge may have seen them.
+	d.nextState = time.Now().Add(omnicore.StateInterval + stateMargin)
+	s.mu.Unlock()
+	return err
+}
+
+// stateMargin covers QoS 0, where "written" is all we know.
+const stateMargin = 10 * time.Millisecond
 
 func (s *Session) checkMessage(msg Message) error {
 	if err := omnicore.ValidateID(msg.Device); err != nil {
@@ -571,7 +661,7 @@ func (s *Session) send(ctx context.Context, cs *connection, topic string, qos by
 		}
 	}
 	cs.inflight.Add(1)
-	defer cs.inflight.Done()
+	defer cs.inflight.Add(-1)
 	if cs.isLost() {
 		return errConnLost
 	}
@@ -600,6 +690,10 @@ func (s *Session) send(ctx context.Context, cs *connection, topic string, qos by
 				return errConnLost
 			}
 			return err
+		}
+		if qos > 0 {
+			// Let errors the bridge sent before this PUBACK reach us first.
+			cs.waitRouted(cs.readPublishes.Load(), s.cfg.Timeout)
 		}
 		if notFound != nil {
 			// The error may have been routed just before the PUBACK.
@@ -697,18 +791,34 @@ func (s *Session) attachOn(ctx context.Context, cs *connection, id string) error
 		d.failures = 0
 		d.lastErr = nil
 		s.c.attachesOK.Add(1)
-	case errors.Is(a.err, ErrAttachRefused), errors.Is(a.err, errAckTimeout):
+	case errors.Is(a.err, ErrAttachRefused):
+		// Refused devices wait before the next attempt, so that a device
+		// the bridge will not take costs little, yet heals by itself.
 		d.failures++
 		d.lastErr = a.err
 		d.retryAt = time.Now().Add(retryBackoff(d.failures))
 		s.c.attachesFailed.Add(1)
 		s.log.Warnf("Attaching device %q failed: %v", id, a.err)
+	case errors.Is(a.err, errAckTimeout):
+		// Neither PUBACK nor error: try again at once on the next call.
+		s.c.attachesFailed.Add(1)
+		s.log.Warnf("Attaching device %q: %v", id, a.err)
 	}
 	if d.attempt == a {
 		d.attempt = nil
 	}
+	subscribe := a.err == nil && s.wantsSubscriptionLocked(id)
 	s.mu.Unlock()
 	close(a.done)
+	if subscribe {
+		// Config and commands of devices attached for telemetry reach
+		// SubscribeAll handlers too; not awaited, so telemetry is not held.
+		go func() {
+			if err := s.subscribeDevice(cs, id); err != nil && !cs.isLost() {
+				s.log.Warnf("Subscribing config and commands of %q failed: %v", id, err)
+			}
+		}()
+	}
 	return a.err
 }
 
@@ -1102,7 +1212,13 @@ func (s *Session) handleBridgeError(cs *connection, payload []byte) {
 // dispatch hands inbound messages to the handlers, in order, off paho's
 // router goroutine.
 func (s *Session) dispatch() {
-	for in := range s.inbound {
+	for {
+		var in Inbound
+		select {
+		case in = <-s.inbound:
+		case <-s.ctx.Done():
+			return
+		}
 		s.mu.Lock()
 		var hs []Handler
 		for _, e := range s.handlers {
@@ -1225,12 +1341,18 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-func waitGroup(ctx context.Context, wg *sync.WaitGroup) {
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
+// drain waits until nothing is in flight on cs or ctx ends. It polls: a
+// drain happens once per token renewal, so a condition variable would only
+// add coupling to the hot path.
+func (cs *connection) drain(ctx context.Context) {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for cs.inflight.Load() > 0 {
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return
+		}
 	}
 }
 

@@ -1,0 +1,95 @@
+package gateway
+
+import (
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/url"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+)
+
+// publishCountingConn counts the PUBLISH packets arriving from the bridge as
+// paho reads them off the wire.
+//
+// Why: paho completes a PUBACK's token on its reader goroutine but hands an
+// inbound PUBLISH to its router goroutine, so an error the bridge sent BEFORE
+// a PUBACK (e.g. GATEWAY_ATTACHMENT_ERROR, then the attach's PUBACK) can reach
+// our handler AFTER the token completed. Comparing this count with the number
+// of messages our handler has processed lets the session wait until every
+// message that preceded an acknowledgement has been seen, so an attach is
+// never reported as successful when the bridge refused it.
+type publishCountingConn struct {
+	net.Conn
+	publishes *atomic.Uint64
+
+	// MQTT fixed-header scanner state.
+	state     int // 0: packet type byte, 1: remaining length, 2: body
+	remaining int
+	mult      int
+}
+
+func (c *publishCountingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.scan(p[:n])
+	return n, err
+}
+
+func (c *publishCountingConn) scan(b []byte) {
+	for len(b) > 0 {
+		switch c.state {
+		case 0:
+			if b[0]>>4 == 3 { // PUBLISH
+				c.publishes.Add(1)
+			}
+			c.state, c.remaining, c.mult = 1, 0, 1
+			b = b[1:]
+		case 1:
+			v := b[0]
+			b = b[1:]
+			c.remaining += int(v&0x7f) * c.mult
+			c.mult *= 128
+			if v&0x80 == 0 {
+				c.state = 2
+				if c.remaining == 0 {
+					c.state = 0
+				}
+			}
+		case 2:
+			k := min(len(b), c.remaining)
+			b = b[k:]
+			c.remaining -= k
+			if c.remaining == 0 {
+				c.state = 0
+			}
+		}
+	}
+}
+
+// dialer opens the network connection for paho (tcp:// or tls://) and wraps
+// it in a publishCountingConn.
+func dialer(tlsCfg *tls.Config, timeout time.Duration, counter *atomic.Uint64) mqtt.OpenConnectionFunc {
+	return func(uri *url.URL, _ mqtt.ClientOptions) (net.Conn, error) {
+		d := &net.Dialer{Timeout: timeout}
+		var conn net.Conn
+		var err error
+		switch uri.Scheme {
+		case "tcp", "mqtt":
+			conn, err = d.Dial("tcp", uri.Host)
+		case "tls", "ssl", "mqtts":
+			cfg := tlsCfg
+			if cfg == nil {
+				cfg = &tls.Config{MinVersion: tls.VersionTLS12}
+			}
+			conn, err = tls.DialWithDialer(d, "tcp", uri.Host, cfg)
+		default:
+			return nil, fmt.Errorf("unsupported scheme %q", uri.Scheme)
+		}
+		if err != nil {
+			return nil, err
+		}
+		return &publishCountingConn{Conn: conn, publishes: counter}, nil
+	}
+}
