@@ -159,6 +159,7 @@ func (s *Session) Start() {
 	s.started = true
 	go s.dispatch()
 	go s.run()
+	go s.healLoop()
 	if s.cfg.DetachIdle > 0 {
 		go s.detachIdleLoop()
 	}
@@ -926,6 +927,58 @@ func (s *Session) deviceLocked(id string) *device {
 		s.devices[id] = d
 	}
 	return d
+}
+
+// healInterval is how often subscribed devices that lost their attachment
+// (refused earlier, detached by the bridge) are tried again.
+const healInterval = time.Second
+
+// healLoop re-attaches and re-subscribes devices someone listens to but that
+// are not attached on the current connection: a device refused at start (not
+// bound yet) or detached by the bridge starts delivering its config and
+// commands once it can, without waiting for a reconnect or a publish.
+func (s *Session) healLoop() {
+	t := time.NewTicker(healInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+		s.mu.Lock()
+		cs := s.conn
+		var ids []string
+		if cs != nil && !cs.draining.Load() {
+			now := time.Now()
+			for id, d := range s.devices {
+				if id == s.cfg.GatewayID || !d.wanted || d.attempt != nil || now.Before(d.retryAt) {
+					continue
+				}
+				if (d.attachedGen != cs.gen || d.subGen != cs.gen) && s.wantsSubscriptionLocked(id) {
+					ids = append(ids, id)
+				}
+			}
+		}
+		s.mu.Unlock()
+		if len(ids) == 0 {
+			continue
+		}
+		select {
+		case <-cs.ready:
+		default:
+			continue // rebuild is restoring everything anyway
+		}
+		for _, id := range ids {
+			go func() {
+				ctx, cancel := context.WithTimeout(s.ctx, 3*s.cfg.Timeout)
+				defer cancel()
+				if err := s.attachOn(ctx, cs, id); err == nil {
+					_ = s.subscribeDevice(cs, id)
+				}
+			}()
+		}
+	}
 }
 
 // detachIdleLoop detaches devices that published nothing for DetachIdle and

@@ -169,6 +169,9 @@ func ParseTopic(topic string) (ParsedTopic, error) {
 	}
 	p := ParsedTopic{Registry: parts[0], Device: parts[1], Kind: Kind(parts[2])}
 	if len(parts) == 4 {
+		if parts[3] == "" { // "/reg/dev/events/" is not "/reg/dev/events"
+			return ParsedTopic{}, fmt.Errorf("topic %q ends with an empty level", topic)
+		}
 		p.Subfolder = parts[3]
 	}
 	return p, nil

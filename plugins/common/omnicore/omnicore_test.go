@@ -97,7 +97,7 @@ func TestTopicRoundTrip(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, ParsedTopic{Registry: "reg", Device: "dev", Kind: tt.kind, Subfolder: tt.sub}, p)
 	}
-	for _, bad := range []string{"reg/dev/events", "/reg/dev", "//dev/events", "/reg//events", "/"} {
+	for _, bad := range []string{"reg/dev/events", "/reg/dev", "//dev/events", "/reg//events", "/", "/reg/dev/events/"} {
 		_, err := ParseTopic(bad)
 		require.Error(t, err, bad)
 	}

@@ -1,0 +1,172 @@
+package emulator
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+)
+
+// maxAdminBody bounds request bodies: configs are at most 64 KB; commands have
+// no documented limit, so they get the telemetry limit.
+const maxAdminBody = omnicore.MaxTelemetryBytes
+
+// AdminHandler is the HTTP admin API (JSON), as the command serves it:
+//
+//	PUT|POST /v1/registries/{reg}/devices/{dev}/config    body = config payload
+//	POST     /v1/registries/{reg}/devices/{dev}/commands  body = command payload, ?subfolder=a/b
+//	GET      /v1/devices | /v1/attachments | /v1/connections | /v1/errors | /v1/stats
+//	GET      /v1/telemetry?since=N
+//	POST     /v1/kick[?client_id=...]
+func (s *Server) AdminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("PUT /v1/registries/{reg}/devices/{dev}/config", s.adminConfig)
+	mux.HandleFunc("POST /v1/registries/{reg}/devices/{dev}/config", s.adminConfig)
+	mux.HandleFunc("POST /v1/registries/{reg}/devices/{dev}/commands", s.adminCommand)
+	mux.HandleFunc("GET /v1/devices", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, nonNil(s.Devices())) })
+	mux.HandleFunc("GET /v1/attachments", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, nonNil(s.AllAttachments()))
+	})
+	mux.HandleFunc("GET /v1/connections", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, s.Connections()) })
+	mux.HandleFunc("GET /v1/errors", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, nonNil(s.ErrorsSent())) })
+	mux.HandleFunc("GET /v1/stats", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, s.Stats()) })
+	mux.HandleFunc("GET /v1/telemetry", s.adminTelemetry)
+	mux.HandleFunc("POST /v1/kick", func(w http.ResponseWriter, r *http.Request) {
+		if id := r.URL.Query().Get("client_id"); id != "" {
+			if !s.Kick(id) {
+				writeError(w, http.StatusNotFound, "no live connection for that client ID")
+				return
+			}
+			writeJSON(w, http.StatusOK, map[string]int{"kicked": 1})
+			return
+		}
+		n := s.Stats().ConnectionsOpen
+		s.KickAll()
+		writeJSON(w, http.StatusOK, map[string]int{"kicked": n})
+	})
+	return mux
+}
+
+func (s *Server) adminConfig(w http.ResponseWriter, r *http.Request) {
+	body, ok := readBody(w, r, omnicore.MaxConfigBytes)
+	if !ok {
+		return
+	}
+	version, err := s.SetConfig(r.PathValue("reg"), r.PathValue("dev"), body)
+	if err != nil {
+		writeError(w, statusOf(err), err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]int{"version": version})
+}
+
+func (s *Server) adminCommand(w http.ResponseWriter, r *http.Request) {
+	body, ok := readBody(w, r, maxAdminBody)
+	if !ok {
+		return
+	}
+	err := s.SendCommand(r.PathValue("reg"), r.PathValue("dev"), r.URL.Query().Get("subfolder"), body)
+	if err != nil {
+		writeError(w, statusOf(err), err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]bool{"delivered": true})
+}
+
+// TelemetryMessage is a received message as the admin API shows it: the
+// payload both as text (for reading) and base64 (exact bytes).
+type TelemetryMessage struct {
+	Index         int           `json:"index"`
+	Time          time.Time     `json:"time"`
+	ClientID      string        `json:"client_id"`
+	Registry      string        `json:"registry"`
+	Device        string        `json:"device"`
+	Kind          omnicore.Kind `json:"kind"`
+	Subfolder     string        `json:"subfolder,omitempty"`
+	Topic         string        `json:"topic"`
+	QoS           byte          `json:"qos"`
+	PacketID      uint16        `json:"packet_id"`
+	Size          int           `json:"size"`
+	Payload       string        `json:"payload"`
+	PayloadBase64 string        `json:"payload_base64"`
+}
+
+// TelemetryPage is the GET /v1/telemetry answer; pass Next as since.
+type TelemetryPage struct {
+	Next     int                `json:"next"`
+	Messages []TelemetryMessage `json:"messages"`
+}
+
+func (s *Server) adminTelemetry(w http.ResponseWriter, r *http.Request) {
+	since := 0
+	if v := r.URL.Query().Get("since"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			writeError(w, http.StatusBadRequest, "since must be a non-negative integer")
+			return
+		}
+		since = n
+	}
+	msgs, next := s.ReceivedSince(since)
+	page := TelemetryPage{Next: next, Messages: make([]TelemetryMessage, 0, len(msgs))}
+	for _, m := range msgs {
+		page.Messages = append(page.Messages, TelemetryMessage{
+			Index: m.Index, Time: m.Time, ClientID: m.ClientID, Registry: m.Registry, Device: m.Device,
+			Kind: m.Kind, Subfolder: m.Subfolder, Topic: m.Topic, QoS: m.QoS, PacketID: m.PacketID,
+			Size: len(m.Payload), Payload: string(m.Payload), PayloadBase64: base64.StdEncoding.EncodeToString(m.Payload),
+		})
+	}
+	writeJSON(w, http.StatusOK, page)
+}
+
+func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			writeError(w, http.StatusRequestEntityTooLarge, "body larger than "+strconv.FormatInt(limit, 10)+" bytes")
+		} else {
+			writeError(w, http.StatusBadRequest, err.Error())
+		}
+		return nil, false
+	}
+	return body, true
+}
+
+func statusOf(err error) int {
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, ErrNotSubscribed):
+		return http.StatusConflict
+	case errors.Is(err, ErrConfigTooLarge):
+		return http.StatusRequestEntityTooLarge
+	default:
+		return http.StatusBadRequest
+	}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, map[string]string{"error": msg})
+}
+
+// nonNil makes empty lists encode as [] rather than null.
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
+}
