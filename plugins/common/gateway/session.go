@@ -666,7 +666,20 @@ func (s *Session) send(ctx context.Context, cs *connection, topic string, qos by
 	if cs.isLost() {
 		return errConnLost
 	}
-	tok := cs.client.Publish(topic, qos, false, payload)
+	// paho's Publish blocks while its outbound queue is full (a stalled
+	// link) until its write timeout, even after the connection is gone; call
+	// it aside so that a lost connection or an ended context frees the caller
+	// and its window slot at once.
+	tokCh := make(chan mqtt.Token, 1)
+	go func() { tokCh <- cs.client.Publish(topic, qos, false, payload) }()
+	var tok mqtt.Token
+	select {
+	case tok = <-tokCh:
+	case <-cs.lost:
+		return errConnLost
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 	s.c.published.Add(1)
 	var notFound chan struct{}
 	if pt, ok := tok.(*mqtt.PublishToken); ok && qos > 0 && pt.MessageID() != 0 {

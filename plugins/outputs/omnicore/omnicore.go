@@ -1,0 +1,751 @@
+//go:generate go run github.com/influxdata/telegraf/tools/readme_config_includer@v1.37.2
+package omnicore
+
+import (
+	"context"
+	_ "embed"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"text/template"
+	"time"
+
+	"github.com/Masterminds/sprig/v3"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/influxdata/telegraf"
+	"github.com/influxdata/telegraf/config"
+	"github.com/influxdata/telegraf/filter"
+	"github.com/influxdata/telegraf/plugins/outputs"
+	"github.com/influxdata/telegraf/plugins/serializers/influx"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+)
+
+//go:embed sample.conf
+var sampleConfig string
+
+// Values of missing_device.
+const (
+	missingDrop    = "drop"
+	missingGateway = "gateway"
+)
+
+// Values of layout.
+const (
+	layoutNonBatch = "non-batch"
+	layoutBatch    = "batch"
+)
+
+// stateTagValue is the value of state_tag that routes a metric to state.
+const stateTagValue = "state"
+
+// Reasons a metric is given up on; they become the session's dropped_*
+// counters.
+const (
+	dropMissingDevice    = "missing_device"
+	dropInvalidDevice    = "invalid_device"
+	dropInvalidSubfolder = "invalid_subfolder"
+	dropSerialize        = "serialize_error"
+	dropTooLarge         = "too_large"
+	dropAttachRefused    = "attach_refused"
+	dropStateCoalesced   = "state_coalesced"
+)
+
+// warnInterval is how often one kind of drop warning is logged; the ones in
+// between are logged at debug level and summed up in the next warning.
+const warnInterval = 10 * time.Second
+
+// OmniCore publishes metrics as the telemetry and state of devices attached to
+// one OmniCore gateway.
+type OmniCore struct {
+	gateway.Options
+	DeviceIDTag   string          `toml:"device_id_tag"`
+	MissingDevice string          `toml:"missing_device"`
+	Devices       []string        `toml:"devices"`
+	QoS           int             `toml:"qos"`
+	Layout        string          `toml:"layout"`
+	Subfolder     string          `toml:"subfolder"`
+	SubfolderTag  string          `toml:"subfolder_tag"`
+	StateMetrics  []string        `toml:"state_metrics"`
+	StateTag      string          `toml:"state_tag"`
+	WriteTimeout  config.Duration `toml:"write_timeout"`
+	Log           telegraf.Logger `toml:"-"`
+
+	serializer  telegraf.Serializer
+	cfg         *gateway.Config
+	subfolder   *template.Template
+	stateFilter filter.Filter
+	routingTags []string
+	parallel    int
+	warnings    *warnLimiter
+
+	// acquire is gateway.Acquire; unit tests replace it with a fake.
+	acquire func(*gateway.Config) (gateway.Conn, func(), error)
+
+	conn        gateway.Conn
+	release     func()
+	stopAttach  context.CancelFunc
+	attachingWG sync.WaitGroup
+
+	mu        sync.Mutex
+	nextState map[string]time.Time // device -> earliest time of its next state message
+
+	// settled holds the metrics of failed Writes that were acknowledged or
+	// given up on, so that Telegraf's retry of the batch sends only the rest.
+	// It is emptied by the next successful Write.
+	settled map[telegraf.Metric]struct{}
+}
+
+func (*OmniCore) SampleConfig() string {
+	return sampleConfig
+}
+
+// SetSerializer is called by Telegraf's config loader with the serializer of
+// data_format.
+func (o *OmniCore) SetSerializer(s telegraf.Serializer) {
+	o.serializer = s
+}
+
+func (o *OmniCore) Init() error {
+	if o.DeviceIDTag == "" {
+		return errors.New("device_id_tag must not be empty")
+	}
+	switch o.MissingDevice {
+	case missingDrop, missingGateway:
+	default:
+		return fmt.Errorf("missing_device %q must be %q or %q", o.MissingDevice, missingDrop, missingGateway)
+	}
+	if o.QoS != 0 && o.QoS != 1 {
+		return fmt.Errorf("qos %d must be 0 or 1 (the bridge does not support QoS 2)", o.QoS)
+	}
+	switch o.Layout {
+	case layoutNonBatch, layoutBatch:
+	default:
+		return fmt.Errorf("layout %q must be %q or %q", o.Layout, layoutNonBatch, layoutBatch)
+	}
+	if o.WriteTimeout <= 0 {
+		return fmt.Errorf("write_timeout %s must be positive", time.Duration(o.WriteTimeout))
+	}
+	for _, d := range o.Devices {
+		if err := omnicore.ValidateID(d); err != nil {
+			return fmt.Errorf("devices: %w", err)
+		}
+	}
+	o.routingTags = []string{o.DeviceIDTag}
+	for name, tag := range map[string]string{"subfolder_tag": o.SubfolderTag, "state_tag": o.StateTag} {
+		if tag == "" {
+			continue
+		}
+		if slices.Contains(o.routingTags, tag) {
+			return fmt.Errorf("%s %q is already used by another routing option", name, tag)
+		}
+		o.routingTags = append(o.routingTags, tag)
+	}
+	if o.Subfolder != "" {
+		tmpl, err := template.New("subfolder").Funcs(sprig.TxtFuncMap()).Parse(o.Subfolder)
+		if err != nil {
+			return fmt.Errorf("subfolder template: %w", err)
+		}
+		if !strings.Contains(o.Subfolder, "{{") {
+			if err := omnicore.ValidateSubfolder(o.Subfolder); err != nil {
+				return fmt.Errorf("subfolder: %w", err)
+			}
+		}
+		o.subfolder = tmpl
+	}
+	f, err := filter.Compile(o.StateMetrics)
+	if err != nil {
+		return fmt.Errorf("state_metrics: %w", err)
+	}
+	o.stateFilter = f
+
+	cfg, err := o.Options.Validate(o.Log)
+	if err != nil {
+		return err
+	}
+	o.cfg = cfg
+	// Twice the session's in-flight window keeps the window full while
+	// finished publishes hand over to the next ones.
+	o.parallel = 2 * cfg.MaxInflight
+
+	if o.serializer == nil {
+		// Telegraf's config loader sets the serializer of data_format; built
+		// any other way the plugin writes line protocol.
+		s := &influx.Serializer{}
+		if err := s.Init(); err != nil {
+			return err
+		}
+		o.serializer = s
+	}
+	if o.acquire == nil {
+		o.acquire = gateway.Acquire
+	}
+	o.warnings = newWarnLimiter(o.Log, warnInterval)
+	o.nextState = make(map[string]time.Time)
+	o.settled = make(map[telegraf.Metric]struct{})
+	return nil
+}
+
+// Connect joins (or starts) the gateway's session and attaches the devices of
+// the devices option in the background: a bridge that is down does not fail
+// Connect, the session keeps reconnecting and Write waits for it.
+func (o *OmniCore) Connect() error {
+	conn, release, err := o.acquire(o.cfg)
+	if err != nil {
+		return fmt.Errorf("starting the gateway session: %w", err)
+	}
+	o.conn, o.release = conn, release
+	if len(o.Devices) > 0 {
+		ctx, cancel := context.WithCancel(context.Background())
+		o.stopAttach = cancel
+		o.attachingWG.Add(1)
+		go func() {
+			defer o.attachingWG.Done()
+			o.attachDevices(ctx)
+		}()
+	}
+	return nil
+}
+
+// attachDevices attaches the configured devices concurrently; the session
+// pipelines the attaches within its in-flight window.
+func (o *OmniCore) attachDevices(ctx context.Context) {
+	start := time.Now()
+	var g errgroup.Group
+	g.SetLimit(o.parallel)
+	var mu sync.Mutex
+	failed := 0
+	for _, d := range o.Devices {
+		g.Go(func() error {
+			err := o.conn.Attach(ctx, d)
+			if err == nil {
+				return nil
+			}
+			mu.Lock()
+			failed++
+			mu.Unlock()
+			if ctx.Err() == nil {
+				o.Log.Warnf("Attaching device %q failed: %v", d, err)
+			}
+			return nil
+		})
+	}
+	_ = g.Wait()
+	if ctx.Err() != nil {
+		return
+	}
+	o.Log.Infof("Attached %d of %d configured devices in %s", len(o.Devices)-failed, len(o.Devices), time.Since(start).Round(time.Millisecond))
+}
+
+// Close stops attaching and releases the session; the last user of the
+// session waits a bounded time for messages in flight.
+func (o *OmniCore) Close() error {
+	if o.stopAttach != nil {
+		o.stopAttach()
+		o.attachingWG.Wait()
+		o.stopAttach = nil
+	}
+	if o.release != nil {
+		o.release()
+		o.release = nil
+		o.conn = nil
+	}
+	return nil
+}
+
+// destination is where a metric goes.
+type destination struct {
+	device    string
+	kind      omnicore.Kind
+	subfolder string
+}
+
+// entry is a metric on its way: the original (the identity Telegraf retries
+// with) and the copy to serialize, without the routing tags.
+type entry struct {
+	orig, out telegraf.Metric
+}
+
+// message is one publish and the metrics it settles once acknowledged.
+type message struct {
+	gateway.Message
+	metrics   []telegraf.Metric
+	notBefore time.Time // state pacing
+}
+
+// writeStats are the counts of one Write, for its debug line.
+type writeStats struct {
+	in, skipped    int
+	messages, sent int
+	metricsSent    int
+	dropped        map[string]int
+}
+
+func (o *OmniCore) Write(metrics []telegraf.Metric) error {
+	if len(metrics) == 0 {
+		return nil
+	}
+	if o.conn == nil {
+		return errors.New("not connected")
+	}
+	start := time.Now()
+	st := &writeStats{in: len(metrics), dropped: make(map[string]int)}
+	msgs := o.prepare(metrics, st)
+	st.messages = len(msgs)
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(o.WriteTimeout))
+	defer cancel()
+	failed, firstErr := o.publish(ctx, msgs, st)
+
+	for reason, n := range st.dropped {
+		o.conn.CountDrop(reason, uint64(n))
+	}
+	o.Log.Debugf("Write of %d metrics: %d messages, %d published (%d metrics), %d skipped as settled by an earlier attempt, dropped %s, in %s",
+		st.in, st.messages, st.sent, st.metricsSent, st.skipped, formatCounts(st.dropped), time.Since(start).Round(time.Microsecond))
+
+	if failed > 0 {
+		return fmt.Errorf("%d of %d messages not acknowledged within write_timeout (%s): %w; "+
+			"the batch will be retried without the metrics already acknowledged",
+			failed, len(msgs), time.Duration(o.WriteTimeout), firstErr)
+	}
+	clear(o.settled)
+	return nil
+}
+
+// prepare routes, coalesces, serializes and splits the metrics into
+// messages. Metrics it gives up on are counted in st and settled.
+func (o *OmniCore) prepare(metrics []telegraf.Metric, st *writeStats) []message {
+	var (
+		order  []destination // events destinations in order of first appearance
+		events = make(map[destination][]entry)
+		states = make(map[string]entry) // device -> latest state
+		devs   []string                 // devices with a state, in order
+	)
+	for _, m := range metrics {
+		if _, ok := o.settled[m]; ok {
+			st.skipped++
+			continue
+		}
+		dst, ok := o.route(m, st)
+		if !ok {
+			continue
+		}
+		e := entry{orig: m, out: o.strip(m)}
+		if dst.kind == omnicore.KindState {
+			prev, seen := states[dst.device]
+			switch {
+			case !seen:
+				devs = append(devs, dst.device)
+				states[dst.device] = e
+			case m.Time().Before(prev.orig.Time()):
+				o.drop(st, dropStateCoalesced, e.orig)
+			default:
+				o.drop(st, dropStateCoalesced, prev.orig)
+				states[dst.device] = e
+			}
+			continue
+		}
+		if _, seen := events[dst]; !seen {
+			order = append(order, dst)
+		}
+		events[dst] = append(events[dst], e)
+	}
+
+	var msgs []message
+	for _, dst := range order {
+		msgs = o.serialize(msgs, dst, events[dst], st)
+	}
+	// State messages go last, those that have to wait for their device's
+	// interval sorted by the time they may go, so that a waiting state never
+	// holds up one that is due earlier.
+	first := len(msgs)
+	for _, dev := range devs {
+		msgs = o.serialize(msgs, destination{device: dev, kind: omnicore.KindState}, []entry{states[dev]}, st)
+	}
+	o.mu.Lock()
+	now := time.Now()
+	for dev, next := range o.nextState {
+		if !next.After(now) {
+			delete(o.nextState, dev)
+		}
+	}
+	for i := range msgs[first:] {
+		msgs[first+i].notBefore = o.nextState[msgs[first+i].Device]
+	}
+	o.mu.Unlock()
+	sort.SliceStable(msgs[first:], func(i, j int) bool {
+		return msgs[first+i].notBefore.Before(msgs[first+j].notBefore)
+	})
+	return msgs
+}
+
+// route finds a metric's destination; it counts and settles the metric and
+// returns false when the metric cannot go anywhere.
+func (o *OmniCore) route(m telegraf.Metric, st *writeStats) (destination, bool) {
+	device, ok := m.GetTag(o.DeviceIDTag)
+	if !ok {
+		if o.MissingDevice == missingDrop {
+			o.drop(st, dropMissingDevice, m)
+			o.warnings.warnf(dropMissingDevice, "Dropping metric %q without the device tag %q (missing_device = %q)",
+				m.Name(), o.DeviceIDTag, o.MissingDevice)
+			return destination{}, false
+		}
+		device = o.conn.GatewayID()
+	}
+	if err := omnicore.ValidateID(device); err != nil {
+		o.drop(st, dropInvalidDevice, m)
+		o.warnings.warnf(dropInvalidDevice, "Dropping metric %q: tag %q is not a valid device ID: %v", m.Name(), o.DeviceIDTag, err)
+		return destination{}, false
+	}
+	dst := destination{device: device, kind: omnicore.KindEvents}
+	if o.isState(m) {
+		dst.kind = omnicore.KindState
+		return dst, true
+	}
+	sub, err := o.renderSubfolder(m)
+	if err == nil && sub != "" {
+		err = omnicore.ValidateSubfolder(sub)
+	}
+	if err != nil {
+		o.drop(st, dropInvalidSubfolder, m)
+		o.warnings.warnf(dropInvalidSubfolder, "Dropping metric %q of device %q: %v", m.Name(), device, err)
+		return destination{}, false
+	}
+	dst.subfolder = sub
+	return dst, true
+}
+
+func (o *OmniCore) isState(m telegraf.Metric) bool {
+	if o.StateTag != "" {
+		if v, ok := m.GetTag(o.StateTag); ok && v == stateTagValue {
+			return true
+		}
+	}
+	return o.stateFilter != nil && o.stateFilter.Match(m.Name())
+}
+
+// renderSubfolder returns the events subfolder: the subfolder_tag's value when
+// the metric has it, else the subfolder template's output ("" for none).
+func (o *OmniCore) renderSubfolder(m telegraf.Metric) (string, error) {
+	if o.SubfolderTag != "" {
+		if v, ok := m.GetTag(o.SubfolderTag); ok {
+			if v == "" {
+				return "", fmt.Errorf("tag %q is empty", o.SubfolderTag)
+			}
+			return v, nil
+		}
+	}
+	if o.subfolder == nil {
+		return "", nil
+	}
+	var b strings.Builder
+	if err := o.subfolder.Execute(&b, templateMetric{m}); err != nil {
+		return "", fmt.Errorf("subfolder template: %w", err)
+	}
+	return b.String(), nil
+}
+
+// templateMetric is what the subfolder template sees: the metric, plus the
+// .Tag and .Field accessors outputs.mqtt's topic template offers.
+type templateMetric struct {
+	telegraf.Metric
+}
+
+// Tag returns the value of tag key, "" when the metric does not have it.
+func (m templateMetric) Tag(key string) string {
+	v, _ := m.GetTag(key)
+	return v
+}
+
+// Field returns the value of field key, nil when the metric does not have it.
+func (m templateMetric) Field(key string) any {
+	v, _ := m.GetField(key)
+	return v
+}
+
+// strip returns the metric without its routing tags, copying it only when it
+// has one. A tracking metric is unwrapped first, so that the copy does not
+// hold a delivery reference.
+func (o *OmniCore) strip(m telegraf.Metric) telegraf.Metric {
+	if !slices.ContainsFunc(o.routingTags, m.HasTag) {
+		return m
+	}
+	if u, ok := m.(telegraf.UnwrappableMetric); ok {
+		m = u.Unwrap()
+	}
+	c := m.Copy()
+	for _, t := range o.routingTags {
+		c.RemoveTag(t)
+	}
+	return c
+}
+
+// limit is the bridge's payload limit for kind.
+func limit(kind omnicore.Kind) int {
+	if kind == omnicore.KindState {
+		return omnicore.MaxStateBytes
+	}
+	return omnicore.MaxTelemetryBytes
+}
+
+// serialize appends the messages for entries of one destination.
+func (o *OmniCore) serialize(msgs []message, dst destination, entries []entry, st *writeStats) []message {
+	if o.Layout == layoutBatch {
+		return o.serializeBatch(msgs, dst, entries, st)
+	}
+	for _, e := range entries {
+		payload, ok := o.serializeOne(dst, e, st)
+		if ok {
+			msgs = append(msgs, o.newMessage(dst, payload, e))
+		}
+	}
+	return msgs
+}
+
+// serializeOne serializes one metric and checks it against the limit.
+func (o *OmniCore) serializeOne(dst destination, e entry, st *writeStats) ([]byte, bool) {
+	payload, err := o.serializer.Serialize(e.out)
+	if err != nil {
+		o.drop(st, dropSerialize, e.orig)
+		o.warnings.warnf(dropSerialize, "Dropping metric %q of device %q: serializing failed: %v", e.orig.Name(), dst.device, err)
+		return nil, false
+	}
+	if len(payload) > limit(dst.kind) {
+		o.dropTooLarge(st, dst, e.orig, len(payload))
+		return nil, false
+	}
+	return payload, true
+}
+
+func (o *OmniCore) dropTooLarge(st *writeStats, dst destination, m telegraf.Metric, size int) {
+	o.drop(st, dropTooLarge, m)
+	o.warnings.warnf(dropTooLarge, "Dropping metric %q of device %q: its %s payload is %d bytes, over the bridge's limit of %d",
+		m.Name(), dst.device, dst.kind, size, limit(dst.kind))
+}
+
+// serializeBatch appends the entries as batches of at most the bridge's
+// limit, splitting by metric count and never inside a metric.
+func (o *OmniCore) serializeBatch(msgs []message, dst destination, entries []entry, st *writeStats) []message {
+	outs := make([]telegraf.Metric, len(entries))
+	for i, e := range entries {
+		outs[i] = e.out
+	}
+	payload, err := o.serializer.SerializeBatch(outs)
+	lim := limit(dst.kind)
+	switch {
+	case err == nil && len(payload) <= lim:
+		return append(msgs, o.newMessage(dst, payload, entries...))
+	case len(entries) == 1 && err != nil:
+		o.drop(st, dropSerialize, entries[0].orig)
+		o.warnings.warnf(dropSerialize, "Dropping metric %q of device %q: serializing failed: %v", entries[0].orig.Name(), dst.device, err)
+		return msgs
+	case len(entries) == 1:
+		o.dropTooLarge(st, dst, entries[0].orig, len(payload))
+		return msgs
+	}
+	// Too large (or a metric failed): pack by the sizes of the metrics on
+	// their own, refusing those that cannot fit at all, and check each part.
+	var parts [][]entry
+	var part []entry
+	size := 0
+	for _, e := range entries {
+		b, ok := o.serializeOne(dst, e, st)
+		if !ok {
+			continue
+		}
+		if size+len(b) > lim && len(part) > 0 {
+			parts = append(parts, part)
+			part, size = nil, 0
+		}
+		part = append(part, e)
+		size += len(b)
+	}
+	if len(part) > 0 {
+		parts = append(parts, part)
+	}
+	if len(parts) == 1 && len(parts[0]) == len(entries) {
+		// The sizes on their own fit but the batch does not (format
+		// overhead): halve.
+		half := len(entries) / 2
+		parts = [][]entry{entries[:half], entries[half:]}
+	}
+	for _, p := range parts {
+		msgs = o.serializeBatch(msgs, dst, p, st)
+	}
+	return msgs
+}
+
+func (o *OmniCore) newMessage(dst destination, payload []byte, entries ...entry) message {
+	msg := message{
+		Message: gateway.Message{
+			Device:    dst.device,
+			Kind:      dst.kind,
+			Subfolder: dst.subfolder,
+			Payload:   payload,
+			QoS:       byte(o.QoS),
+		},
+		metrics: make([]telegraf.Metric, len(entries)),
+	}
+	for i, e := range entries {
+		msg.metrics[i] = e.orig
+	}
+	return msg
+}
+
+// drop counts a metric given up on and settles it.
+func (o *OmniCore) drop(st *writeStats, reason string, m telegraf.Metric) {
+	st.dropped[reason]++
+	o.settled[m] = struct{}{}
+}
+
+// publish sends the messages concurrently and waits for all of them. It
+// returns how many were not acknowledged for a reason that may pass
+// (bridge unreachable until write_timeout) and the first such error.
+func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) (int, error) {
+	var (
+		g        errgroup.Group
+		mu       sync.Mutex
+		failed   int
+		firstErr error
+	)
+	g.SetLimit(o.parallel)
+	for i := range msgs {
+		msg := &msgs[i]
+		g.Go(func() error {
+			err := o.publishOne(ctx, msg)
+			mu.Lock()
+			defer mu.Unlock()
+			reason := permanentReason(err)
+			switch {
+			case err == nil:
+				st.sent++
+				st.metricsSent += len(msg.metrics)
+			case reason == "":
+				failed++
+				if firstErr == nil {
+					firstErr = err
+				}
+				return nil
+			default:
+				st.dropped[reason] += len(msg.metrics)
+				o.warnings.warnf(reason, "Dropping %d metrics of device %q: %v", len(msg.metrics), msg.Device, err)
+			}
+			for _, m := range msg.metrics {
+				o.settled[m] = struct{}{}
+			}
+			return nil
+		})
+	}
+	_ = g.Wait()
+	return failed, firstErr
+}
+
+// publishOne publishes one message, holding a state message back until its
+// device's state interval has passed.
+func (o *OmniCore) publishOne(ctx context.Context, msg *message) error {
+	if wait := time.Until(msg.notBefore); wait > 0 {
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("state of device %q waiting for its interval: %w", msg.Device, ctx.Err())
+		}
+	}
+	err := o.conn.Publish(ctx, msg.Message)
+	if msg.Kind == omnicore.KindState && permanentReason(err) == "" {
+		// Counted from the acknowledgement (or from giving up, when the
+		// message may still have reached the bridge), which is never
+		// before the bridge received it.
+		o.mu.Lock()
+		o.nextState[msg.Device] = time.Now().Add(omnicore.StateInterval)
+		o.mu.Unlock()
+	}
+	return err
+}
+
+// permanentReason is the drop reason of an error that retrying does not
+// cure, "" for nil and for errors worth retrying.
+func permanentReason(err error) string {
+	switch {
+	case err == nil:
+		return ""
+	case errors.Is(err, gateway.ErrAttachRefused):
+		return dropAttachRefused
+	case errors.Is(err, gateway.ErrInvalidDevice):
+		return dropInvalidDevice
+	case errors.Is(err, gateway.ErrTooLarge):
+		return dropTooLarge
+	}
+	return ""
+}
+
+func formatCounts(counts map[string]int) string {
+	if len(counts) == 0 {
+		return "none"
+	}
+	keys := make([]string, 0, len(counts))
+	for k := range counts {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = fmt.Sprintf("%s=%d", k, counts[k])
+	}
+	return strings.Join(parts, " ")
+}
+
+// warnLimiter logs a warning per key at most once per interval; the rest go
+// to debug level and are summed up in the next warning.
+type warnLimiter struct {
+	log      telegraf.Logger
+	interval time.Duration
+
+	mu         sync.Mutex
+	last       map[string]time.Time
+	suppressed map[string]int
+}
+
+func newWarnLimiter(log telegraf.Logger, interval time.Duration) *warnLimiter {
+	return &warnLimiter{log: log, interval: interval, last: make(map[string]time.Time), suppressed: make(map[string]int)}
+}
+
+func (w *warnLimiter) warnf(key, format string, args ...any) {
+	w.mu.Lock()
+	now := time.Now()
+	last, seen := w.last[key]
+	if seen && now.Sub(last) < w.interval {
+		w.suppressed[key]++
+		w.mu.Unlock()
+		w.log.Debugf(format, args...)
+		return
+	}
+	n := w.suppressed[key]
+	w.last[key] = now
+	w.suppressed[key] = 0
+	w.mu.Unlock()
+	msg := fmt.Sprintf(format, args...)
+	if n > 0 {
+		msg += fmt.Sprintf(" (and %d more like it in the last %s)", n, now.Sub(last).Round(time.Second))
+	}
+	w.log.Warn(msg)
+}
+
+func init() {
+	outputs.Add("omnicore", func() telegraf.Output {
+		return &OmniCore{
+			Options:       gateway.DefaultOptions(),
+			DeviceIDTag:   "device_id",
+			MissingDevice: missingDrop,
+			QoS:           1,
+			Layout:        layoutNonBatch,
+			WriteTimeout:  config.Duration(5 * time.Minute),
+		}
+	})
+}
