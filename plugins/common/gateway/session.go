@@ -35,7 +35,7 @@ type Session struct {
 
 	window  chan struct{} // bounds messages in flight (attaches included)
 	limiter *rate.Limiter // optional per-connection message rate
-	inbound chan Inbound  // routed messages waiting for handlers
+	inbound chan queued   // routed messages waiting for handlers
 
 	mu        sync.Mutex
 	conn      *connection // current connection, nil while down
@@ -60,8 +60,8 @@ type connection struct {
 	ready    chan struct{} // closed once rebuilt and open for publishing
 	draining atomic.Bool   // token renewal in progress: no new publishes
 	inflight atomic.Int64  // publishes written and not yet resolved
-	lastAck  atomic.Int64 // unix nanos of the last acknowledgement
-	expires  time.Time    // token exp
+	lastAck  atomic.Int64  // unix nanos of the last acknowledgement
+	expires  time.Time     // token exp
 
 	// readPublishes counts PUBLISH packets read off the wire, routed those our
 	// handler has processed; see publishCountingConn for why.
@@ -83,6 +83,8 @@ type device struct {
 	retryAt     time.Time // refused: no new attach before this
 	lastErr     error
 	lastUsed    time.Time
+	config      []byte // latest config received, for late subscribers
+	hasConfig   bool
 	stateTurn   chan struct{} // one state message of the device at a time
 	nextState   time.Time     // earliest time the next state message may go
 }
@@ -94,6 +96,13 @@ type attachAttempt struct {
 	refused atomic.Pointer[string] // set by the errors handler
 	signal  chan struct{}          // closed when refused is set
 	once    sync.Once
+}
+
+// queued is an inbound message waiting for dispatch; to, when set, limits it
+// to one handler (a config replayed to a late subscriber).
+type queued struct {
+	in Inbound
+	to *handlerEntry
 }
 
 type handlerEntry struct {
@@ -134,7 +143,7 @@ func New(cfg *Config) (*Session, error) {
 		cancel:    cancel,
 		done:      make(chan struct{}),
 		window:    make(chan struct{}, cfg.MaxInflight),
-		inbound:   make(chan Inbound, 1024),
+		inbound:   make(chan queued, 1024),
 		connReady: make(chan struct{}),
 		devices:   make(map[string]*device),
 		handlers:  make(map[uint64]*handlerEntry),
@@ -275,10 +284,10 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 		return nil, fmt.Errorf("minting the gateway JWT: %w", err)
 	}
 	cs := &connection{
-		gen:     gen,
-		lost:    make(chan struct{}),
-		ready:   make(chan struct{}),
-		expires: now.Add(s.cfg.TokenLifetime),
+		gen:      gen,
+		lost:     make(chan struct{}),
+		ready:    make(chan struct{}),
+		expires:  now.Add(s.cfg.TokenLifetime),
 		pending:  make(map[uint16]chan struct{}),
 		routedCh: make(chan struct{}),
 	}
@@ -1034,7 +1043,8 @@ func (s *Session) Subscribe(ctx context.Context, device string, h Handler) (Subs
 	if err := omnicore.ValidateID(device); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidDevice, err)
 	}
-	sub := s.addHandler(&handlerEntry{device: device, h: h})
+	entry := &handlerEntry{device: device, h: h}
+	sub := s.addHandler(entry)
 	for {
 		cs, err := s.ready(ctx)
 		if err != nil {
@@ -1051,11 +1061,19 @@ func (s *Session) Subscribe(ctx context.Context, device string, h Handler) (Subs
 				continue
 			}
 		}
+		s.mu.Lock()
+		already := s.deviceLocked(device).subGen == cs.gen
+		s.mu.Unlock()
 		if err := s.subscribeDevice(cs, device); err != nil {
 			if cs.isLost() {
 				continue // restored by rebuild on the next connection
 			}
 			return sub, err
+		}
+		if already {
+			// No new SUBSCRIBE, so the bridge sends no config: hand the
+			// latest one to this subscriber, as the bridge would have.
+			s.replayConfig(entry, device)
 		}
 		return sub, nil
 	}
@@ -1063,7 +1081,8 @@ func (s *Session) Subscribe(ctx context.Context, device string, h Handler) (Subs
 
 // SubscribeAll implements Conn.
 func (s *Session) SubscribeAll(h Handler) Subscription {
-	sub := s.addHandler(&handlerEntry{all: true, h: h})
+	entry := &handlerEntry{all: true, h: h}
+	sub := s.addHandler(entry)
 	// Subscribe what is attached already; later attaches subscribe in
 	// attachOn's callers via wantsSubscription.
 	go func() {
@@ -1080,7 +1099,16 @@ func (s *Session) SubscribeAll(h Handler) Subscription {
 				ids = append(ids, id)
 			}
 		}
+		var replay []string
+		for _, id := range ids {
+			if s.deviceLocked(id).subGen == cs.gen {
+				replay = append(replay, id)
+			}
+		}
 		s.mu.Unlock()
+		for _, id := range replay {
+			s.replayConfig(entry, id)
+		}
 		for _, id := range ids {
 			if err := s.subscribeDevice(cs, id); err != nil {
 				s.log.Warnf("Subscribing config and commands of %q failed: %v", id, err)
@@ -1150,7 +1178,7 @@ func (s *Session) subscribeDevice(cs *connection, id string) error {
 	d.subGen = cs.gen
 	s.mu.Unlock()
 	err := s.subscribe(cs, map[string]byte{
-		omnicore.Topic(s.cfg.RegistryID, id, omnicore.KindConfig, ""):   1,
+		omnicore.Topic(s.cfg.RegistryID, id, omnicore.KindConfig, ""):    1,
 		omnicore.Topic(s.cfg.RegistryID, id, omnicore.KindCommands, "#"): 1,
 	})
 	if err != nil {
@@ -1212,11 +1240,42 @@ func (s *Session) onMessage(cs *connection, m mqtt.Message) {
 		s.log.Warnf("Dropping a message on unexpected topic %q", m.Topic())
 		return
 	}
+	if p.Kind == omnicore.KindConfig {
+		s.mu.Lock()
+		if d, ok := s.devices[p.Device]; ok {
+			d.config = append(d.config[:0], in.Payload...)
+			d.hasConfig = true
+		}
+		s.mu.Unlock()
+	}
 	s.c.received.Add(1)
+	s.enqueue(queued{in: in})
+}
+
+func (s *Session) enqueue(q queued) {
 	select {
-	case s.inbound <- in:
+	case s.inbound <- q:
 	case <-s.ctx.Done():
 	}
+}
+
+// replayConfig queues device's latest config for one handler.
+func (s *Session) replayConfig(e *handlerEntry, device string) {
+	s.mu.Lock()
+	d, ok := s.devices[device]
+	if !ok || !d.hasConfig {
+		s.mu.Unlock()
+		return
+	}
+	in := Inbound{
+		Device:   device,
+		Kind:     omnicore.KindConfig,
+		Topic:    omnicore.Topic(s.cfg.RegistryID, device, omnicore.KindConfig, ""),
+		Payload:  append([]byte(nil), d.config...),
+		Received: time.Now(),
+	}
+	s.mu.Unlock()
+	s.enqueue(queued{in: in, to: e})
 }
 
 // handleBridgeError reacts to the errors topic: attachment errors fail the
@@ -1279,16 +1338,21 @@ func (s *Session) handleBridgeError(cs *connection, payload []byte) {
 // router goroutine.
 func (s *Session) dispatch() {
 	for {
-		var in Inbound
+		var q queued
 		select {
-		case in = <-s.inbound:
+		case q = <-s.inbound:
 		case <-s.ctx.Done():
 			return
 		}
+		in := q.in
 		s.mu.Lock()
 		var hs []Handler
 		for _, e := range s.handlers {
 			switch {
+			case q.to != nil:
+				if e == q.to {
+					hs = append(hs, e.h)
+				}
 			case in.Kind == omnicore.KindErrors:
 				if e.errors {
 					hs = append(hs, e.h)
@@ -1431,15 +1495,15 @@ func truncate(b []byte, n int) string {
 
 type discardLogger struct{}
 
-func (discardLogger) Level() telegraf.LogLevel          { return telegraf.Error }
-func (discardLogger) AddAttribute(string, interface{})  {}
-func (discardLogger) Errorf(string, ...interface{})     {}
-func (discardLogger) Error(...interface{})              {}
-func (discardLogger) Warnf(string, ...interface{})      {}
-func (discardLogger) Warn(...interface{})               {}
-func (discardLogger) Infof(string, ...interface{})      {}
-func (discardLogger) Info(...interface{})               {}
-func (discardLogger) Debugf(string, ...interface{})     {}
-func (discardLogger) Debug(...interface{})              {}
-func (discardLogger) Tracef(string, ...interface{})     {}
-func (discardLogger) Trace(...interface{})              {}
+func (discardLogger) Level() telegraf.LogLevel         { return telegraf.Error }
+func (discardLogger) AddAttribute(string, interface{}) {}
+func (discardLogger) Errorf(string, ...interface{})    {}
+func (discardLogger) Error(...interface{})             {}
+func (discardLogger) Warnf(string, ...interface{})     {}
+func (discardLogger) Warn(...interface{})              {}
+func (discardLogger) Infof(string, ...interface{})     {}
+func (discardLogger) Info(...interface{})              {}
+func (discardLogger) Debugf(string, ...interface{})    {}
+func (discardLogger) Debug(...interface{})             {}
+func (discardLogger) Tracef(string, ...interface{})    {}
+func (discardLogger) Trace(...interface{})             {}

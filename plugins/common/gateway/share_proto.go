@@ -1,0 +1,398 @@
+package gateway
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+)
+
+// Wire protocol of the local sharing socket (see SHARING.md).
+//
+// Every frame is
+//
+//	uint32 big-endian: length of the rest of the frame (4 + H + P)
+//	uint32 big-endian: H, the length of the header
+//	H bytes:           the header, one JSON object (wireHeader)
+//	P bytes:           the payload (publish and inbound messages), raw
+//
+// so payloads travel without base64 and a reader always knows how much to
+// read. Requests carry an ID chosen by the client; the server answers each
+// request whose ID is not 0 with exactly one "resp" frame carrying the same
+// ID, in completion order (requests run concurrently). Inbound messages are
+// "msg" frames naming the client's subscription ID.
+const (
+	shareProtoVersion = 1
+	// maxHeaderBytes bounds the JSON header of a frame.
+	maxHeaderBytes = 64 << 10
+	// maxFrameBytes bounds a whole frame: the largest payload the bridge
+	// takes is 256 KiB of telemetry; inbound messages are smaller. A bigger
+	// length is a protocol error and closes the connection.
+	maxFrameBytes = 1 << 20
+)
+
+// Operations.
+const (
+	opHello           = "hello"            // client → server, first frame; answered
+	opPublish         = "publish"          // answered after the bridge's PUBACK
+	opAttach          = "attach"           // answered when attached
+	opDetach          = "detach"           // answered when the detach is acknowledged
+	opSubscribe       = "subscribe"        // Sub = client subscription ID; answered
+	opSubscribeAll    = "subscribe_all"    // Sub; not answered (never fails)
+	opSubscribeErrors = "subscribe_errors" // Sub; not answered (never fails)
+	opUnsubscribe     = "unsubscribe"      // Sub; not answered
+	opCountDrop       = "count_drop"       // Reason, N; not answered
+	opStats           = "stats"            // answered with Stats
+	opCancel          = "cancel"           // ID of a request whose caller gave up; not answered
+	opResponse        = "resp"             // server → client: outcome of request ID
+	opMessage         = "msg"              // server → client: inbound message for subscription Sub
+)
+
+// Error codes of a response, mapped back to the package's sentinel errors so
+// that errors.Is works the same on both sides of the socket.
+const (
+	codeAttachRefused = "attach_refused"
+	codeInvalidDevice = "invalid_device"
+	codeTooLarge      = "too_large"
+	codeClosed        = "closed" // the owner is shutting down: try the next owner
+	codeCanceled      = "canceled"
+	codeDeadline      = "deadline"
+	codeProtocol      = "protocol"
+	codeOther         = "error"
+)
+
+// wireHeader is the JSON header of every frame; unused fields are omitted.
+type wireHeader struct {
+	Op        string        `json:"op"`
+	ID        uint64        `json:"id,omitempty"`
+	Sub       uint64        `json:"sub,omitempty"`
+	Device    string        `json:"device,omitempty"`
+	Kind      omnicore.Kind `json:"kind,omitempty"`
+	Subfolder string        `json:"subfolder,omitempty"`
+	Topic     string        `json:"topic,omitempty"`
+	QoS       byte          `json:"qos,omitempty"`
+	Received  int64         `json:"received,omitempty"` // unix nanoseconds
+	Deadline  int64         `json:"deadline,omitempty"` // unix nanoseconds; 0 = none
+	Reason    string        `json:"reason,omitempty"`
+	N         uint64        `json:"n,omitempty"`
+	Code      string        `json:"code,omitempty"` // responses: "" = success
+	Error     string        `json:"error,omitempty"`
+	Kept      bool          `json:"kept,omitempty"` // subscribe failed but stays registered
+	Stats     *Stats        `json:"stats,omitempty"`
+	Version   int           `json:"version,omitempty"`
+	Key       string        `json:"key,omitempty"` // hello: the rendezvous name of the gateway identity
+	Gateway   string        `json:"gateway,omitempty"`
+	PID       int           `json:"pid,omitempty"`
+	Options   string        `json:"options,omitempty"` // hello response: optionsFingerprint of the owner
+}
+
+// frame is one decoded frame.
+type frame struct {
+	wireHeader
+	Payload []byte
+}
+
+var errFrameTooLarge = errors.New("sharing protocol: frame too large")
+
+// writeFrame appends one frame to w (a buffered writer; the caller flushes).
+func writeFrame(w *bufio.Writer, f *frame) error {
+	hdr, err := json.Marshal(&f.wireHeader)
+	if err != nil {
+		return err
+	}
+	if len(hdr) > maxHeaderBytes {
+		return errFrameTooLarge
+	}
+	total := 4 + len(hdr) + len(f.Payload)
+	if total > maxFrameBytes {
+		return errFrameTooLarge
+	}
+	var pre [8]byte
+	binary.BigEndian.PutUint32(pre[0:4], uint32(total))
+	binary.BigEndian.PutUint32(pre[4:8], uint32(len(hdr)))
+	if _, err := w.Write(pre[:]); err != nil {
+		return err
+	}
+	if _, err := w.Write(hdr); err != nil {
+		return err
+	}
+	_, err = w.Write(f.Payload)
+	return err
+}
+
+// readFrame reads one frame. A malformed or oversized frame is an error after
+// which the stream cannot be trusted: the caller closes the connection.
+func readFrame(r *bufio.Reader) (*frame, error) {
+	var pre [8]byte
+	if _, err := io.ReadFull(r, pre[:4]); err != nil {
+		return nil, err // io.EOF: clean end between frames
+	}
+	total := binary.BigEndian.Uint32(pre[0:4])
+	if total < 4 || total > maxFrameBytes {
+		return nil, fmt.Errorf("%w: %d bytes", errFrameTooLarge, total)
+	}
+	if _, err := io.ReadFull(r, pre[4:8]); err != nil {
+		return nil, unexpectedEOF(err)
+	}
+	h := binary.BigEndian.Uint32(pre[4:8])
+	if h > maxHeaderBytes || h > total-4 {
+		return nil, fmt.Errorf("sharing protocol: header of %d bytes in a frame of %d", h, total)
+	}
+	buf := make([]byte, total-4)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		return nil, unexpectedEOF(err)
+	}
+	f := &frame{}
+	if err := json.Unmarshal(buf[:h], &f.wireHeader); err != nil {
+		return nil, fmt.Errorf("sharing protocol: bad header: %w", err)
+	}
+	if f.Op == "" {
+		return nil, errors.New("sharing protocol: frame without op")
+	}
+	if int(h) < len(buf) {
+		f.Payload = buf[h:]
+	}
+	return f, nil
+}
+
+func unexpectedEOF(err error) error {
+	if errors.Is(err, io.EOF) {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// remoteError is an error returned by the owner's session, carried over the
+// socket: its text is the owner's, and errors.Is matches the same sentinel.
+type remoteError struct {
+	sentinel error
+	msg      string
+}
+
+func (e *remoteError) Error() string { return e.msg }
+func (e *remoteError) Unwrap() error { return e.sentinel }
+
+// errorCode maps an error of the owner's session to a response code.
+func errorCode(err error) string {
+	switch {
+	case err == nil:
+		return ""
+	case errors.Is(err, ErrAttachRefused):
+		return codeAttachRefused
+	case errors.Is(err, ErrInvalidDevice):
+		return codeInvalidDevice
+	case errors.Is(err, ErrTooLarge):
+		return codeTooLarge
+	case errors.Is(err, ErrClosed):
+		return codeClosed
+	case errors.Is(err, context.DeadlineExceeded):
+		return codeDeadline
+	case errors.Is(err, context.Canceled):
+		return codeCanceled
+	}
+	return codeOther
+}
+
+// responseError turns a response back into an error; nil on success.
+func responseError(f *frame) error {
+	var sentinel error
+	switch f.Code {
+	case "":
+		return nil
+	case codeAttachRefused:
+		sentinel = ErrAttachRefused
+	case codeInvalidDevice:
+		sentinel = ErrInvalidDevice
+	case codeTooLarge:
+		sentinel = ErrTooLarge
+	case codeClosed:
+		return errOwnerGone
+	case codeDeadline:
+		sentinel = context.DeadlineExceeded
+	case codeCanceled:
+		sentinel = context.Canceled
+	default:
+		return errors.New(f.Error)
+	}
+	return &remoteError{sentinel: sentinel, msg: f.Error}
+}
+
+func respond(id uint64, err error) *frame {
+	f := &frame{wireHeader: wireHeader{Op: opResponse, ID: id}}
+	if err != nil {
+		f.Code = errorCode(err)
+		f.Error = err.Error()
+	}
+	return f
+}
+
+func inboundFrame(sub uint64, in Inbound) *frame {
+	return &frame{
+		wireHeader: wireHeader{
+			Op:        opMessage,
+			Sub:       sub,
+			Device:    in.Device,
+			Kind:      in.Kind,
+			Subfolder: in.Subfolder,
+			Topic:     in.Topic,
+			Received:  in.Received.UnixNano(),
+		},
+		Payload: in.Payload,
+	}
+}
+
+func (f *frame) inbound() Inbound {
+	in := Inbound{
+		Device:    f.Device,
+		Kind:      f.Kind,
+		Subfolder: f.Subfolder,
+		Topic:     f.Topic,
+		Payload:   f.Payload,
+	}
+	if f.Received != 0 {
+		in.Received = time.Unix(0, f.Received)
+	}
+	return in
+}
+
+// frameQueue is an outbound queue drained by one writer goroutine, so that
+// many callers pipeline frames without waiting for each other's round trips
+// and the writer batches them into few syscalls. Inbound messages are
+// counted, so the server can bound what a slow client holds.
+type frameQueue struct {
+	notify chan struct{}
+	mu     sync.Mutex
+	frames []*frame
+	msgs   int
+	bytes  int
+	closed bool
+}
+
+func newFrameQueue() *frameQueue {
+	return &frameQueue{notify: make(chan struct{}, 1)}
+}
+
+// push queues f; it reports false when the queue is closed.
+func (fq *frameQueue) push(f *frame) bool {
+	fq.mu.Lock()
+	if fq.closed {
+		fq.mu.Unlock()
+		return false
+	}
+	fq.frames = append(fq.frames, f)
+	if f.Op == opMessage {
+		fq.msgs++
+		fq.bytes += len(f.Payload)
+	}
+	fq.mu.Unlock()
+	select {
+	case fq.notify <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// pushMessage queues an inbound message unless that would take the queue
+// over maxMsgs messages or maxBytes payload bytes; then it reports false
+// and the number of messages already waiting.
+func (fq *frameQueue) pushMessage(f *frame, maxMsgs, maxBytes int) (ok bool, waiting int) {
+	fq.mu.Lock()
+	if fq.closed {
+		fq.mu.Unlock()
+		return false, 0
+	}
+	if fq.msgs >= maxMsgs || (fq.msgs > 0 && fq.bytes+len(f.Payload) > maxBytes) {
+		n := fq.msgs
+		fq.mu.Unlock()
+		return false, n
+	}
+	fq.mu.Unlock()
+	return fq.push(f), 0
+}
+
+// take returns everything queued, waiting for at least one frame; nil when
+// done is closed or the queue was closed.
+func (fq *frameQueue) take(done <-chan struct{}) []*frame {
+	for {
+		fq.mu.Lock()
+		if len(fq.frames) > 0 {
+			fs := fq.frames
+			fq.frames = nil
+			fq.mu.Unlock()
+			return fs
+		}
+		closed := fq.closed
+		fq.mu.Unlock()
+		if closed {
+			return nil
+		}
+		select {
+		case <-fq.notify:
+		case <-done:
+			return nil
+		}
+	}
+}
+
+// written accounts for messages the writer has handed to the socket.
+func (fq *frameQueue) written(fs []*frame) {
+	n, b := 0, 0
+	for _, f := range fs {
+		if f.Op == opMessage {
+			n++
+			b += len(f.Payload)
+		}
+	}
+	if n == 0 {
+		return
+	}
+	fq.mu.Lock()
+	fq.msgs -= n
+	fq.bytes -= b
+	fq.mu.Unlock()
+}
+
+// close stops the queue and returns how many inbound messages it still held.
+func (fq *frameQueue) close() int {
+	fq.mu.Lock()
+	defer fq.mu.Unlock()
+	fq.closed = true
+	n := fq.msgs
+	fq.frames = nil
+	fq.msgs, fq.bytes = 0, 0
+	select {
+	case fq.notify <- struct{}{}:
+	default:
+	}
+	return n
+}
+
+// writeLoop drains fq into conn until done closes or a write fails.
+func writeLoop(w io.Writer, fq *frameQueue, done <-chan struct{}, timeout time.Duration, setDeadline func(time.Time) error) error {
+	bw := bufio.NewWriterSize(w, 64<<10)
+	for {
+		fs := fq.take(done)
+		if fs == nil {
+			return nil
+		}
+		if setDeadline != nil && timeout > 0 {
+			_ = setDeadline(time.Now().Add(timeout))
+		}
+		for _, f := range fs {
+			if err := writeFrame(bw, f); err != nil {
+				return err
+			}
+		}
+		if err := bw.Flush(); err != nil {
+			return err
+		}
+		fq.written(fs)
+	}
+}

@@ -1,0 +1,1101 @@
+//go:build linux || darwin || freebsd
+
+package gateway
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/influxdata/telegraf/testutil"
+	"github.com/stretchr/testify/require"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+)
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+// shareDir is a short private temporary directory: Unix socket paths are
+// limited to about 100 bytes, which t.TempDir() can exceed.
+func shareDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "ocs")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return filepath.Join(dir, "rt")
+}
+
+func shareCtx(t testing.TB, d time.Duration) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// shareFake is a Conn for the owner side of protocol tests: publishes can be
+// held at a gate, attaches refused, and inbound messages injected.
+type shareFake struct {
+	gate    chan struct{} // when non-nil, Publish waits for it to be closed
+	entered chan Message  // every Publish reports here first (buffered)
+
+	mu        sync.Mutex
+	published []Message
+	refused   map[string]string
+	handlers  map[int]shareFakeSub
+	next      int
+	drops     map[string]uint64
+	canceled  atomic.Int64
+	changed   chan struct{}
+}
+
+type shareFakeSub struct {
+	device string // "" = all, "!errors" = errors
+	h      Handler
+}
+
+func newShareFake() *shareFake {
+	return &shareFake{
+		entered:  make(chan Message, 10000),
+		refused:  make(map[string]string),
+		handlers: make(map[int]shareFakeSub),
+		drops:    make(map[string]uint64),
+		changed:  make(chan struct{}),
+	}
+}
+
+func (f *shareFake) notifyLocked() {
+	close(f.changed)
+	f.changed = make(chan struct{})
+}
+
+// waitFor blocks until cond (evaluated under the lock) holds.
+func (f *shareFake) waitFor(t testing.TB, ctx context.Context, cond func() bool) {
+	t.Helper()
+	for {
+		f.mu.Lock()
+		ok, ch := cond(), f.changed
+		f.mu.Unlock()
+		if ok {
+			return
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			require.FailNow(t, "condition not met before the deadline")
+		}
+	}
+}
+
+func (f *shareFake) GatewayID() string { return "fake-gw" }
+
+func (f *shareFake) Attach(_ context.Context, device string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if d, ok := f.refused[device]; ok {
+		return fmt.Errorf("%w: device %q: %s", ErrAttachRefused, device, d)
+	}
+	return nil
+}
+
+func (f *shareFake) Detach(context.Context, string) error { return nil }
+
+func (f *shareFake) Publish(ctx context.Context, msg Message) error {
+	if err := omnicore.ValidateID(msg.Device); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidDevice, err)
+	}
+	if len(msg.Payload) > omnicore.MaxTelemetryBytes {
+		return fmt.Errorf("%w: %d bytes", ErrTooLarge, len(msg.Payload))
+	}
+	f.entered <- msg
+	if f.gate != nil {
+		select {
+		case <-f.gate:
+		case <-ctx.Done():
+			f.canceled.Add(1)
+			f.mu.Lock()
+			f.notifyLocked()
+			f.mu.Unlock()
+			return ctx.Err()
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.published = append(f.published, msg)
+	f.notifyLocked()
+	return nil
+}
+
+func (f *shareFake) Subscribe(_ context.Context, device string, h Handler) (Subscription, error) {
+	if err := f.Attach(context.Background(), device); err != nil {
+		return f.add(device, h), err // kept, like the Session does
+	}
+	return f.add(device, h), nil
+}
+
+func (f *shareFake) SubscribeAll(h Handler) Subscription    { return f.add("", h) }
+func (f *shareFake) SubscribeErrors(h Handler) Subscription { return f.add("!errors", h) }
+
+func (f *shareFake) add(device string, h Handler) Subscription {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.next++
+	id := f.next
+	f.handlers[id] = shareFakeSub{device: device, h: h}
+	f.notifyLocked()
+	return shareFakeUnsub(func() {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		delete(f.handlers, id)
+		f.notifyLocked()
+	})
+}
+
+type shareFakeUnsub func()
+
+func (u shareFakeUnsub) Unsubscribe() { u() }
+
+func (f *shareFake) subscribers() int {
+	return len(f.handlers)
+}
+
+// deliver calls the matching handlers synchronously, like the session's
+// dispatcher.
+func (f *shareFake) deliver(in Inbound) {
+	f.mu.Lock()
+	var hs []Handler
+	for _, s := range f.handlers {
+		switch {
+		case in.Kind == omnicore.KindErrors:
+			if s.device == "!errors" {
+				hs = append(hs, s.h)
+			}
+		case s.device == "" || s.device == in.Device:
+			hs = append(hs, s.h)
+		}
+	}
+	f.mu.Unlock()
+	for _, h := range hs {
+		h(in)
+	}
+}
+
+func (f *shareFake) CountDrop(reason string, n uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.drops[reason] += n
+	f.notifyLocked()
+}
+
+func (f *shareFake) Stats() Stats {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	drops := make(map[string]uint64)
+	for k, v := range f.drops {
+		drops[k] = v
+	}
+	return Stats{Connected: true, Acked: uint64(len(f.published)), ErrorsByType: map[string]uint64{}, DroppedByReason: drops}
+}
+
+// serveFake serves conn on a fresh rendezvous and holds its owner lock.
+func serveFake(t testing.TB, conn Conn, tune func(*shareServer)) (*rendezvous, *shareServer) {
+	t.Helper()
+	rz, err := newRendezvous(shareDir(t), "fake-key")
+	require.NoError(t, err)
+	lock, err := lockOwner(rz, "fake")
+	require.NoError(t, err)
+	srv, err := newShareServer(conn, rz, testutil.Logger{Name: "owner"})
+	require.NoError(t, err)
+	if tune != nil {
+		tune(srv)
+	}
+	srv.start()
+	t.Cleanup(func() {
+		srv.stopAccepting()
+		srv.closeClients()
+		lock.Close()
+	})
+	return rz, srv
+}
+
+func dialFake(t testing.TB, rz *rendezvous) *remoteConn {
+	t.Helper()
+	rc, err := dialOwner(shareCtx(t, 10*time.Second), rz, testutil.Logger{Name: "client"})
+	require.NoError(t, err)
+	t.Cleanup(func() { rc.fail(ErrClosed) })
+	return rc
+}
+
+// fakeShareConn is a shareConn for a rendezvous whose owner is served by
+// the test (it never takes over: the test holds the lock).
+func fakeShareConn(t testing.TB, rz *rendezvous) *shareConn {
+	t.Helper()
+	cfg := &Config{SubscriptionID: "sub", RegistryID: "reg", GatewayID: "fake-gw", Timeout: 5 * time.Second, MaxInflight: 16}
+	sc := newShareConn(cfg, rz, testutil.Logger{Name: "client"})
+	go sc.run()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		sc.Close(ctx)
+	})
+	return sc
+}
+
+// ---------------------------------------------------------------------------
+// Protocol against a fake owner
+
+func TestSharePublishesArePipelined(t *testing.T) {
+	fake := newShareFake()
+	fake.gate = make(chan struct{})
+	rz, _ := serveFake(t, fake, nil)
+	rc := dialFake(t, rz)
+	ctx := shareCtx(t, 20*time.Second)
+
+	const n = 64
+	results := make(chan error, n)
+	for i := range n {
+		go func() {
+			results <- rc.Publish(ctx, Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: fmt.Appendf(nil, "m%d", i), QoS: 1})
+		}()
+	}
+	// All n reach the owner's session while none is acknowledged: the
+	// client does not wait for one round trip before sending the next.
+	for range n {
+		select {
+		case <-fake.entered:
+		case <-ctx.Done():
+			require.FailNow(t, "publishes were not pipelined")
+		}
+	}
+	require.Never(t, func() bool { return len(results) > 0 }, 100*time.Millisecond, 10*time.Millisecond,
+		"a publish returned before the owner's session did")
+	close(fake.gate)
+	for range n {
+		require.NoError(t, <-results)
+	}
+	fake.mu.Lock()
+	require.Len(t, fake.published, n)
+	fake.mu.Unlock()
+}
+
+func TestShareCallOutcomes(t *testing.T) {
+	fake := newShareFake()
+	fake.refused["dev-refused"] = "device is not bound"
+	rz, _ := serveFake(t, fake, nil)
+	rc := dialFake(t, rz)
+	ctx := shareCtx(t, 10*time.Second)
+
+	tests := []struct {
+		name    string
+		call    func() error
+		wantErr error
+	}{
+		{"publish", func() error {
+			return rc.Publish(ctx, Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
+		}, nil},
+		{"publish for a hostile device", func() error {
+			return rc.Publish(ctx, Message{Device: "a/+/#", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
+		}, ErrInvalidDevice},
+		{"publish over the limit", func() error {
+			return rc.Publish(ctx, Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: make([]byte, omnicore.MaxTelemetryBytes+1), QoS: 1})
+		}, ErrTooLarge},
+		{"attach", func() error { return rc.Attach(ctx, "dev-2") }, nil},
+		{"attach refused", func() error { return rc.Attach(ctx, "dev-refused") }, ErrAttachRefused},
+		{"detach", func() error { return rc.Detach(ctx, "dev-2") }, nil},
+		{"subscribe refused keeps the subscription", func() error {
+			sub, err := rc.Subscribe(ctx, "dev-refused", func(Inbound) {})
+			require.NotNil(t, sub)
+			return err
+		}, ErrAttachRefused},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := tt.call()
+			if tt.wantErr == nil {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorIs(t, err, tt.wantErr)
+		})
+	}
+
+	rc.CountDrop("invalid_device", 2)
+	st, err := rc.stats(ctx)
+	require.NoError(t, err)
+	require.True(t, st.Connected)
+	require.Equal(t, uint64(1), st.Acked)
+	require.Equal(t, uint64(2), st.DroppedByReason["invalid_device"], "a count_drop sent before stats is counted first")
+}
+
+func TestShareCancelReachesOwner(t *testing.T) {
+	fake := newShareFake()
+	fake.gate = make(chan struct{})
+	defer close(fake.gate)
+	rz, _ := serveFake(t, fake, nil)
+	rc := dialFake(t, rz)
+
+	tests := []struct {
+		name   string
+		ctx    func() (context.Context, context.CancelFunc)
+		cancel bool // the caller cancels; else its deadline passes
+		want   error
+	}{
+		{"deadline", func() (context.Context, context.CancelFunc) {
+			return context.WithTimeout(context.Background(), 100*time.Millisecond)
+		}, false, context.DeadlineExceeded},
+		{"cancel", func() (context.Context, context.CancelFunc) { return context.WithCancel(context.Background()) }, true, context.Canceled},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := tt.ctx()
+			defer cancel()
+			done := make(chan error, 1)
+			go func() {
+				done <- rc.Publish(ctx, Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
+			}()
+			<-fake.entered
+			if tt.cancel {
+				cancel()
+			}
+			require.ErrorIs(t, <-done, tt.want)
+			// The owner's session call ends too: it is not left waiting for
+			// a caller that is gone.
+			fake.waitFor(t, shareCtx(t, 10*time.Second), func() bool { return fake.canceled.Load() == int64(i+1) })
+		})
+	}
+}
+
+func TestShareInboundReachesSubscribers(t *testing.T) {
+	fake := newShareFake()
+	rz, _ := serveFake(t, fake, nil)
+	sc := fakeShareConn(t, rz)
+	ctx := shareCtx(t, 10*time.Second)
+
+	type got struct {
+		who string
+		in  Inbound
+	}
+	ch := make(chan got, 100)
+	handler := func(who string) Handler { return func(in Inbound) { ch <- got{who, in} } }
+	_, err := sc.Subscribe(ctx, "dev-1", handler("dev-1"))
+	require.NoError(t, err)
+	errSub := sc.SubscribeErrors(handler("errors"))
+	allSub := sc.SubscribeAll(handler("all"))
+	fake.waitFor(t, ctx, func() bool { return fake.subscribers() == 3 })
+
+	received := time.Unix(1700000000, 5)
+	tests := []struct {
+		name string
+		in   Inbound
+		want []string
+	}{
+		{"config", Inbound{Device: "dev-1", Kind: omnicore.KindConfig, Topic: "/reg/dev-1/config", Payload: []byte("{}"), Received: received}, []string{"all", "dev-1"}},
+		{"command of another device", Inbound{Device: "dev-2", Kind: omnicore.KindCommands, Subfolder: "x", Payload: []byte("c"), Received: received}, []string{"all"}},
+		{"error", Inbound{Device: "fake-gw", Kind: omnicore.KindErrors, Payload: []byte(`{"error_type":"X"}`), Received: received}, []string{"errors"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			fake.deliver(tt.in)
+			var who []string
+			for range tt.want {
+				select {
+				case g := <-ch:
+					require.Equal(t, tt.in, g.in)
+					who = append(who, g.who)
+				case <-ctx.Done():
+					require.FailNow(t, "message not delivered")
+				}
+			}
+			slices.Sort(who)
+			require.Equal(t, tt.want, who)
+		})
+	}
+
+	errSub.Unsubscribe()
+	allSub.Unsubscribe()
+	fake.waitFor(t, ctx, func() bool { return fake.subscribers() == 1 })
+	fake.deliver(Inbound{Device: "fake-gw", Kind: omnicore.KindErrors, Payload: []byte("e")})
+	fake.deliver(Inbound{Device: "dev-1", Kind: omnicore.KindConfig, Payload: []byte("last")})
+	g := <-ch
+	require.Equal(t, "dev-1", g.who, "nothing reaches a handler after Unsubscribe")
+	require.Equal(t, "last", string(g.in.Payload))
+}
+
+func TestShareSlowClientIsDisconnectedAndResubscribes(t *testing.T) {
+	fake := newShareFake()
+	rz, srv := serveFake(t, fake, func(s *shareServer) { s.maxMsgs, s.maxBytes = 4, 1<<20 })
+	sc := fakeShareConn(t, rz)
+	ctx := shareCtx(t, 20*time.Second)
+
+	release := make(chan struct{})
+	var calls atomic.Int64
+	_, err := sc.Subscribe(ctx, "dev-1", func(Inbound) {
+		if calls.Add(1) == 1 {
+			<-release // the plugin's handler is stuck
+		}
+	})
+	require.NoError(t, err)
+	fake.waitFor(t, ctx, func() bool { return fake.subscribers() == 1 })
+
+	// Deliver until the owner gives up on the client: the stuck handler,
+	// the client's queue and the socket buffers fill, then the owner's
+	// bounded queue overflows.
+	big := make([]byte, 60<<10)
+	for i := 0; ; i++ {
+		fake.deliver(Inbound{Device: "dev-1", Kind: omnicore.KindCommands, Payload: big})
+		fake.mu.Lock()
+		dropped := fake.drops[dropSlowClient]
+		fake.mu.Unlock()
+		if dropped > 0 {
+			break
+		}
+		require.Less(t, i, 100000, "the owner never disconnected the slow client")
+	}
+	close(release)
+	// The client notices, reconnects and subscribes again.
+	fake.waitFor(t, ctx, func() bool { return fake.next == 2 && fake.subscribers() == 1 })
+	require.Equal(t, 1, srv.clientCount())
+	sc.mu.Lock()
+	gen := sc.gen
+	sc.mu.Unlock()
+	require.Equal(t, uint64(2), gen, "the client reconnected once")
+	require.NoError(t, sc.Publish(ctx, Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: []byte("after"), QoS: 1}))
+}
+
+func TestShareHandshakeRefusals(t *testing.T) {
+	t.Run("peer refused by credentials", func(t *testing.T) {
+		var seen atomic.Pointer[peerCred]
+		rz, _ := serveFake(t, newShareFake(), func(s *shareServer) {
+			s.allow = func(c peerCred) error {
+				seen.Store(&c)
+				return checkPeer(c, c.UID+1) // as if the peer were another user
+			}
+		})
+		_, err := dialOwner(shareCtx(t, 10*time.Second), rz, testutil.Logger{})
+		require.ErrorContains(t, err, "handshake")
+		c := seen.Load()
+		require.NotNil(t, c)
+		require.Equal(t, os.Geteuid(), c.UID, "the server reads the peer's real uid")
+		require.Equal(t, os.Getpid(), c.PID)
+	})
+	t.Run("wrong gateway", func(t *testing.T) {
+		rz, _ := serveFake(t, newShareFake(), nil)
+		other := *rz
+		other.name = "gw-other"
+		_, err := dialOwner(shareCtx(t, 10*time.Second), &other, testutil.Logger{})
+		require.ErrorContains(t, err, "socket of gateway")
+	})
+	t.Run("nobody listening", func(t *testing.T) {
+		rz, err := newRendezvous(shareDir(t), "k")
+		require.NoError(t, err)
+		_, err = dialOwner(shareCtx(t, 10*time.Second), rz, testutil.Logger{})
+		require.Error(t, err)
+	})
+}
+
+// ---------------------------------------------------------------------------
+// Rendezvous files
+
+func TestShareRendezvousPermissions(t *testing.T) {
+	base := shareDir(t)
+	tests := []struct {
+		name    string
+		setup   func(dir string)
+		wantErr string
+	}{
+		{"created", func(string) {}, ""},
+		{"existing too open is made private", func(dir string) {
+			require.NoError(t, os.MkdirAll(dir, 0o755))
+			require.NoError(t, os.Chmod(dir, 0o777))
+		}, ""},
+		{"symlink refused", func(dir string) {
+			target := dir + "-target"
+			require.NoError(t, os.MkdirAll(target, 0o700))
+			require.NoError(t, os.MkdirAll(filepath.Dir(dir), 0o700))
+			require.NoError(t, os.Symlink(target, dir))
+		}, "not a directory"},
+		{"file refused", func(dir string) {
+			require.NoError(t, os.MkdirAll(filepath.Dir(dir), 0o700))
+			require.NoError(t, os.WriteFile(dir, nil, 0o600))
+		}, "not a directory"},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := filepath.Join(base, fmt.Sprint(i))
+			tt.setup(dir)
+			rz, err := newRendezvous(dir, "key")
+			if tt.wantErr != "" {
+				require.ErrorContains(t, err, tt.wantErr)
+				return
+			}
+			require.NoError(t, err)
+			fi, err := os.Stat(dir)
+			require.NoError(t, err)
+			require.Equal(t, os.FileMode(0o700), fi.Mode().Perm())
+
+			lock, err := lockOwner(rz, "client-id")
+			require.NoError(t, err)
+			defer lock.Close()
+			srv, err := listenShare(newShareFake(), rz, testutil.Logger{})
+			require.NoError(t, err)
+			for path, mode := range map[string]os.FileMode{rz.sock: 0o600, rz.lock: 0o600} {
+				fi, err := os.Stat(path)
+				require.NoError(t, err)
+				require.Equal(t, mode, fi.Mode().Perm(), path)
+			}
+			srv.stopAccepting()
+			srv.closeClients()
+			_, err = os.Stat(rz.sock)
+			require.ErrorIs(t, err, os.ErrNotExist, "the owner removes its socket when it stops")
+		})
+	}
+
+	t.Run("socket path too long", func(t *testing.T) {
+		long := filepath.Join(base, string(make([]byte, 0)), "a-directory-name-long-enough-to-overflow-the-unix-socket-path-limit-of-the-kernel")
+		_, err := newRendezvous(long, "key")
+		require.ErrorContains(t, err, EnvRuntimeDir)
+	})
+
+	t.Run("directory of another user refused", func(t *testing.T) {
+		if os.Geteuid() != 0 {
+			t.Skip("needs root to create a directory owned by another user")
+		}
+		dir := filepath.Join(base, "other")
+		require.NoError(t, os.MkdirAll(dir, 0o700))
+		require.NoError(t, os.Chown(dir, 65534, 65534))
+		_, err := newRendezvous(dir, "key")
+		require.ErrorContains(t, err, "owned by uid 65534")
+	})
+}
+
+func TestShareLockIsExclusive(t *testing.T) {
+	rz, err := newRendezvous(shareDir(t), "key")
+	require.NoError(t, err)
+	first, err := lockOwner(rz, "a")
+	require.NoError(t, err)
+	_, err = lockOwner(rz, "b")
+	require.ErrorIs(t, err, errLocked)
+	content, err := os.ReadFile(rz.lock)
+	require.NoError(t, err)
+	require.Contains(t, string(content), fmt.Sprintf("pid %d\n", os.Getpid()))
+	require.NoError(t, first.Close())
+	second, err := lockOwner(rz, "b")
+	require.NoError(t, err, "the lock is free once its holder closed it")
+	second.Close()
+}
+
+// ---------------------------------------------------------------------------
+// Against the bridge emulator
+
+const (
+	shareRegistry = "share-reg"
+	shareGateway  = "share-gw"
+)
+
+type shareBridge struct {
+	srv  *emulator.Server
+	opts Options
+	dir  string // rendezvous directory
+}
+
+func newShareBridge(t testing.TB, devices ...string) *shareBridge {
+	t.Helper()
+	srv := emulator.NewServer()
+	t.Cleanup(srv.Close)
+	key := srv.AddTestGateway(t, shareRegistry, shareGateway, omnicore.ES256, devices...)
+	opts := DefaultOptions()
+	opts.Servers = []string{srv.URL}
+	opts.SubscriptionID = srv.Subscription()
+	opts.RegistryID = shareRegistry
+	opts.GatewayID = shareGateway
+	opts.PrivateKey = key
+	opts.Algorithm = omnicore.ES256
+	return &shareBridge{srv: srv, opts: opts, dir: shareDir(t)}
+}
+
+// config is the gateway's Config as one process (name) would build it.
+func (b *shareBridge) config(t testing.TB, name string) *Config {
+	t.Helper()
+	cfg, err := b.opts.Validate(testutil.Logger{Name: name})
+	require.NoError(t, err)
+	cfg.Timeout = 2 * time.Second
+	cfg.MinReconnect = 20 * time.Millisecond
+	cfg.MaxReconnect = 200 * time.Millisecond
+	return cfg
+}
+
+// acquire is what one process's Acquire does, without the process registry,
+// so that one test can play several processes.
+func (b *shareBridge) acquire(t testing.TB, cfg *Config) (Conn, func()) {
+	t.Helper()
+	conn, closeFn, err := acquireAcross(cfg, b.dir)
+	require.NoError(t, err)
+	var once sync.Once
+	release := func() {
+		once.Do(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+			defer cancel()
+			require.NoError(t, closeFn(ctx))
+		})
+	}
+	t.Cleanup(release)
+	return conn, release
+}
+
+func (b *shareBridge) clientID() string { return b.srv.ClientID(shareRegistry, shareGateway) }
+
+// openConnections counts the bridge connections of the gateway.
+func (b *shareBridge) openConnections() int {
+	n := 0
+	for _, c := range b.srv.Connections() {
+		if c.ClientID == b.clientID() && c.Open() {
+			n++
+		}
+	}
+	return n
+}
+
+// connectionsMade counts every accepted connection of the gateway.
+func (b *shareBridge) connectionsMade() int {
+	n := 0
+	for _, c := range b.srv.Connections() {
+		if c.ClientID == b.clientID() && !c.Refused {
+			n++
+		}
+	}
+	return n
+}
+
+func (b *shareBridge) received(device, payload string) []emulator.Message {
+	var out []emulator.Message
+	for _, m := range b.srv.Received() {
+		if m.Device == device && string(m.Payload) == payload {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// inbox collects inbound messages for a test.
+type inbox struct {
+	mu   sync.Mutex
+	msgs []Inbound
+	ch   chan struct{}
+}
+
+func newInbox() *inbox { return &inbox{ch: make(chan struct{})} }
+
+func (b *inbox) handler(in Inbound) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.msgs = append(b.msgs, in)
+	close(b.ch)
+	b.ch = make(chan struct{})
+}
+
+// waitFor waits until n messages matching match arrived.
+func (b *inbox) waitFor(t testing.TB, ctx context.Context, n int, match func(Inbound) bool) {
+	t.Helper()
+	for {
+		b.mu.Lock()
+		got := 0
+		for _, in := range b.msgs {
+			if match(in) {
+				got++
+			}
+		}
+		ch := b.ch
+		b.mu.Unlock()
+		if got >= n {
+			return
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			require.FailNowf(t, "inbound messages missing", "%d of %d arrived", got, n)
+		}
+	}
+}
+
+func isConfig(payload string) func(Inbound) bool {
+	return func(in Inbound) bool { return in.Kind == omnicore.KindConfig && string(in.Payload) == payload }
+}
+
+func TestShareOneBridgeConnectionForTwoProcesses(t *testing.T) {
+	b := newShareBridge(t, "dev-a", "dev-b")
+	ctx := shareCtx(t, 30*time.Second)
+
+	owner, _ := b.acquire(t, b.config(t, "output"))
+	s, ok := owner.(*Session)
+	require.True(t, ok, "the first process owns the connection")
+	require.NoError(t, s.WaitReady(ctx))
+
+	client, _ := b.acquire(t, b.config(t, "input"))
+	sc, ok := client.(*shareConn)
+	require.True(t, ok, "the second process shares it")
+	require.Equal(t, shareGateway, client.GatewayID())
+
+	tests := []struct {
+		name string
+		conn Conn
+		msg  Message
+	}{
+		{"client, device events", client, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("c1"), QoS: 1}},
+		{"client, device state", client, Message{Device: "dev-b", Kind: omnicore.KindState, Payload: []byte("c2"), QoS: 1}},
+		{"client, gateway subfolder", client, Message{Device: shareGateway, Kind: omnicore.KindEvents, Subfolder: "x/y", Payload: []byte("c3"), QoS: 1}},
+		{"client, qos 0", client, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("c4"), QoS: 0}},
+		{"owner", owner, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("o1"), QoS: 1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			require.NoError(t, tt.conn.Publish(ctx, tt.msg))
+			if tt.msg.QoS == 1 {
+				got := b.received(tt.msg.Device, string(tt.msg.Payload))
+				require.Len(t, got, 1, "acknowledged means the bridge has it")
+				require.Equal(t, tt.msg.Kind, got[0].Kind)
+				require.Equal(t, tt.msg.Subfolder, got[0].Subfolder)
+			}
+		})
+	}
+	require.NoError(t, b.srv.WaitFor(ctx, func() bool { return len(b.received("dev-a", "c4")) == 1 }))
+
+	require.Equal(t, 1, b.openConnections())
+	require.Equal(t, 1, b.connectionsMade(), "no second connection, no kick")
+	st := client.Stats()
+	require.True(t, st.Connected)
+	require.Equal(t, s.Stats().Acked, st.Acked, "stats through the socket are the owner's")
+	require.GreaterOrEqual(t, st.Acked, uint64(4))
+	require.False(t, sc.owns())
+
+	err := client.Attach(ctx, "not-registered")
+	require.ErrorIs(t, err, ErrAttachRefused, "the owner's refusal crosses the socket")
+}
+
+func TestSharePublishWaitsForTheBridge(t *testing.T) {
+	b := newShareBridge(t, "dev-a")
+	ctx := shareCtx(t, 30*time.Second)
+	owner, _ := b.acquire(t, b.config(t, "output"))
+	require.NoError(t, owner.(*Session).WaitReady(ctx))
+	client, _ := b.acquire(t, b.config(t, "input"))
+	require.NoError(t, client.Attach(ctx, "dev-a"))
+
+	t.Run("PUBACK withheld", func(t *testing.T) {
+		b.srv.WithholdPubacks(1)
+		done := make(chan error, 1)
+		go func() {
+			done <- client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("withheld"), QoS: 1})
+		}()
+		require.NoError(t, b.srv.WaitFor(ctx, func() bool { return b.srv.Stats().Withheld == 1 }))
+		select {
+		case err := <-done:
+			require.FailNowf(t, "publish returned without a PUBACK", "err=%v", err)
+		default:
+		}
+		require.NoError(t, <-done)
+		require.Len(t, b.received("dev-a", "withheld"), 1, "returned only once the bridge accepted the resend")
+	})
+
+	t.Run("PUBACK delayed", func(t *testing.T) {
+		const delay = 400 * time.Millisecond
+		b.srv.SetPubackDelay(delay)
+		defer b.srv.SetPubackDelay(0)
+		start := time.Now()
+		require.NoError(t, client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("delayed"), QoS: 1}))
+		require.GreaterOrEqual(t, time.Since(start), delay)
+		require.Len(t, b.received("dev-a", "delayed"), 1)
+	})
+}
+
+func TestShareInboundThroughTheSocket(t *testing.T) {
+	b := newShareBridge(t, "dev-a")
+	ctx := shareCtx(t, 30*time.Second)
+	_, err := b.srv.SetConfig(shareRegistry, "dev-a", []byte("cfg-1"))
+	require.NoError(t, err)
+	owner, _ := b.acquire(t, b.config(t, "output"))
+	require.NoError(t, owner.(*Session).WaitReady(ctx))
+	client, _ := b.acquire(t, b.config(t, "input"))
+
+	box := newInbox()
+	_, err = client.Subscribe(ctx, "dev-a", box.handler)
+	require.NoError(t, err)
+	errBox := newInbox()
+	client.SubscribeErrors(errBox.handler)
+
+	box.waitFor(t, ctx, 1, isConfig("cfg-1"))
+	_, err = b.srv.SetConfig(shareRegistry, "dev-a", []byte("cfg-2"))
+	require.NoError(t, err)
+	box.waitFor(t, ctx, 1, isConfig("cfg-2"))
+	require.NoError(t, b.srv.SendCommand(shareRegistry, "dev-a", "reboot", []byte("now")))
+	box.waitFor(t, ctx, 1, func(in Inbound) bool {
+		return in.Kind == omnicore.KindCommands && in.Subfolder == "reboot" && string(in.Payload) == "now" && in.Device == "dev-a"
+	})
+
+	require.ErrorIs(t, client.Attach(ctx, "unknown-dev"), ErrAttachRefused)
+	errBox.waitFor(t, ctx, 1, func(in Inbound) bool { return in.Kind == omnicore.KindErrors })
+	require.Equal(t, 1, b.openConnections())
+}
+
+func TestShareTakeoverWhenTheOwnerGoes(t *testing.T) {
+	b := newShareBridge(t, "dev-a", "dev-b")
+	ctx := shareCtx(t, 40*time.Second)
+	_, err := b.srv.SetConfig(shareRegistry, "dev-a", []byte("cfg-1"))
+	require.NoError(t, err)
+
+	ownerCfg := b.config(t, "output")
+	ownerCfg.Timeout = 20 * time.Second // no resend of its own during the test
+	owner, closeOwner, err := acquireAcross(ownerCfg, b.dir)
+	require.NoError(t, err)
+	require.NoError(t, owner.(*Session).WaitReady(ctx))
+
+	client, _ := b.acquire(t, b.config(t, "input"))
+	sc := client.(*shareConn)
+	box := newInbox()
+	_, err = client.Subscribe(ctx, "dev-a", box.handler)
+	require.NoError(t, err)
+	errBox := newInbox()
+	client.SubscribeErrors(errBox.handler)
+	require.NoError(t, client.Attach(ctx, "dev-b"))
+	box.waitFor(t, ctx, 1, isConfig("cfg-1"))
+
+	// A publish in flight at the owner when it goes away.
+	b.srv.WithholdPubacks(1)
+	done := make(chan error, 1)
+	go func() {
+		done <- client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("in-flight"), QoS: 1})
+	}()
+	require.NoError(t, b.srv.WaitFor(ctx, func() bool { return b.srv.Stats().Withheld == 1 }))
+
+	// The owner goes away without waiting for anything in flight, as
+	// when its process ends abruptly (the real kill -9 is in
+	// TestShareTwoProcesses).
+	gone := time.Now()
+	expired, cancel := context.WithCancel(context.Background())
+	cancel()
+	require.NoError(t, closeOwner(expired))
+
+	require.NoError(t, <-done, "the publish is retried on the new owner")
+	box.waitFor(t, ctx, 2, isConfig("cfg-1")) // re-delivered to the restored subscription
+	took := time.Since(gone)
+	t.Logf("takeover: config re-delivered %s after the owner went away", took.Round(time.Millisecond))
+	require.True(t, sc.owns(), "the client took over")
+
+	var newConn emulator.ConnectionRecord
+	for _, c := range b.srv.Connections() {
+		if c.ClientID == b.clientID() && c.Open() {
+			newConn = c
+		}
+	}
+	msgs := b.received("dev-a", "in-flight")
+	require.NotEmpty(t, msgs)
+	require.False(t, msgs[len(msgs)-1].Time.Before(newConn.Connected), "accepted on the new owner's connection")
+	require.NoError(t, b.srv.WaitAttached(ctx, shareRegistry, shareGateway, "dev-a", "dev-b"), "wanted attachments replayed")
+
+	require.ErrorIs(t, client.Attach(ctx, "unknown-dev"), ErrAttachRefused)
+	errBox.waitFor(t, ctx, 1, func(in Inbound) bool { return in.Kind == omnicore.KindErrors })
+	require.NoError(t, client.Publish(ctx, Message{Device: "dev-b", Kind: omnicore.KindEvents, Payload: []byte("after"), QoS: 1}))
+	require.Len(t, b.received("dev-b", "after"), 1)
+	require.NoError(t, b.srv.WaitFor(ctx, func() bool { return b.openConnections() == 1 }), "the old connection is gone")
+	require.Equal(t, 2, b.connectionsMade())
+
+	// A third process now shares the new owner's connection.
+	third, _ := b.acquire(t, b.config(t, "third"))
+	require.IsType(t, &shareConn{}, third)
+	require.NoError(t, third.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("third"), QoS: 1}))
+	require.Equal(t, 1, b.openConnections())
+}
+
+func TestShareGracefulHandover(t *testing.T) {
+	b := newShareBridge(t, "dev-a")
+	ctx := shareCtx(t, 30*time.Second)
+	_, err := b.srv.SetConfig(shareRegistry, "dev-a", []byte("cfg-1"))
+	require.NoError(t, err)
+	owner, releaseOwner := b.acquire(t, b.config(t, "output"))
+	require.NoError(t, owner.(*Session).WaitReady(ctx))
+	client, _ := b.acquire(t, b.config(t, "input"))
+	box := newInbox()
+	_, err = client.Subscribe(ctx, "dev-a", box.handler)
+	require.NoError(t, err)
+	box.waitFor(t, ctx, 1, isConfig("cfg-1"))
+
+	start := time.Now()
+	releaseOwner()
+	box.waitFor(t, ctx, 2, isConfig("cfg-1"))
+	t.Logf("graceful handover: config re-delivered %s after release", time.Since(start).Round(time.Millisecond))
+	require.NoError(t, client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("after"), QoS: 1}))
+	require.NoError(t, b.srv.WaitFor(ctx, func() bool { return b.openConnections() == 1 }))
+	require.Equal(t, 2, b.connectionsMade())
+}
+
+func TestShareStaleFilesOfADeadOwner(t *testing.T) {
+	b := newShareBridge(t, "dev-a")
+	ctx := shareCtx(t, 30*time.Second)
+	cfg := b.config(t, "output")
+	rz, err := newRendezvous(b.dir, cfg.Key())
+	require.NoError(t, err)
+
+	// What a killed owner leaves: its lock file (unlocked, the kernel
+	// released it) and a socket file nobody listens on.
+	require.NoError(t, os.WriteFile(rz.lock, []byte("pid 1\n"), 0o600))
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: rz.sock, Net: "unix"})
+	require.NoError(t, err)
+	ln.SetUnlinkOnClose(false)
+	require.NoError(t, ln.Close())
+	_, err = os.Stat(rz.sock)
+	require.NoError(t, err, "the stale socket file is there")
+	_, err = net.Dial("unix", rz.sock)
+	require.Error(t, err, "and dead")
+
+	owner, _ := b.acquire(t, cfg)
+	require.IsType(t, &Session{}, owner, "a stale socket does not make an owner")
+	client, _ := b.acquire(t, b.config(t, "input"))
+	require.NoError(t, client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
+	require.Len(t, b.received("dev-a", "x"), 1)
+}
+
+func TestShareAcquireRegistry(t *testing.T) {
+	b := newShareBridge(t)
+	t.Setenv(EnvRuntimeDir, b.dir)
+	t.Setenv(EnvSharing, "")
+	cfg := b.config(t, "plugin")
+	c1, release1, err := Acquire(cfg)
+	require.NoError(t, err)
+	c2, release2, err := Acquire(b.config(t, "plugin-2"))
+	require.NoError(t, err)
+	require.Same(t, c1, c2, "plugins of one process share one connection")
+	release1()
+	release1() // idempotent
+	c3, release3, err := Acquire(cfg)
+	require.NoError(t, err)
+	require.Same(t, c1, c3, "still in use by the second plugin")
+	release2()
+	release3()
+	_, err = os.Stat(filepath.Join(b.dir))
+	require.NoError(t, err)
+	c4, release4, err := Acquire(cfg)
+	require.NoError(t, err)
+	defer release4()
+	require.NotSame(t, c1, c4, "the last release closed it")
+	require.IsType(t, &Session{}, c4, "and the lock was released with it")
+
+	t.Run("sharing off", func(t *testing.T) {
+		t.Setenv(EnvSharing, "off")
+		require.Empty(t, runtimeDir())
+	})
+	t.Run("xdg runtime dir", func(t *testing.T) {
+		t.Setenv(EnvRuntimeDir, "")
+		t.Setenv("XDG_RUNTIME_DIR", "/run/user/4242")
+		require.Equal(t, "/run/user/4242/telegraf-omnicore", runtimeDir())
+	})
+	t.Run("temp dir", func(t *testing.T) {
+		t.Setenv(EnvRuntimeDir, "")
+		t.Setenv("XDG_RUNTIME_DIR", "")
+		require.Equal(t, filepath.Join(os.TempDir(), fmt.Sprintf("telegraf-omnicore-%d", os.Geteuid())), runtimeDir())
+	})
+}
+
+func TestShareWarnsAboutDifferentOptions(t *testing.T) {
+	tests := []struct {
+		name   string
+		tweak  func(*Config)
+		warned bool
+	}{
+		{"same options", func(*Config) {}, false},
+		{"other max_inflight", func(c *Config) { c.MaxInflight = 7 }, true},
+		{"other device_auth", func(c *Config) { c.DeviceAuth = DeviceAuthToken }, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newShareBridge(t)
+			ctx := shareCtx(t, 20*time.Second)
+			owner, _ := b.acquire(t, b.config(t, "output"))
+			require.NoError(t, owner.(*Session).WaitReady(ctx))
+			cfg := b.config(t, "input")
+			log := &testutil.CaptureLogger{Name: "input"}
+			cfg.Log = log
+			tt.tweak(cfg)
+			client, _ := b.acquire(t, cfg)
+			require.NoError(t, client.Publish(ctx, Message{Device: shareGateway, Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
+			var found bool
+			for _, w := range log.Warnings() {
+				found = found || strings.Contains(w, "other connection options")
+			}
+			require.Equal(t, tt.warned, found, "warnings: %v", log.Warnings())
+		})
+	}
+}
+
+func TestShareOwnerKeepsItsFiles(t *testing.T) {
+	b := newShareBridge(t, "dev-a")
+	ctx := shareCtx(t, 20*time.Second)
+	cfg := b.config(t, "output")
+	log := &testutil.CaptureLogger{Name: "output"}
+	cfg.Log = log
+	rz, err := newRendezvous(b.dir, cfg.Key())
+	require.NoError(t, err)
+	lock, err := lockOwner(rz, "owner")
+	require.NoError(t, err)
+	o, err := startOwner(cfg, rz, lock, 10*time.Millisecond)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = o.close(shareCtx(t, 5*time.Second)) })
+
+	// A /tmp cleaner's view: everything untouched for a month...
+	month := time.Now().Add(-30 * 24 * time.Hour)
+	for _, p := range []string{rz.dir, rz.lock, rz.sock} {
+		require.NoError(t, os.Chtimes(p, month, month))
+	}
+	// ...and the socket deleted.
+	require.NoError(t, os.Remove(rz.sock))
+
+	fresh := func(p string) bool {
+		fi, err := os.Lstat(p)
+		return err == nil && fi.ModTime().After(month.Add(24*time.Hour))
+	}
+	require.Eventually(t, func() bool { return fresh(rz.dir) && fresh(rz.lock) && fresh(rz.sock) }, 10*time.Second, 5*time.Millisecond)
+	fi, err := os.Stat(rz.sock)
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+
+	client, _ := b.acquire(t, b.config(t, "input"))
+	require.IsType(t, &shareConn{}, client)
+	require.NoError(t, client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
+	require.Equal(t, 1, b.connectionsMade())
+
+	require.NoError(t, os.Remove(rz.lock))
+	require.Eventually(t, func() bool {
+		for _, e := range log.Errors() {
+			if strings.Contains(e, "lock file") {
+				return true
+			}
+		}
+		return false
+	}, 10*time.Second, 5*time.Millisecond, "removing the lock file is reported")
+}
+
+func TestShareLeavesNoFilesBehind(t *testing.T) {
+	b := newShareBridge(t)
+	ctx := shareCtx(t, 20*time.Second)
+	owner, releaseOwner := b.acquire(t, b.config(t, "output"))
+	require.NoError(t, owner.(*Session).WaitReady(ctx))
+	client, releaseClient := b.acquire(t, b.config(t, "input"))
+	require.NoError(t, client.Publish(ctx, Message{Device: shareGateway, Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
+	entries, err := os.ReadDir(b.dir)
+	require.NoError(t, err)
+	require.Len(t, entries, 2, "a lock file and a socket")
+
+	releaseOwner()
+	require.NoError(t, client.Publish(ctx, Message{Device: shareGateway, Kind: omnicore.KindEvents, Payload: []byte("y"), QoS: 1}))
+	require.True(t, client.(*shareConn).owns(), "the client took over")
+	releaseClient()
+	entries, err = os.ReadDir(b.dir)
+	require.NoError(t, err)
+	require.Empty(t, entries, "the last owner removes its lock file and socket")
+}
