@@ -5,7 +5,7 @@ BUILD_DIR ?= $(HOME)/.cache/telegraf-omnicore
 export BUILD_DIR
 GO ?= go
 
-.PHONY: all build test test-short vet demo bench emulator clean-build
+.PHONY: all build test test-short vet demo telegraf bench emulator clean-build
 
 all: build
 
@@ -23,6 +23,14 @@ test:
 ## test-short skips the end-to-end and long tests.
 test-short:
 	$(GO) test -short -count=1 -timeout 10m ./...
+
+## telegraf builds (or finds cached in BUILD_DIR) the custom Telegraf v1.37.2 the demo and end-to-end tests run.
+telegraf:
+	./scripts/build-telegraf.sh
+
+## demo runs a real Telegraf with both plugins against the bridge emulator for DEMO_DURATION (default 25s).
+demo:
+	./scripts/demo.sh
 
 ## emulator runs the OmniCore bridge emulator with the example registry.
 emulator:

@@ -1,0 +1,230 @@
+// Command telegraf-omnicore runs the OmniCore output or input plugin as a
+// Telegraf external plugin, under outputs.execd or inputs.execd:
+//
+//	telegraf-omnicore -config /etc/telegraf/omnicore/output.conf
+//
+// The plugin file holds exactly one [[outputs.omnicore]] or [[inputs.omnicore]]
+// table and is loaded with Telegraf's own config loader. In output mode the
+// program reads line protocol from stdin and writes it to the bridge with its
+// own batching, retry and back-pressure loop; in input mode it runs the
+// plugin through Telegraf's shim and prints line protocol on stdout. Log
+// lines go to stderr as "E! ", "W! ", "I! " or "D! " followed by the message,
+// without timestamps, which is what execd parses.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime"
+	"runtime/debug"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/influxdata/telegraf"
+	"github.com/influxdata/telegraf/logger"
+	"github.com/influxdata/telegraf/models"
+)
+
+// telegrafVersion is the Telegraf release whose plugin API, config loader and
+// shim this program is built with.
+const telegrafVersion = "1.37.2"
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = ""
+
+func programVersion() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "dev"
+}
+
+// environment is what run needs from the process; tests replace it.
+type environment struct {
+	stdin          io.Reader
+	stdout, stderr io.Writer
+	// plugins are the plugin tables a plugin file may hold.
+	plugins []string
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], environment{
+		stdin:   os.Stdin,
+		stdout:  os.Stdout,
+		stderr:  os.Stderr,
+		plugins: defaultPlugins,
+	}))
+}
+
+type flags struct {
+	config       string
+	logLevel     string
+	pollInterval time.Duration
+	batchSize    int
+	batchTimeout time.Duration
+	version      bool
+}
+
+func parseFlags(args []string, usage io.Writer) (*flags, error) {
+	f := &flags{}
+	fs := flag.NewFlagSet("telegraf-omnicore", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&f.config, "config", "", "plugin file holding exactly one [[outputs.omnicore]] or [[inputs.omnicore]] table (required)")
+	fs.StringVar(&f.logLevel, "log_level", "info", "log level: error, warn, info, debug or trace; a log_level in the plugin table wins")
+	fs.DurationVar(&f.pollInterval, "poll_interval", 10*time.Second, "input only: how often the omnicore_gateway statistics metric is gathered; 0 disables it")
+	fs.IntVar(&f.batchSize, "batch_size", 1000, "output only: most metrics per Write")
+	fs.DurationVar(&f.batchTimeout, "batch_timeout", time.Second, "output only: longest wait before a partial batch is written")
+	fs.BoolVar(&f.version, "version", false, "print the version and exit")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintf(usage, "Usage: telegraf-omnicore -config FILE [flags]\n\n"+
+				"Runs the OmniCore output or input plugin under Telegraf's outputs.execd or inputs.execd.\n\nFlags:\n")
+			fs.SetOutput(usage)
+			fs.PrintDefaults()
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w (run with -h for the flags)", err)
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q (run with -h for the flags)", fs.Args())
+	}
+	return f, nil
+}
+
+// run is main without os.Exit; it returns the exit status.
+func run(args []string, env environment) int {
+	sink := newLogSink(env.stderr, telegraf.Info)
+	remove, err := installLogging(sink)
+	if err != nil {
+		sink.print(telegraf.Error, "", err.Error())
+		return 1
+	}
+	defer remove()
+	log := logger.New("", "", "") // this program's own messages, without a plugin prefix
+	ignoreSignals(log)
+
+	f, err := parseFlags(args, env.stdout)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		log.Error(err)
+		return 2
+	}
+	if f.version {
+		fmt.Fprintf(env.stdout, "telegraf-omnicore %s (Telegraf %s, %s)\n", programVersion(), telegrafVersion, runtime.Version())
+		return 0
+	}
+	level, err := parseLogLevel(f.logLevel)
+	if err != nil {
+		log.Errorf("-log_level: %v", err)
+		return 2
+	}
+	sink.setLevel(level)
+	switch {
+	case f.config == "":
+		log.Errorf("-config FILE is required: the plugin file holding one %s table", tableList(env.plugins))
+		return 2
+	case f.batchSize < 1:
+		log.Errorf("-batch_size %d must be at least 1", f.batchSize)
+		return 2
+	case f.batchTimeout <= 0:
+		log.Errorf("-batch_timeout %s must be positive", f.batchTimeout)
+		return 2
+	case f.pollInterval < 0:
+		log.Errorf("-poll_interval %s must not be negative", f.pollInterval)
+		return 2
+	}
+
+	p, err := loadPluginFile(f.config, env.plugins)
+	if err != nil {
+		log.Errorf("Loading plugin file %q failed: %v", f.config, err)
+		return 1
+	}
+	if p.logLevel != "" {
+		level, _ = parseLogLevel(p.logLevel) // validated by loadPluginFile
+		sink.setLevel(level)
+	}
+	plog := pluginLogger(p.kind, p.name, p.alias, level)
+	var plugin any = p.output
+	if p.kind == "inputs" {
+		plugin = p.input
+	}
+	models.SetLoggerOnPlugin(plugin, plog)
+	if init, ok := plugin.(telegraf.Initializer); ok {
+		if err := init.Init(); err != nil {
+			log.Errorf("Initializing %s from %q failed: %v", p.id(), f.config, err)
+			return 1
+		}
+	}
+
+	switch p.kind {
+	case "inputs":
+		log.Infof("Starting %s (telegraf-omnicore %s); gathering statistics every %s", p.id(), programVersion(), f.pollInterval)
+		if err := runInput(p.input, plog, f.pollInterval); err != nil {
+			log.Errorf("Running %s failed: %v", p.id(), err)
+			return 1
+		}
+		log.Infof("Stopped %s", p.id())
+		return 0
+	default:
+		log.Infof("Starting %s (telegraf-omnicore %s); batches of up to %d metrics, written at least every %s",
+			p.id(), programVersion(), f.batchSize, f.batchTimeout)
+		stop, cancel := stopOnSignal()
+		defer cancel()
+		r := newOutputRunner(p.output, plog, f.batchSize, f.batchTimeout)
+		if err := r.run(env.stdin, stop); err != nil {
+			log.Errorf("Stopping %s: %v", p.id(), err)
+			return 1
+		}
+		log.Infof("Stopped %s", p.id())
+		return 0
+	}
+}
+
+// stopOnSignal returns a channel closed on the first SIGINT or SIGTERM.
+func stopOnSignal() (stop <-chan struct{}, cancel func()) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	ch := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		select {
+		case <-sigs:
+			close(ch)
+		case <-done:
+		}
+	}()
+	var once sync.Once
+	return ch, func() {
+		once.Do(func() {
+			signal.Stop(sigs)
+			close(done)
+		})
+	}
+}
+
+// ignoreSignals keeps SIGHUP, SIGUSR1 and SIGUSR2 from killing the process
+// (Go's default for SIGHUP): inputs.execd sends them when its signal option
+// is set to one of them, which a service input does not need. The first one
+// is reported.
+func ignoreSignals(log telegraf.Logger) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2)
+	go func() {
+		var once sync.Once
+		for sig := range sigs {
+			once.Do(func() {
+				log.Warnf("Ignoring %v: this program stops on stdin EOF, SIGINT or SIGTERM; use signal = \"none\" on [[inputs.execd]]", sig)
+			})
+		}
+	}()
+}
