@@ -32,6 +32,11 @@ telegraf:
 demo:
 	./scripts/demo.sh
 
+## bench runs every benchmark on loopback against its peers (about 15 minutes on 2 cores), prints
+## the table and writes docs/benchmarks.md. BENCH_FLAGS go to the harness, e.g. BENCH_FLAGS=-quick.
+bench:
+	./scripts/bench.sh $(BENCH_FLAGS)
+
 ## emulator runs the OmniCore bridge emulator with the example registry.
 emulator:
 	$(GO) run ./cmd/omnicore-emulator -registry testdata/registry.json

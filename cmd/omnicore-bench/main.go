@@ -1,0 +1,406 @@
+// Command omnicore-bench measures telegraf-omnicore side by side with its
+// peers on loopback and prints one table: every figure of ours with the
+// peer's figure measured in the same run, and their ratio. It writes the
+// table, the machine it ran on and the method as Markdown (docs/benchmarks.md).
+//
+//	go run ./cmd/omnicore-bench              # the full run (about 15 minutes)
+//	go run ./cmd/omnicore-bench -quick       # a smoke run with small sizes (< 60 s)
+//	go run ./cmd/omnicore-bench -only 1,3    # some benchmarks only
+//
+// The benchmarks (issue 7):
+//
+//	1   publish throughput at QoS 1 with per-device topics: outputs.omnicore
+//	    vs Telegraf's outputs.mqtt vs a bare paho publisher, on mosquitto
+//	    and on the bridge emulator
+//	1b  the same through a proxy that adds a 20 ms round trip
+//	2   end to end through a real Telegraf: inputs.file -> outputs.execd ->
+//	    telegraf-omnicore -> emulator, vs outputs.mqtt in the same Telegraf
+//	3   attach storm: 1,000 and 10,000 devices pipelined vs one at a time
+//	4   memory per attached device and over a long run, in a child process
+//	5   under the bridge's 100 messages/s limit: layout batch vs non-batch
+//	6   inbound: commands and configs to metrics, rate and latency, vs
+//	    Telegraf's inputs.mqtt_consumer
+//
+// Nothing leaves loopback; every phase is bounded in time; figures are
+// printed, never asserted.
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+)
+
+// options are the command-line settings.
+type options struct {
+	runs        int
+	quick       bool
+	only        map[string]bool
+	out         string
+	mosquitto   string
+	telegraf    string
+	omnicoreBin string
+	timeout     time.Duration
+	workDir     string
+	quiet       bool
+	cpuProfile  string
+	metrics     int
+	clients     map[string]bool
+	brokers     map[string]bool
+}
+
+func main() {
+	if len(os.Args) > 2 && os.Args[1] == childFlag {
+		os.Exit(runChild(os.Args[2:]))
+	}
+	opts, err := parseOptions(os.Args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "omnicore-bench:", err)
+		os.Exit(2)
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	if err := run(ctx, opts, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "omnicore-bench:", err)
+		os.Exit(1)
+	}
+}
+
+var allBenchmarks = []string{"1", "1b", "2", "3", "4", "5", "6"}
+
+func parseOptions(args []string) (*options, error) {
+	o := &options{}
+	fs := flag.NewFlagSet("omnicore-bench", flag.ContinueOnError)
+	var only string
+	fs.IntVar(&o.runs, "runs", 3, "runs per figure; the table shows medians")
+	fs.BoolVar(&o.quick, "quick", false, "smoke run: small sizes, 1 run unless -runs is given, finishes in under a minute")
+	fs.StringVar(&only, "only", "", "comma-separated benchmarks to run ("+strings.Join(allBenchmarks, ",")+"); default all")
+	fs.StringVar(&o.out, "out", "", "write the table and method as Markdown to this file (e.g. docs/benchmarks.md)")
+	fs.StringVar(&o.mosquitto, "mosquitto", "", "mosquitto binary (default: from PATH or /usr/sbin); without one the mosquitto rows are skipped")
+	fs.StringVar(&o.telegraf, "telegraf", "", "Telegraf 1.37.2 binary for benchmark 2 (default: built by scripts/build-telegraf.sh)")
+	fs.StringVar(&o.omnicoreBin, "omnicore-bin", "", "telegraf-omnicore binary for benchmark 2 (default: go build ./cmd/telegraf-omnicore)")
+	fs.DurationVar(&o.timeout, "timeout", time.Hour, "bound of the whole run")
+	fs.StringVar(&o.workDir, "workdir", "", "directory for keys, configs and logs (default: a temporary one, removed at the end)")
+	fs.BoolVar(&o.quiet, "q", false, "no progress lines on stderr")
+	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of this process to the file")
+	fs.IntVar(&o.metrics, "metrics", 0, "override the number of metrics of benchmark 1 (ours, outputs.mqtt and bare alike)")
+	var clients, brokers string
+	fs.StringVar(&clients, "clients", "", "benchmarks 1 and 1b: only these clients (ours,mqtt,bare), e.g. to profile one of them")
+	fs.StringVar(&brokers, "brokers", "", "benchmarks 1 and 1b: only these brokers (mosquitto,emulator)")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	runsSet := false
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == "runs" {
+			runsSet = true
+		}
+	})
+	if o.quick && !runsSet {
+		o.runs = 1
+	}
+	if o.runs < 1 {
+		return nil, fmt.Errorf("-runs %d must be at least 1", o.runs)
+	}
+	var err error
+	if o.clients, err = parseSet("-clients", clients, []string{"ours", "mqtt", "bare"}); err != nil {
+		return nil, err
+	}
+	if o.brokers, err = parseSet("-brokers", brokers, []string{"mosquitto", "emulator"}); err != nil {
+		return nil, err
+	}
+	if only != "" {
+		o.only = map[string]bool{}
+		for _, b := range strings.Split(only, ",") {
+			b = strings.TrimSpace(b)
+			if !slices.Contains(allBenchmarks, b) {
+				return nil, fmt.Errorf("-only: unknown benchmark %q (have %s)", b, strings.Join(allBenchmarks, ","))
+			}
+			o.only[b] = true
+		}
+	}
+	return o, nil
+}
+
+func (o *options) wants(id string) bool { return o.only == nil || o.only[id] }
+
+// parseSet parses a comma-separated subset of allowed; nil means all.
+func parseSet(flagName, value string, allowed []string) (map[string]bool, error) {
+	if value == "" {
+		return nil, nil
+	}
+	set := map[string]bool{}
+	for _, v := range strings.Split(value, ",") {
+		v = strings.TrimSpace(v)
+		if !slices.Contains(allowed, v) {
+			return nil, fmt.Errorf("%s: unknown value %q (have %s)", flagName, v, strings.Join(allowed, ","))
+		}
+		set[v] = true
+	}
+	return set, nil
+}
+
+// sizes are the workload sizes of one mode.
+type sizes struct {
+	pub, pubRTT            publishSizes
+	nagleMetrics           int // ours and bare on mosquitto with Nagle on
+	e2eMetrics, e2eDevices int
+	attach                 []int // device counts of the loopback attach storm
+	attachRTT              int   // pipelined attaches over the RTT link
+	attachRTTSeq           int   // sequential attaches over the RTT link
+	memDevices             []int
+	longCycles             int
+	longDevices            int
+	rateDevices            int
+	rateNonBatch           int // metrics written with layout non-batch
+	rateBatchWrites        int // Writes of 1000 metrics with layout batch
+	inDevices              int
+	inFlood                int // messages per flood
+	inLatency              int // messages sent one at a time for latency
+}
+
+func sizesFor(quick bool) sizes {
+	if quick {
+		return sizes{
+			pub:             publishSizes{devices: 100, metrics: 10000, mqttMetrics: 2000, warmMQTT: 100, batch: 1000, window: 100},
+			pubRTT:          publishSizes{devices: 100, metrics: 2000, mqttMetrics: 30, warmMQTT: 5, batch: 1000, window: 100},
+			nagleMetrics:    5000,
+			e2eMetrics:      5000,
+			e2eDevices:      100,
+			attach:          []int{1000},
+			attachRTT:       1000,
+			attachRTTSeq:    20,
+			memDevices:      []int{100, 1000},
+			longCycles:      6,
+			longDevices:     100,
+			rateDevices:     20,
+			rateNonBatch:    200,
+			rateBatchWrites: 1,
+			inDevices:       10,
+			inFlood:         500,
+			inLatency:       50,
+		}
+	}
+	return sizes{
+		pub:             publishSizes{devices: 1000, metrics: 200000, mqttMetrics: 200000, warmMQTT: 1000, batch: 1000, window: 100},
+		pubRTT:          publishSizes{devices: 1000, metrics: 30000, mqttMetrics: 300, warmMQTT: 20, batch: 1000, window: 100},
+		nagleMetrics:    50000,
+		e2eMetrics:      200000,
+		e2eDevices:      1000,
+		attach:          []int{1000, 10000},
+		attachRTT:       10000,
+		attachRTTSeq:    250,
+		memDevices:      []int{1000, 10000},
+		longCycles:      60,
+		longDevices:     1000,
+		rateDevices:     100,
+		rateNonBatch:    1000,
+		rateBatchWrites: 5,
+		inDevices:       100,
+		inFlood:         5000,
+		inLatency:       300,
+	}
+}
+
+// progressOut receives progress lines (stderr, or nothing with -q).
+var progressOut io.Writer = os.Stderr
+
+func progress(format string, args ...any) {
+	fmt.Fprintf(progressOut, format+"\n", args...)
+}
+
+// bench is the state shared by the benchmarks of one invocation.
+type bench struct {
+	opts *options
+	sz   sizes
+	dir  string
+	id   identity
+	pub  []byte // the gateway's public key PEM
+	mosq *mosquitto
+	// mosqNagle is a second mosquitto with its default set_tcp_nodelay
+	// false, for the row that shows what Nagle's algorithm costs us.
+	mosqNagle *mosquitto
+	hdr       header
+	rows      []*row
+	notes     []string
+}
+
+func run(ctx context.Context, opts *options, stdout io.Writer) error {
+	ctx, cancel := context.WithTimeout(ctx, opts.timeout)
+	defer cancel()
+	if opts.quiet {
+		progressOut = io.Discard
+	}
+	dir := opts.workDir
+	if dir == "" {
+		d, err := os.MkdirTemp("", "omnicore-bench-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(d)
+		dir = d
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	// The gateway sessions of this process rendezvous here, not in the
+	// user's runtime directory shared with other programs.
+	if err := os.Setenv(gateway.EnvRuntimeDir, filepath.Join(dir, "runtime")); err != nil {
+		return err
+	}
+	id, pub, err := newIdentity(dir)
+	if err != nil {
+		return err
+	}
+	b := &bench{opts: opts, sz: sizesFor(opts.quick), dir: dir, id: id, pub: pub}
+	if opts.metrics > 0 {
+		b.sz.pub.metrics, b.sz.pub.mqttMetrics = opts.metrics, opts.metrics
+	}
+	if opts.cpuProfile != "" {
+		f, err := os.Create(opts.cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
+	mode := "full"
+	if opts.quick {
+		mode = "quick"
+	}
+	b.hdr = header{
+		started:   time.Now(),
+		cores:     runtime.NumCPU(),
+		gomaxproc: runtime.GOMAXPROCS(0),
+		goVersion: runtime.Version() + " " + runtime.GOOS + "/" + runtime.GOARCH,
+		cpuModel:  cpuModel(),
+		loadStart: loadAverage(),
+		mode:      mode,
+		runs:      opts.runs,
+		telegraf:  "not used",
+		mosquitto: "not used",
+	}
+	for _, l := range b.hdr.lines()[:5] {
+		progress("%s", l)
+	}
+
+	if opts.wants("1") || opts.wants("1b") {
+		b.hdr.mosquitto = "not found: the mosquitto rows are skipped (install it with: apt-get install -y mosquitto)"
+		if bin := findMosquitto(opts.mosquitto); bin != "" {
+			m, err := startMosquitto(ctx, bin, dir, true)
+			if err != nil {
+				b.hdr.mosquitto = fmt.Sprintf("%s failed to start: %v (mosquitto rows skipped)", bin, err)
+			} else {
+				defer m.stop()
+				b.mosq = m
+				b.hdr.mosquitto = bin + " " + mosquittoVersion(bin) + ", set_tcp_nodelay true (a second instance with its default false for one row)"
+				if opts.wants("1") {
+					if m2, err := startMosquitto(ctx, bin, dir, false); err == nil {
+						defer m2.stop()
+						b.mosqNagle = m2
+					}
+				}
+			}
+		}
+	}
+
+	steps := []struct {
+		id  string
+		run func(context.Context) error
+	}{
+		{"1", b.benchPublish},
+		{"2", b.benchEndToEnd},
+		{"3", b.benchAttach},
+		{"4", b.benchMemory},
+		{"5", b.benchRateLimit},
+		{"6", b.benchInbound},
+	}
+	for _, s := range steps {
+		if s.id == "1" && !opts.wants("1") && !opts.wants("1b") {
+			continue
+		}
+		if s.id != "1" && !opts.wants(s.id) {
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("stopped before benchmark %s: %w", s.id, err)
+		}
+		start := time.Now()
+		progress("== benchmark %s", s.id)
+		if err := s.run(ctx); err != nil {
+			return fmt.Errorf("benchmark %s: %w", s.id, err)
+		}
+		progress("== benchmark %s done in %s", s.id, time.Since(start).Round(time.Second))
+	}
+	b.hdr.loadEnd = loadAverage()
+	b.hdr.elapsed = time.Since(b.hdr.started)
+
+	var out strings.Builder
+	for _, l := range b.hdr.lines() {
+		fmt.Fprintf(&out, "%s\n", l)
+	}
+	out.WriteString("\n")
+	printTable(&out, b.rows)
+	for _, n := range b.notes {
+		fmt.Fprintf(&out, "\nnote: %s\n", n)
+	}
+	if _, err := io.WriteString(stdout, out.String()); err != nil {
+		return err
+	}
+	if opts.out != "" {
+		if err := writeMarkdown(opts.out, b); err != nil {
+			return err
+		}
+		progress("wrote %s", opts.out)
+	}
+	return nil
+}
+
+func cpuModel() string {
+	f, err := os.Open("/proc/cpuinfo")
+	if err != nil {
+		return runtime.GOARCH
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return runtime.GOARCH
+}
+
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
+}
