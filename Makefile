@@ -5,7 +5,7 @@ BUILD_DIR ?= $(HOME)/.cache/telegraf-omnicore
 export BUILD_DIR
 GO ?= go
 
-.PHONY: all build test test-short vet demo telegraf bench emulator clean-build
+.PHONY: all build test test-short vet demo telegraf bench fuzz soak emulator clean-build
 
 all: build
 
@@ -36,6 +36,29 @@ demo:
 ## the table and writes docs/benchmarks.md. BENCH_FLAGS go to the harness, e.g. BENCH_FLAGS=-quick.
 bench:
 	./scripts/bench.sh $(BENCH_FLAGS)
+
+## fuzz runs every fuzz target for FUZZTIME each; their seeds also run in every "go test".
+FUZZTIME ?= 10s
+FUZZ_TARGETS = \
+	./plugins/common/omnicore:FuzzTopic \
+	./plugins/common/omnicore:FuzzParseTopic \
+	./cmd/telegraf-omnicore:FuzzOutputStdin \
+	./plugins/inputs/omnicore:FuzzInboundPayload \
+	./emulator:FuzzRegistryFile \
+	./emulator:FuzzAdminAPI \
+	./emulator:FuzzParseAttachPayload \
+	./emulator:FuzzTopicChecks
+
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; fn=$${t##*:}; \
+		echo "fuzz: $$fn ($$pkg) for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $$pkg; \
+	done
+
+## soak runs the long variants of the fault suite (about 8 minutes).
+soak:
+	$(GO) test -count=1 -timeout 60m -run TestFaults -v ./hardening -soak
 
 ## emulator runs the OmniCore bridge emulator with the example registry.
 emulator:

@@ -135,6 +135,10 @@ func (o *Options) Validate(log telegraf.Logger) (*Config, error) {
 	if o.PrivateKey == "" {
 		return nil, errors.New("private_key is required: the path of the gateway's PEM private key")
 	}
+	if strings.Contains(o.PrivateKey, "-----BEGIN") || strings.ContainsAny(o.PrivateKey, "\n\r") || len(o.PrivateKey) > 4096 {
+		// Never quote it: this is key material, not a path.
+		return nil, errors.New("private_key must be the path of the PEM file, not the key itself")
+	}
 	warnLoosePermissions(log, "private_key", o.PrivateKey)
 	signer, err := omnicore.LoadSigner(o.PrivateKey, o.Algorithm)
 	if err != nil {
@@ -179,10 +183,9 @@ func (o *Options) Validate(log telegraf.Logger) (*Config, error) {
 	if o.InsecureSkipVerify && log != nil {
 		log.Warn("insecure_skip_verify = true: the bridge's certificate is NOT verified; anyone on the path can read the gateway's token and data")
 	}
-	renew := lifetime / 10
-	if renew > 5*time.Minute {
-		renew = 5 * time.Minute
-	}
+	// Renew early enough for in-flight messages to drain (up to timeout)
+	// before exp, but never in the first half of a token's life.
+	renew := min(max(lifetime/10, time.Duration(o.Timeout)+time.Second), 5*time.Minute, lifetime/2)
 	return &Config{
 		Servers:           o.Servers,
 		SubscriptionID:    o.SubscriptionID,

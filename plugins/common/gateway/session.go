@@ -110,6 +110,12 @@ type handlerEntry struct {
 	all    bool
 	errors bool
 	h      Handler
+
+	// Touched only by the dispatch goroutine: which devices' config this
+	// handler has had, and configs replayed to it that the bridge may still
+	// send too (the same payload arriving next is then not delivered twice).
+	hadConfig map[string]bool
+	replayed  map[string]string
 }
 
 type counters struct {
@@ -284,10 +290,12 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 		return nil, fmt.Errorf("minting the gateway JWT: %w", err)
 	}
 	cs := &connection{
-		gen:      gen,
-		lost:     make(chan struct{}),
-		ready:    make(chan struct{}),
-		expires:  now.Add(s.cfg.TokenLifetime),
+		gen:   gen,
+		lost:  make(chan struct{}),
+		ready: make(chan struct{}),
+		// The JWT's exp is in whole seconds, rounded down: renew against
+		// that, not against the unrounded lifetime.
+		expires:  time.Unix(now.Add(s.cfg.TokenLifetime).Unix(), 0),
 		pending:  make(map[uint16]chan struct{}),
 		routedCh: make(chan struct{}),
 	}
@@ -1346,26 +1354,52 @@ func (s *Session) dispatch() {
 		}
 		in := q.in
 		s.mu.Lock()
-		var hs []Handler
+		var es []*handlerEntry
 		for _, e := range s.handlers {
 			switch {
 			case q.to != nil:
 				if e == q.to {
-					hs = append(hs, e.h)
+					es = append(es, e)
 				}
 			case in.Kind == omnicore.KindErrors:
 				if e.errors {
-					hs = append(hs, e.h)
+					es = append(es, e)
 				}
 			case e.all || (!e.errors && e.device == in.Device):
-				hs = append(hs, e.h)
+				es = append(es, e)
 			}
 		}
 		s.mu.Unlock()
-		for _, h := range hs {
-			h(in)
+		for _, e := range es {
+			if in.Kind == omnicore.KindConfig && !e.admitConfig(in, q.to != nil) {
+				continue
+			}
+			e.h(in)
 		}
 	}
+}
+
+// admitConfig decides whether a config goes to this handler: a replay only
+// when the handler has had no config of the device yet, and the bridge's
+// copy of a config just replayed not a second time.
+func (e *handlerEntry) admitConfig(in Inbound, replay bool) bool {
+	if e.hadConfig == nil {
+		e.hadConfig = make(map[string]bool)
+		e.replayed = make(map[string]string)
+	}
+	if replay {
+		if e.hadConfig[in.Device] {
+			return false
+		}
+		e.replayed[in.Device] = string(in.Payload)
+	} else if p, ok := e.replayed[in.Device]; ok {
+		delete(e.replayed, in.Device)
+		if p == string(in.Payload) {
+			return false
+		}
+	}
+	e.hadConfig[in.Device] = true
+	return true
 }
 
 // ---------------------------------------------------------------------------

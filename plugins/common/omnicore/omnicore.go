@@ -79,7 +79,8 @@ func ValidateID(id string) error {
 		if isLetter(c) || (c >= '0' && c <= '9') || strings.IndexByte("-._~%", c) >= 0 {
 			continue
 		}
-		return fmt.Errorf("ID %q contains %q; allowed are letters, digits and - . _ ~ %%", id, rune(c))
+		r, _ := utf8.DecodeRuneInString(id[i:]) // the character, not its first byte
+		return fmt.Errorf("ID %q contains %q; allowed are letters, digits and - . _ ~ %%", id, r)
 	}
 	return nil
 }

@@ -19,6 +19,8 @@ import (
 	"github.com/influxdata/telegraf"
 	"github.com/influxdata/telegraf/metric"
 	"github.com/influxdata/telegraf/plugins/inputs"
+	influxparser "github.com/influxdata/telegraf/plugins/parsers/influx"
+	influxserializer "github.com/influxdata/telegraf/plugins/serializers/influx"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
@@ -419,7 +421,9 @@ func (p *OmniCore) messageMetrics(in gateway.Inbound) []telegraf.Metric {
 					m.AddTag(k, v)
 				}
 			}
-			return metrics
+			if err = lineProtocolError(metrics); err == nil {
+				return metrics
+			}
 		}
 		if err == nil {
 			err = errors.New("the parser produced no metrics")
@@ -448,6 +452,33 @@ func (p *OmniCore) parse(payload []byte) (metrics []telegraf.Metric, err error) 
 		return nil, fmt.Errorf("creating the parser: %w", err)
 	}
 	return parser.Parse(payload)
+}
+
+// lineProtocolError reports a metric that would not reach Telegraf: the
+// shim writes metrics to stdout as line protocol and stops for good on one it
+// cannot serialize (a JSON {"":1}, or the value parser's "NaN", leaves no
+// field line protocol can carry), and inputs.execd drops a line it cannot
+// parse back (a tag value with a vertical tab, from a CSV tag column). Such
+// a message is emitted raw instead.
+func lineProtocolError(metrics []telegraf.Metric) error {
+	serializer := &influxserializer.Serializer{}
+	if err := serializer.Init(); err != nil {
+		return err
+	}
+	for _, m := range metrics {
+		line, err := serializer.Serialize(m)
+		if err != nil {
+			return fmt.Errorf("a parsed metric cannot be written as line protocol: %w", err)
+		}
+		parser := &influxparser.Parser{}
+		if err := parser.Init(); err != nil {
+			return err
+		}
+		if back, err := parser.Parse(line); err != nil || len(back) != 1 {
+			return fmt.Errorf("a parsed metric does not survive line protocol: %q", line)
+		}
+	}
+	return nil
 }
 
 // errorMetrics turns a message of the gateway's errors topic into one
