@@ -166,6 +166,10 @@ func (o *Options) Validate(log telegraf.Logger) (*Config, error) {
 		if st, err := os.Stat(o.DeviceKeyDir); err != nil || !st.IsDir() {
 			return nil, fmt.Errorf("device_key_dir %q is not a readable directory", o.DeviceKeyDir)
 		}
+		keys, _ := filepath.Glob(filepath.Join(o.DeviceKeyDir, "*.pem"))
+		for _, k := range keys {
+			warnLoosePermissions(log, "device key", k)
+		}
 	default:
 		return nil, fmt.Errorf("device_auth %q must be %q or %q", o.DeviceAuth, DeviceAuthAssociation, DeviceAuthToken)
 	}

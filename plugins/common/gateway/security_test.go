@@ -127,6 +127,7 @@ func TestSecurityTLS(t *testing.T) {
 			name:    "right CA, wrong server name",
 			set:     func(o *Options) { o.TLSCA = rightCA; o.ServerName = "bridge.example.com" },
 			problem: "x509: certificate is valid for",
+			hint:    "tls_server_name",
 		},
 		{
 			name:    "insecure_skip_verify",

@@ -346,6 +346,8 @@ func explainConnectError(err error) error {
 		return fmt.Errorf("%w (the bridge refused the JWT: check private_key, algorithm, subscription_id, that the key is registered for the gateway, and the clock)", err)
 	case strings.Contains(msg, "dentifier rejected"):
 		return fmt.Errorf("%w (the bridge does not know this gateway: check subscription_id, registry_id and gateway_id)", err)
+	case strings.Contains(msg, "certificate is valid for"), strings.Contains(msg, "doesn't contain any IP SANs"):
+		return fmt.Errorf("%w (TLS: the bridge's certificate does not name the host in servers; fix servers or set tls_server_name)", err)
 	case strings.Contains(msg, "certificate"), strings.Contains(msg, "x509"):
 		return fmt.Errorf("%w (TLS: the bridge's certificate is not trusted; set tls_ca to the CA file of the bridge)", err)
 	}
