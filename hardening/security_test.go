@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/e2e"
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
+	"github.com/telegraf-omnicore/telegraf-omnicore/internal/wiretap"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -60,9 +60,9 @@ func TestNoSecretsInLogs(t *testing.T) {
 	gwPublic, err := omnicore.ParsePublicKey(gwPub.PEM, omnicore.ES256)
 	require.NoError(t, err)
 
-	rec := newRecorder(t, strings.TrimPrefix(w.srv.URL, "tcp://"))
+	rec := wiretap.New(t, strings.TrimPrefix(w.srv.URL, "tcp://"))
 	gw := e2e.Gateway{
-		Servers:      []string{"tcp://" + rec.addr()},
+		Servers:      []string{"tcp://" + rec.Addr()},
 		Subscription: w.srv.Subscription(),
 		Registry:     "plant",
 		ID:           "edge-gw",
@@ -103,7 +103,7 @@ func TestNoSecretsInLogs(t *testing.T) {
 	w.stop()
 
 	// The JWTs actually sent: gateway passwords and attach authorizations.
-	tokens := rec.tokens()
+	tokens := rec.Tokens()
 	var gatewayTokens, deviceTokens int
 	for _, tok := range tokens {
 		if _, err := omnicore.VerifyToken(tok, w.srv.Subscription(), []crypto.PublicKey{gwPublic}, time.Now(), time.Hour, time.Hour); err == nil {
@@ -320,80 +320,4 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
-}
-
-// recorder forwards TCP connections to a target and keeps every byte the
-// clients sent, to find the JWTs (CONNECT passwords, attach payloads) that
-// were put on the wire.
-type recorder struct {
-	ln   net.Listener
-	sent syncBuffer
-	wg   sync.WaitGroup
-}
-
-func newRecorder(t *testing.T, target string) *recorder {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	r := &recorder{ln: ln}
-	var (
-		mu    sync.Mutex
-		conns []net.Conn
-	)
-	r.wg.Add(1)
-	go func() {
-		defer r.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			up, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			mu.Lock()
-			conns = append(conns, c, up)
-			mu.Unlock()
-			r.wg.Add(2)
-			go func() {
-				defer r.wg.Done()
-				_, _ = io.Copy(io.MultiWriter(up, &r.sent), c)
-				up.Close()
-			}()
-			go func() {
-				defer r.wg.Done()
-				_, _ = io.Copy(c, up)
-				c.Close()
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		r.wg.Wait()
-	})
-	return r
-}
-
-func (r *recorder) addr() string { return r.ln.Addr().String() }
-
-var jwtPattern = regexp.MustCompile(`eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+`)
-
-// tokens are the distinct JWTs the clients sent.
-func (r *recorder) tokens() []string {
-	seen := map[string]bool{}
-	var out []string
-	for _, tok := range jwtPattern.FindAllString(r.sent.String(), -1) {
-		if !seen[tok] {
-			seen[tok] = true
-			out = append(out, tok)
-		}
-	}
-	return out
 }

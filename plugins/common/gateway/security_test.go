@@ -8,10 +8,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -22,6 +20,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
+	"github.com/telegraf-omnicore/telegraf-omnicore/internal/wiretap"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -288,9 +287,9 @@ func TestSecurityNoSecretsInSessionLogs(t *testing.T) {
 	gwPublic, err := omnicore.ParsePublicKey(gwPub.PEM, omnicore.ES256)
 	require.NoError(t, err)
 
-	rec := newRecordingProxy(t, strings.TrimPrefix(srv.URL, "tcp://"))
+	rec := wiretap.New(t, strings.TrimPrefix(srv.URL, "tcp://"))
 	opt := DefaultOptions()
-	opt.Servers = []string{"tcp://" + rec.addr()}
+	opt.Servers = []string{"tcp://" + rec.Addr()}
 	opt.SubscriptionID = srv.Subscription()
 	opt.RegistryID = "reg"
 	opt.GatewayID = "gw"
@@ -333,7 +332,7 @@ func TestSecurityNoSecretsInSessionLogs(t *testing.T) {
 	t.Logf("connects %d, renewals %d, lost %d, attaches %d ok / %d failed", st.Connects, st.TokenRenewals, st.ConnectionLost, st.AttachesOK, st.AttachesFailed)
 
 	// The JWTs actually sent: gateway passwords and attach authorizations.
-	tokens := rec.tokens()
+	tokens := rec.Tokens()
 	var gateway, device int
 	for _, tok := range tokens {
 		if _, err := omnicore.VerifyToken(tok, srv.Subscription(), []crypto.PublicKey{gwPublic}, time.Now(), time.Hour, time.Hour); err == nil {
@@ -408,83 +407,6 @@ func requireNoKeyMaterial(t *testing.T, s string, paths ...string) {
 			}
 		}
 	}
-}
-
-// recordingProxy forwards TCP connections to a target and keeps every byte
-// the client sent, to find the JWTs (CONNECT passwords, attach payloads) the
-// session actually put on the wire.
-type recordingProxy struct {
-	ln   net.Listener
-	mu   sync.Mutex
-	sent bytes.Buffer
-	wg   sync.WaitGroup
-}
-
-func newRecordingProxy(t *testing.T, target string) *recordingProxy {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	p := &recordingProxy{ln: ln}
-	var conns []net.Conn
-	var connsMu sync.Mutex
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			up, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			connsMu.Lock()
-			conns = append(conns, c, up)
-			connsMu.Unlock()
-			p.wg.Add(2)
-			go func() {
-				defer p.wg.Done()
-				_, _ = io.Copy(io.MultiWriter(up, lockedWriter{&p.mu, &p.sent}), c)
-				up.Close()
-			}()
-			go func() {
-				defer p.wg.Done()
-				_, _ = io.Copy(c, up)
-				c.Close()
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		connsMu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		connsMu.Unlock()
-		p.wg.Wait()
-	})
-	return p
-}
-
-func (p *recordingProxy) addr() string { return p.ln.Addr().String() }
-
-var jwtPattern = regexp.MustCompile(`eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+`)
-
-// tokens are the distinct JWTs the clients sent.
-func (p *recordingProxy) tokens() []string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	seen := map[string]bool{}
-	var out []string
-	for _, tok := range jwtPattern.FindAllString(p.sent.String(), -1) {
-		if !seen[tok] {
-			seen[tok] = true
-			out = append(out, tok)
-		}
-	}
-	return out
 }
 
 // The session renews its token RenewBefore ahead of the expiry it believes
