@@ -200,7 +200,7 @@ func Agent(interval, flush time.Duration) string {
 // kept in memory and, when logPath is set, in a file.
 type Telegraf struct {
 	cmd  *exec.Cmd
-	log  *syncBuffer
+	log  *SyncBuffer
 	done chan struct{}
 	err  error
 }
@@ -211,7 +211,7 @@ func StartTelegraf(bin, configPath string, env []string, tee io.Writer) (*Telegr
 	cmd := exec.Command(bin, "--config", configPath)
 	cmd.Env = append(os.Environ(), env...)
 	DieWithParent(cmd)
-	t := &Telegraf{cmd: cmd, log: &syncBuffer{}, done: make(chan struct{})}
+	t := &Telegraf{cmd: cmd, log: &SyncBuffer{}, done: make(chan struct{})}
 	var w io.Writer = t.log
 	if tee != nil {
 		w = io.MultiWriter(t.log, tee)
@@ -310,18 +310,20 @@ func Alive(pid int) bool {
 	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
 }
 
-type syncBuffer struct {
+// SyncBuffer is a bytes.Buffer safe for a process's writes and a test's
+// reads at once.
+type SyncBuffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
+func (b *SyncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.Write(p)
 }
 
-func (b *syncBuffer) String() string {
+func (b *SyncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()

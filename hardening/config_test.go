@@ -3,7 +3,6 @@ package hardening
 import (
 	"bytes"
 	"context"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
@@ -18,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/e2e"
+	"github.com/telegraf-omnicore/telegraf-omnicore/internal/wiretap"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -165,7 +165,7 @@ func TestBrokenPluginFiles(t *testing.T) {
 				require.Contains(t, errLine, want)
 			}
 			t.Logf("exit %d: %s", res.code, errLine)
-			noKeyMaterial(t, res.stderr+res.stdout, keys...)
+			wiretap.RequireNoKeyMaterial(t, res.stderr+res.stdout, keys...)
 		})
 	}
 
@@ -186,30 +186,6 @@ func TestBrokenPluginFiles(t *testing.T) {
 		}
 		require.NotEmpty(t, errLine)
 		t.Logf("in Telegraf's log: %s", errLine)
-		noKeyMaterial(t, w.tg.Log(), keys...)
+		wiretap.RequireNoKeyMaterial(t, w.tg.Log(), keys...)
 	})
-}
-
-// noKeyMaterial fails when s holds a PEM marker or any 16-character piece of
-// the base64 body of the PEM files at paths.
-func noKeyMaterial(t *testing.T, s string, paths ...string) {
-	t.Helper()
-	require.NotContains(t, s, "-----BEGIN", "a PEM marker")
-	require.NotContains(t, s, "PRIVATE KEY-----", "a PEM marker")
-	for _, p := range paths {
-		b, err := os.ReadFile(p)
-		require.NoError(t, err)
-		for rest := b; ; {
-			var block *pem.Block
-			block, rest = pem.Decode(rest)
-			if block == nil {
-				break
-			}
-			body := strings.ReplaceAll(string(pem.EncodeToMemory(&pem.Block{Type: "X", Bytes: block.Bytes})), "\n", "")
-			body = strings.TrimSuffix(strings.TrimPrefix(body, "-----BEGIN X-----"), "-----END X-----")
-			for i := 0; i+16 <= len(body); i += 16 {
-				require.NotContains(t, s, body[i:i+16], "a piece of the key in %s", p)
-			}
-		}
-	}
 }

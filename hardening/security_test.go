@@ -1,7 +1,6 @@
 package hardening
 
 import (
-	"bytes"
 	"crypto"
 	"fmt"
 	"io"
@@ -11,7 +10,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -31,7 +29,7 @@ import (
 // private key, appears in Telegraf's log (which holds both children's
 // stderr) or in the emulator's log.
 func TestNoSecretsInLogs(t *testing.T) {
-	var emuLog syncBuffer
+	var emuLog e2e.SyncBuffer
 	w := newWorld(t, emulator.WithLogger(slog.New(slog.NewTextHandler(&emuLog, &slog.HandlerOptions{Level: slog.LevelDebug}))))
 	keyDir := filepath.Join(w.dir, "devices")
 	require.NoError(t, os.Mkdir(keyDir, 0o700))
@@ -121,7 +119,7 @@ func TestNoSecretsInLogs(t *testing.T) {
 	logs := map[string]string{"Telegraf": w.tg.Log(), "emulator": emuLog.String()}
 	for name, log := range logs {
 		require.NotEmpty(t, log)
-		noKeyMaterial(t, log, keys...)
+		wiretap.RequireNoKeyMaterial(t, log, keys...)
 		for _, tok := range tokens {
 			parts := strings.Split(tok, ".")
 			require.NotContains(t, log, tok, "a JWT in the %s log", name)
@@ -245,7 +243,7 @@ func TestTLSAndKeyWarnings(t *testing.T) {
 			for _, l := range strings.Split(strings.TrimRight(p.stderr.String(), "\n"), "\n") {
 				require.Regexp(t, execdLine, l)
 			}
-			noKeyMaterial(t, p.stderr.String(), gw.PrivateKey)
+			wiretap.RequireNoKeyMaterial(t, p.stderr.String(), gw.PrivateKey)
 		})
 	}
 }
@@ -254,7 +252,7 @@ func TestTLSAndKeyWarnings(t *testing.T) {
 type plugin struct {
 	cmd    *exec.Cmd
 	stdin  io.WriteCloser
-	stderr *syncBuffer
+	stderr *e2e.SyncBuffer
 	done   chan struct{}
 	err    error
 }
@@ -263,7 +261,7 @@ func startPlugin(t *testing.T, env []string, args ...string) *plugin {
 	t.Helper()
 	cmd := exec.Command(pluginBin, args...)
 	cmd.Env = append(os.Environ(), env...)
-	p := &plugin{cmd: cmd, stderr: &syncBuffer{}, done: make(chan struct{})}
+	p := &plugin{cmd: cmd, stderr: &e2e.SyncBuffer{}, done: make(chan struct{})}
 	cmd.Stderr = p.stderr
 	stdin, err := cmd.StdinPipe()
 	require.NoError(t, err)
@@ -303,21 +301,4 @@ func (p *plugin) stop(t *testing.T) int {
 	}
 	require.Less(t, time.Since(start), 6*time.Second, "exit after stdin EOF")
 	return p.cmd.ProcessState.ExitCode()
-}
-
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

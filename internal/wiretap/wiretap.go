@@ -1,16 +1,21 @@
-// Package wiretap is a TCP proxy for tests that keeps every byte clients send
-// through it, so a test can find the JWTs (CONNECT passwords, attach
-// payloads) really put on the wire and check that none of them leaks into a
-// log.
+// Package wiretap helps tests prove that secrets never leak: a TCP proxy that
+// keeps every byte clients send through it, so a test can find the JWTs
+// (CONNECT passwords, attach payloads) really put on the wire and check that
+// none of them appears in a log, and a check for key material in text.
 package wiretap
 
 import (
 	"bytes"
+	"encoding/base64"
+	"encoding/pem"
 	"io"
 	"net"
+	"os"
 	"regexp"
 	"sync"
 	"testing"
+
+	"github.com/stretchr/testify/require"
 )
 
 // Tap forwards connections on Addr to a target and records client bytes.
@@ -104,4 +109,27 @@ func (p *Tap) Tokens() []string {
 		}
 	}
 	return out
+}
+
+// RequireNoKeyMaterial fails the test when s holds a PEM marker or any
+// 16-character piece of the base64 body of the PEM files at paths.
+func RequireNoKeyMaterial(t testing.TB, s string, paths ...string) {
+	t.Helper()
+	require.NotContains(t, s, "-----BEGIN", "a PEM marker")
+	require.NotContains(t, s, "PRIVATE KEY-----", "a PEM marker")
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		require.NoError(t, err)
+		for rest := b; ; {
+			var block *pem.Block
+			block, rest = pem.Decode(rest)
+			if block == nil {
+				break
+			}
+			body := base64.StdEncoding.EncodeToString(block.Bytes)
+			for i := 0; i+16 <= len(body); i += 16 {
+				require.NotContains(t, s, body[i:i+16], "a piece of the key in %s", p)
+			}
+		}
+	}
 }

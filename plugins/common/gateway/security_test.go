@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
@@ -93,7 +92,7 @@ func TestSecurityLoosePrivateKeyWarned(t *testing.T) {
 			require.Contains(t, warnings[0], opt.PrivateKey)
 			require.Contains(t, warnings[0], fmt.Sprintf("%04o", tt.mode))
 			require.Contains(t, warnings[0], "0600")
-			requireNoKeyMaterial(t, warnings[0], opt.PrivateKey)
+			wiretap.RequireNoKeyMaterial(t, warnings[0], opt.PrivateKey)
 		})
 	}
 }
@@ -240,9 +239,9 @@ func TestSecurityPrivateKeyErrorsNeverEchoKeyMaterial(t *testing.T) {
 			log := &testutil.CaptureLogger{}
 			_, err := opt.Validate(log)
 			require.ErrorContains(t, err, tt.wantErr)
-			requireNoKeyMaterial(t, err.Error(), base.PrivateKey, ecKey, publicOnly)
+			wiretap.RequireNoKeyMaterial(t, err.Error(), base.PrivateKey, ecKey, publicOnly)
 			for _, e := range log.Messages() {
-				requireNoKeyMaterial(t, e.Text, base.PrivateKey, ecKey, publicOnly)
+				wiretap.RequireNoKeyMaterial(t, e.Text, base.PrivateKey, ecKey, publicOnly)
 			}
 		})
 	}
@@ -357,7 +356,7 @@ func TestSecurityNoSecretsInSessionLogs(t *testing.T) {
 	}
 	t.Logf("checked %d log lines for %d JWTs and %d private keys", len(lines), len(tokens), len(keyFiles))
 	for _, l := range lines {
-		requireNoKeyMaterial(t, l, keyFiles...)
+		wiretap.RequireNoKeyMaterial(t, l, keyFiles...)
 		for _, tok := range tokens {
 			requireNoToken(t, l, tok)
 		}
@@ -383,30 +382,6 @@ func requireNoToken(t *testing.T, line, tok string) {
 	require.NotContains(t, line, tok, "a JWT in a log line")
 	require.NotContains(t, line, parts[2], "a JWT signature in a log line")
 	require.NotContains(t, line, parts[0]+"."+parts[1], "a JWT's signed part in a log line")
-}
-
-// requireNoKeyMaterial fails when s holds a PEM marker or any 16-character
-// piece of the base64 body of the PEM files at paths.
-func requireNoKeyMaterial(t *testing.T, s string, paths ...string) {
-	t.Helper()
-	require.NotContains(t, s, "-----BEGIN", "a PEM marker")
-	require.NotContains(t, s, "PRIVATE KEY-----", "a PEM marker")
-	for _, p := range paths {
-		b, err := os.ReadFile(p)
-		require.NoError(t, err)
-		for rest := b; ; {
-			var block *pem.Block
-			block, rest = pem.Decode(rest)
-			if block == nil {
-				break
-			}
-			body := strings.ReplaceAll(string(pem.EncodeToMemory(&pem.Block{Type: "X", Bytes: block.Bytes})), "\n", "")
-			body = strings.TrimSuffix(strings.TrimPrefix(body, "-----BEGIN X-----"), "-----END X-----")
-			for i := 0; i+16 <= len(body); i += 16 {
-				require.NotContains(t, s, body[i:i+16], "a piece of the key in %s", p)
-			}
-		}
-	}
 }
 
 // The session renews its token RenewBefore ahead of the expiry it believes
