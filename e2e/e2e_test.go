@@ -39,19 +39,13 @@ func buildAndRun(m *testing.M) int {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	start := time.Now()
-	var err error
-	telegrafBin, err = BuildTelegraf(ctx, os.Stderr)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "e2e: %v\n", err)
-		return 1
-	}
 	dir, err := os.MkdirTemp("", "telegraf-omnicore-e2e-")
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "e2e: %v\n", err)
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	pluginBin, err = BuildCommand(ctx, "./cmd/telegraf-omnicore", dir)
+	telegrafBin, pluginBin, err = BuildBinaries(ctx, dir, os.Stderr)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "e2e: %v\n", err)
 		return 1

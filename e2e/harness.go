@@ -88,6 +88,18 @@ func BuildCommand(ctx context.Context, pkg, dir string) (string, error) {
 	return out, nil
 }
 
+// BuildBinaries gets both programs a Telegraf-level test runs: the custom
+// Telegraf (cached, see BuildTelegraf) and telegraf-omnicore, built into dir.
+func BuildBinaries(ctx context.Context, dir string, log io.Writer) (telegraf, plugin string, err error) {
+	if telegraf, err = BuildTelegraf(ctx, log); err != nil {
+		return "", "", err
+	}
+	if plugin, err = BuildCommand(ctx, "./cmd/telegraf-omnicore", dir); err != nil {
+		return "", "", err
+	}
+	return telegraf, plugin, nil
+}
+
 // Gateway is a gateway identity as the plugin files name it.
 type Gateway struct {
 	Servers      []string

@@ -53,10 +53,6 @@ func buildAndRun(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "hardening: %v\n", err)
 		return 1
 	}
-	if telegrafBin, err = e2e.BuildTelegraf(ctx, os.Stderr); err != nil {
-		fmt.Fprintf(os.Stderr, "hardening: %v\n", err)
-		return 1
-	}
 	dir, err := os.MkdirTemp("", "telegraf-omnicore-hardening-")
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "hardening: %v\n", err)
@@ -69,7 +65,7 @@ func buildAndRun(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "hardening: %v\n", err)
 		return 1
 	}
-	if pluginBin, err = e2e.BuildCommand(ctx, "./cmd/telegraf-omnicore", dir); err != nil {
+	if telegrafBin, pluginBin, err = e2e.BuildBinaries(ctx, dir, os.Stderr); err != nil {
 		fmt.Fprintf(os.Stderr, "hardening: %v\n", err)
 		return 1
 	}

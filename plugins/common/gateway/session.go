@@ -1328,17 +1328,8 @@ func (s *Session) handleBridgeError(cs *connection, payload []byte) {
 			}
 			cs.mu.Unlock()
 		}
-		if e.ErrorType == omnicore.ErrorDetachedByError && s.wantsSubscription(e.DeviceID) {
-			// Nothing may publish for it soon; re-attach now so that its
-			// config and commands keep flowing.
-			go func() {
-				ctx, cancel := context.WithTimeout(s.ctx, 3*s.cfg.Timeout)
-				defer cancel()
-				if err := s.attachOn(ctx, cs, e.DeviceID); err == nil {
-					_ = s.subscribeDevice(cs, e.DeviceID)
-				}
-			}()
-		}
+		// A subscribed device the bridge detached is re-attached by
+		// healLoop within healInterval; others on their next publish.
 	default:
 		s.log.Warnf("Bridge error %s for device %q: %s", e.ErrorType, e.DeviceID, e.Description)
 	}
