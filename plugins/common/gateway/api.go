@@ -9,6 +9,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"sync"
 	"time"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
@@ -46,6 +47,14 @@ type Conn interface {
 	// CountDrop records a message a plugin gave up on, by reason, so that the
 	// counters of the whole gateway are in one place.
 	CountDrop(reason string, n uint64)
+	// ReportGauges publishes a plugin's own gauges (the execd output's spool:
+	// bytes, records, age of the oldest record...) with the gateway's
+	// counters, so that omnicore_gateway shows them wherever it is gathered.
+	// source names the reporter (one per output); a report replaces that
+	// source's previous one, and a source not heard from for GaugeTTL is
+	// dropped, so a plugin that exited leaves no stale figures. Stats sums
+	// each gauge over the live sources.
+	ReportGauges(source string, gauges map[string]int64)
 	// Stats returns a snapshot of the counters.
 	Stats() Stats
 }
@@ -109,6 +118,56 @@ type Stats struct {
 	Received        uint64 // inbound messages routed
 	ErrorsByType    map[string]uint64
 	DroppedByReason map[string]uint64
+	Gauges          map[string]int64 `json:",omitempty"` // ReportGauges, summed over live sources
+}
+
+// GaugeTTL is how long a source's ReportGauges figures stay in Stats without
+// a new report. Reporters send at least every GaugeTTL/4.
+const GaugeTTL = time.Minute
+
+// gaugeBook keeps the latest gauges of each source; the zero value is ready.
+type gaugeBook struct {
+	mu      sync.Mutex
+	sources map[string]gaugeReport
+}
+
+type gaugeReport struct {
+	at     time.Time
+	gauges map[string]int64
+}
+
+func (b *gaugeBook) report(source string, gauges map[string]int64, now time.Time) {
+	cp := make(map[string]int64, len(gauges))
+	for k, v := range gauges {
+		cp[k] = v
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.sources == nil {
+		b.sources = make(map[string]gaugeReport)
+	}
+	b.sources[source] = gaugeReport{at: now, gauges: cp}
+}
+
+// sum returns the gauges summed over the sources heard from within GaugeTTL
+// of now, forgetting the others; nil when there are none.
+func (b *gaugeBook) sum(now time.Time) map[string]int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out map[string]int64
+	for src, r := range b.sources {
+		if now.Sub(r.at) > GaugeTTL {
+			delete(b.sources, src)
+			continue
+		}
+		if out == nil {
+			out = make(map[string]int64)
+		}
+		for k, v := range r.gauges {
+			out[k] += v
+		}
+	}
+	return out
 }
 
 // Snapshot fields as a flat map for a metric; keys are snake_case.
@@ -133,6 +192,9 @@ func (s Stats) Fields() map[string]any {
 	}
 	for k, v := range s.DroppedByReason {
 		f["dropped_"+snake(k)] = v
+	}
+	for k, v := range s.Gauges {
+		f[snake(k)] = v
 	}
 	return f
 }

@@ -124,6 +124,7 @@ type counters struct {
 	published, acked, retries, received                 atomic.Uint64
 	mu                                                  sync.Mutex
 	errorsByType, droppedByReason                       map[string]uint64
+	gauges                                              gaugeBook
 }
 
 // Internal drop reasons.
@@ -1405,6 +1406,11 @@ func (s *Session) CountDrop(reason string, n uint64) {
 	s.c.mu.Unlock()
 }
 
+// ReportGauges implements Conn.
+func (s *Session) ReportGauges(source string, gauges map[string]int64) {
+	s.c.gauges.report(source, gauges, time.Now())
+}
+
 func (s *Session) countError(t string) {
 	s.c.mu.Lock()
 	s.c.errorsByType[t]++
@@ -1450,6 +1456,7 @@ func (s *Session) Stats() Stats {
 		st.DroppedByReason[k] = v
 	}
 	s.c.mu.Unlock()
+	st.Gauges = s.c.gauges.sum(time.Now())
 	return st
 }
 

@@ -891,6 +891,17 @@ func (sc *shareConn) countDropOn(be Conn, reason string, n uint64) {
 	be.CountDrop(reason, n)
 }
 
+// ReportGauges implements Conn. While no owner is reachable the report is
+// dropped: the reporter sends a fresh one at least every GaugeTTL/4.
+func (sc *shareConn) ReportGauges(source string, gauges map[string]int64) {
+	sc.mu.Lock()
+	be := sc.be
+	sc.mu.Unlock()
+	if be != nil {
+		be.ReportGauges(source, gauges)
+	}
+}
+
 // Stats implements Conn: the owner's session counters. While no owner is
 // reachable it returns the last snapshot, not connected.
 func (sc *shareConn) Stats() Stats {

@@ -341,6 +341,12 @@ func (rc *remoteConn) countDrop(reason string, n uint64) bool {
 	return rc.out.push(&frame{wireHeader: wireHeader{Op: opCountDrop, Reason: reason, N: n}})
 }
 
+// ReportGauges implements Conn. Like CountDrop it is not answered; a report
+// lost with the owner is replaced by the next one.
+func (rc *remoteConn) ReportGauges(source string, gauges map[string]int64) {
+	rc.out.push(&frame{wireHeader: wireHeader{Op: opReportGauges, Reason: source, Gauges: gauges}})
+}
+
 // Stats implements Conn.
 func (rc *remoteConn) Stats() Stats {
 	ctx, cancel := context.WithTimeout(context.Background(), shareDialTimeout)

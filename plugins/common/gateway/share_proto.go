@@ -49,6 +49,7 @@ const (
 	opSubscribeErrors = "subscribe_errors" // Sub; not answered (never fails)
 	opUnsubscribe     = "unsubscribe"      // Sub; not answered
 	opCountDrop       = "count_drop"       // Reason, N; not answered
+	opReportGauges    = "report_gauges"    // Reason = source, Gauges; not answered
 	opStats           = "stats"            // answered with Stats
 	opCancel          = "cancel"           // ID of a request whose caller gave up; not answered
 	opResponse        = "resp"             // server → client: outcome of request ID
@@ -70,27 +71,28 @@ const (
 
 // wireHeader is the JSON header of every frame; unused fields are omitted.
 type wireHeader struct {
-	Op        string        `json:"op"`
-	ID        uint64        `json:"id,omitempty"`
-	Sub       uint64        `json:"sub,omitempty"`
-	Device    string        `json:"device,omitempty"`
-	Kind      omnicore.Kind `json:"kind,omitempty"`
-	Subfolder string        `json:"subfolder,omitempty"`
-	Topic     string        `json:"topic,omitempty"`
-	QoS       byte          `json:"qos,omitempty"`
-	Received  int64         `json:"received,omitempty"` // unix nanoseconds
-	Deadline  int64         `json:"deadline,omitempty"` // unix nanoseconds; 0 = none
-	Reason    string        `json:"reason,omitempty"`
-	N         uint64        `json:"n,omitempty"`
-	Code      string        `json:"code,omitempty"` // responses: "" = success
-	Error     string        `json:"error,omitempty"`
-	Kept      bool          `json:"kept,omitempty"` // subscribe failed but stays registered
-	Stats     *Stats        `json:"stats,omitempty"`
-	Version   int           `json:"version,omitempty"`
-	Key       string        `json:"key,omitempty"` // hello: the rendezvous name of the gateway identity
-	Gateway   string        `json:"gateway,omitempty"`
-	PID       int           `json:"pid,omitempty"`
-	Options   string        `json:"options,omitempty"` // hello response: optionsFingerprint of the owner
+	Op        string           `json:"op"`
+	ID        uint64           `json:"id,omitempty"`
+	Sub       uint64           `json:"sub,omitempty"`
+	Device    string           `json:"device,omitempty"`
+	Kind      omnicore.Kind    `json:"kind,omitempty"`
+	Subfolder string           `json:"subfolder,omitempty"`
+	Topic     string           `json:"topic,omitempty"`
+	QoS       byte             `json:"qos,omitempty"`
+	Received  int64            `json:"received,omitempty"` // unix nanoseconds
+	Deadline  int64            `json:"deadline,omitempty"` // unix nanoseconds; 0 = none
+	Reason    string           `json:"reason,omitempty"`
+	N         uint64           `json:"n,omitempty"`
+	Code      string           `json:"code,omitempty"` // responses: "" = success
+	Error     string           `json:"error,omitempty"`
+	Kept      bool             `json:"kept,omitempty"` // subscribe failed but stays registered
+	Stats     *Stats           `json:"stats,omitempty"`
+	Gauges    map[string]int64 `json:"gauges,omitempty"`
+	Version   int              `json:"version,omitempty"`
+	Key       string           `json:"key,omitempty"` // hello: the rendezvous name of the gateway identity
+	Gateway   string           `json:"gateway,omitempty"`
+	PID       int              `json:"pid,omitempty"`
+	Options   string           `json:"options,omitempty"` // hello response: optionsFingerprint of the owner
 }
 
 // frame is one decoded frame.

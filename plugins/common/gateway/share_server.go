@@ -393,6 +393,8 @@ func (c *serverClient) handle(f *frame) bool {
 		c.replaceSub(f.Sub, nil)
 	case opCountDrop:
 		conn.CountDrop(f.Reason, f.N)
+	case opReportGauges:
+		conn.ReportGauges(f.Reason, f.Gauges)
 	case opStats:
 		st := conn.Stats()
 		resp := respond(f.ID, nil)

@@ -54,6 +54,7 @@ type shareFake struct {
 	handlers  map[int]shareFakeSub
 	next      int
 	drops     map[string]uint64
+	gauges    gaugeBook
 	canceled  atomic.Int64
 	changed   chan struct{}
 }
@@ -196,6 +197,13 @@ func (f *shareFake) CountDrop(reason string, n uint64) {
 	f.notifyLocked()
 }
 
+func (f *shareFake) ReportGauges(source string, gauges map[string]int64) {
+	f.gauges.report(source, gauges, time.Now())
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.notifyLocked()
+}
+
 func (f *shareFake) Stats() Stats {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -203,7 +211,7 @@ func (f *shareFake) Stats() Stats {
 	for k, v := range f.drops {
 		drops[k] = v
 	}
-	return Stats{Connected: true, Acked: uint64(len(f.published)), ErrorsByType: map[string]uint64{}, DroppedByReason: drops}
+	return Stats{Connected: true, Acked: uint64(len(f.published)), ErrorsByType: map[string]uint64{}, DroppedByReason: drops, Gauges: f.gauges.sum(time.Now())}
 }
 
 // serveFake serves conn on a fresh rendezvous and holds its owner lock.
@@ -334,6 +342,12 @@ func TestShareCallOutcomes(t *testing.T) {
 	require.True(t, st.Connected)
 	require.Equal(t, uint64(1), st.Acked)
 	require.Equal(t, uint64(2), st.DroppedByReason["invalid_device"], "a count_drop sent before stats is counted first")
+
+	rc.ReportGauges("spool-1", map[string]int64{"spool_bytes": 4096, "spool_records": 9})
+	st, err = rc.stats(ctx)
+	require.NoError(t, err)
+	require.Equal(t, map[string]int64{"spool_bytes": 4096, "spool_records": 9}, st.Gauges, "gauges reported before stats reach the owner first")
+	require.Equal(t, int64(4096), st.Fields()["spool_bytes"])
 }
 
 func TestShareCancelReachesOwner(t *testing.T) {

@@ -25,6 +25,7 @@ type Conn struct {
 	handlers   map[int]sub
 	nextID     int
 	drops      map[string]uint64
+	gauges     map[string]map[string]int64 // by source
 	changed    chan struct{}
 }
 
@@ -157,6 +158,21 @@ func (c *Conn) CountDrop(reason string, n uint64) {
 	c.notifyLocked()
 }
 
+// ReportGauges implements gateway.Conn: the latest report of each source.
+func (c *Conn) ReportGauges(source string, gauges map[string]int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.gauges == nil {
+		c.gauges = make(map[string]map[string]int64)
+	}
+	cp := make(map[string]int64, len(gauges))
+	for k, v := range gauges {
+		cp[k] = v
+	}
+	c.gauges[source] = cp
+	c.notifyLocked()
+}
+
 func (c *Conn) Stats() gateway.Stats {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -164,7 +180,17 @@ func (c *Conn) Stats() gateway.Stats {
 	for k, v := range c.drops {
 		drops[k] = v
 	}
+	var gauges map[string]int64
+	for _, g := range c.gauges {
+		if gauges == nil {
+			gauges = make(map[string]int64)
+		}
+		for k, v := range g {
+			gauges[k] += v
+		}
+	}
 	return gateway.Stats{
+		Gauges:          gauges,
 		Connected:       true,
 		Connects:        1,
 		Attached:        len(c.attached),
