@@ -20,6 +20,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"syscall"
@@ -30,6 +32,19 @@ import (
 )
 
 const shutdownTimeout = 5 * time.Second
+
+// version is set at build time with -ldflags "-X main.version=..." (make dist).
+var version = ""
+
+func programVersion() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "dev"
+}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -68,6 +83,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		pubackDelay  = fs.Duration("puback-delay", 0, "delay every PUBACK by this much")
 		badCode      = fs.Uint("bad-credentials-code", 5, "CONNACK code for a bad JWT or blocked device: 5 (not authorized) or 4 (bad user name or password)")
 		rateAction   = fs.String("rate-action", string(emulator.RateThrottle), "above -max-message-rate: throttle or close")
+		showVersion  = fs.Bool("version", false, "print the version and exit")
 	)
 	rules := emulator.DefaultRules()
 	fs.DurationVar(&rules.ClockSkew, "clock-skew", rules.ClockSkew, "allowed JWT clock skew; the connection closes at exp + skew")
@@ -83,6 +99,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.BoolVar(&rules.EmptyConfigOnSubscribe, "empty-config-on-subscribe", rules.EmptyConfigOnSubscribe, "send an empty config on subscribe when a device has none")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *showVersion {
+		fmt.Fprintf(stdout, "omnicore-emulator %s (%s)\n", programVersion(), runtime.Version())
+		return nil
 	}
 	switch {
 	case fs.NArg() > 0:

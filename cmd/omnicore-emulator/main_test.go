@@ -317,6 +317,23 @@ func TestRunFlagErrors(t *testing.T) {
 	}
 }
 
+func TestVersion(t *testing.T) {
+	for _, tc := range []struct{ name, set, want string }{
+		{name: "set at build time", set: "v1.2.3-4-gabcdef0", want: "omnicore-emulator v1.2.3-4-gabcdef0 (go"},
+		{name: "not set", set: "", want: "omnicore-emulator dev (go"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			saved := version
+			t.Cleanup(func() { version = saved })
+			version = tc.set
+			var out bytes.Buffer
+			// -version wins over the missing -registry: it starts nothing.
+			require.NoError(t, run(context.Background(), []string{"-version"}, &out, io.Discard))
+			require.True(t, strings.HasPrefix(out.String(), tc.want), out.String())
+		})
+	}
+}
+
 func TestTokenCommand(t *testing.T) {
 	dir := t.TempDir()
 	keys := map[string]string{}
