@@ -5,7 +5,7 @@ BUILD_DIR ?= $(HOME)/.cache/telegraf-omnicore
 export BUILD_DIR
 GO ?= go
 
-.PHONY: all build test test-short vet demo telegraf bench fuzz soak emulator clean-build
+.PHONY: all build test test-short vet demo telegraf bench fuzz soak emulator clean-build dist
 
 all: build
 
@@ -18,7 +18,9 @@ vet:
 ## test runs every test: unit, emulator integration and end to end against a real Telegraf.
 test:
 	$(GO) vet ./...
+	$(GO) -C tools/dist vet ./...
 	$(GO) test -count=1 -timeout 20m ./...
+	$(GO) -C tools/dist test -count=1 -timeout 10m ./...
 
 ## test-short skips the end-to-end and long tests.
 test-short:
@@ -63,6 +65,15 @@ soak:
 ## emulator runs the OmniCore bridge emulator with the example registry.
 emulator:
 	$(GO) run ./cmd/omnicore-emulator -registry testdata/registry.json
+
+## dist builds the release into dist/ (git-ignored): static binaries (CGO_ENABLED=0) of
+## telegraf-omnicore and omnicore-emulator, and per platform a tarball, a .deb and an .rpm,
+## plus SHA256SUMS. The version is git describe's. The packager (nfpm) is its own module,
+## tools/dist, so that its requirements stay out of the product's go.mod.
+DIST_PLATFORMS ?= linux/amd64,linux/arm64,linux/arm/v7
+dist:
+	rm -rf dist
+	$(GO) -C tools/dist run . -repo $(CURDIR) -out $(CURDIR)/dist -platforms $(DIST_PLATFORMS)
 
 clean-build:
 	rm -rf $(BUILD_DIR)

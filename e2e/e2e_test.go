@@ -748,7 +748,7 @@ func TestRootSampleConf(t *testing.T) {
 	require.NotEmpty(t, inputConf)
 
 	wiring := strings.NewReplacer(
-		"/usr/local/bin/telegraf-omnicore", pluginBin,
+		"/usr/bin/telegraf-omnicore", pluginBin,
 		"/etc/telegraf/omnicore/output.conf", outputConf,
 		"/etc/telegraf/omnicore/input.conf", inputConf,
 	).Replace(string(sample))

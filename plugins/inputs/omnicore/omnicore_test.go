@@ -250,7 +250,7 @@ func TestReadme(t *testing.T) {
 		require.Contains(t, lines, "## "+h)
 	}
 	require.NotContains(t, readme, "](https://github.com/influxdata/telegraf/blob", "in-repo links must be relative")
-	require.Contains(t, readme, `command = ["/usr/local/bin/telegraf-omnicore", "-config", "/etc/telegraf/omnicore-input.conf"]`)
+	require.Contains(t, readme, `command = ["/usr/bin/telegraf-omnicore", "-config", "/etc/telegraf/omnicore/input.conf"]`)
 }
 
 func TestInitErrors(t *testing.T) {

@@ -34,7 +34,7 @@ func TestReadmeConfigIsSampleConf(t *testing.T) {
 func TestReadmeExecdWiring(t *testing.T) {
 	block := regexp.MustCompile("(?s)```toml\n(\\[\\[outputs\\.execd\\]\\].*?)```").FindStringSubmatch(readme(t))
 	require.NotNil(t, block, "no [[outputs.execd]] block in README.md")
-	require.Contains(t, block[1], `command = ["/usr/local/bin/telegraf-omnicore", "-config", "/etc/telegraf/omnicore-output.conf"]`)
+	require.Contains(t, block[1], `command = ["/usr/bin/telegraf-omnicore", "-config", "/etc/telegraf/omnicore/output.conf"]`)
 	require.Contains(t, block[1], `restart_delay = "10s"`)
 
 	tests := []struct {
