@@ -6,7 +6,9 @@ import (
 	"context"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -125,4 +127,25 @@ func TestTarball(t *testing.T) {
 	sums, err := os.ReadFile(filepath.Join(out, "SHA256SUMS"))
 	require.NoError(t, err)
 	require.Regexp(t, `^[0-9a-f]{64}  telegraf-omnicore-1\.2\.3_linux_amd64\.tar\.gz\n$`, string(sums))
+}
+
+// TestGitVersion: without -version, the version is this checkout's
+// git describe, which every build names the same way.
+func TestGitVersion(t *testing.T) {
+	if _, err := exec.LookPath("git"); err != nil {
+		t.Skip("git is not installed")
+	}
+	describe, err := exec.Command("git", "-C", "../..", "describe", "--tags", "--always", "--dirty", "--match", "v[0-9]*").Output()
+	if err != nil {
+		t.Skipf("not a git checkout: %v", err)
+	}
+	v, err := gitVersion("../..", "")
+	require.NoError(t, err)
+	require.Equal(t, strings.TrimSpace(string(describe)), v.Binary)
+	require.NotEmpty(t, v.Package())
+	require.False(t, v.Time.IsZero())
+
+	v, err = gitVersion("../..", "v2.0.0")
+	require.NoError(t, err)
+	require.Equal(t, "2.0.0", v.Package())
 }

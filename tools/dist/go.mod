@@ -1,3 +1,12 @@
+// The release packager (make dist) is a module of its own: nfpm's
+// requirements are newer than Telegraf v1.37.2's, and in the product's go.mod
+// they would raise requirements it shares with Telegraf, which
+// internal/gomodcheck keeps at Telegraf's versions.
+//
+// nfpm v2.47.0 is the newest release whose rpm writer is github.com/google/rpmpack:
+// v2.48.0 moved to go.digitalxero.dev/rpm, which the Go module proxy refuses
+// (403). Tidy with `go mod tidy -e`: nfpm's own tests import go-msix, which
+// the proxy refuses too and no package here needs.
 module github.com/telegraf-omnicore/telegraf-omnicore/tools/dist
 
 go 1.26.4
