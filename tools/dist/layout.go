@@ -54,7 +54,7 @@ var docs = []string{
 const pluginFileHeader = `# telegraf-omnicore plugin file: the one [[%[1]s.omnicore]] table that the
 # [[%[1]s.execd]] block of /etc/telegraf/telegraf.d/omnicore.conf runs with
 #   /usr/bin/telegraf-omnicore -config /etc/telegraf/omnicore/%[2]s
-# The package installs that wiring as omnicore.conf.sample: rename it to
+# The package installs that wiring as omnicore.conf.sample: copy it to
 # omnicore.conf to turn the plugins on. Keep this file out of telegraf.d/:
 # Telegraf itself does not know [[%[1]s.omnicore]] and would refuse to start.
 # Every option: /usr/share/doc/telegraf-omnicore/plugins/%[1]s/omnicore/README.md

@@ -20,7 +20,7 @@ devices behind an OmniCore (KORE Wireless) gateway over the MQTT bridge;
 inputs.omnicore turns the config, commands and errors the bridge sends back
 into metrics. Both run in an unmodified Telegraf through execd. The wiring
 is installed as /etc/telegraf/telegraf.d/omnicore.conf.sample and stays off
-until it is renamed.`
+until it is copied to omnicore.conf.`
 
 // packageInfo is what nfpm packs for one platform: the files of the
 // release that have a package path, the state directory's scripts and the
