@@ -113,6 +113,16 @@ func TestTarball(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, "root", h.Uname)
 		modes[h.Name] = h.Mode
+		if name := filepath.Base(h.Name); name == "telegraf-omnicore" || name == "omnicore-emulator" {
+			// The binaries print the version make dist gave them.
+			bin := filepath.Join(t.TempDir(), name)
+			b, err := io.ReadAll(tr)
+			require.NoError(t, err)
+			require.NoError(t, os.WriteFile(bin, b, 0o755))
+			out, err := exec.Command(bin, "-version").Output()
+			require.NoError(t, err)
+			require.True(t, strings.HasPrefix(string(out), name+" v1.2.3 ("), string(out))
+		}
 	}
 	top := "telegraf-omnicore-1.2.3/"
 	for name, mode := range map[string]int64{
