@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
 )
 
 // receiveClock records when the emulator accepted events messages.
@@ -193,7 +193,7 @@ func e2eRun(ctx context.Context, emu *emulator.Server, telegrafBin, cfgPath, log
 	defer logf.Close()
 	cmd := exec.CommandContext(ctx, telegrafBin, "--config", cfgPath, "--once")
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Env = append(os.Environ(), gateway.EnvRuntimeDir+"="+runtimeDir)
+	cmd.Env = append(os.Environ(), share.EnvRuntimeDir+"="+runtimeDir)
 	cmd.WaitDelay = 10 * time.Second
 	start := time.Now()
 	if err := cmd.Start(); err != nil {

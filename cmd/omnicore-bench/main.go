@@ -42,7 +42,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
 )
 
 // options are the command-line settings.
@@ -264,7 +264,7 @@ func run(ctx context.Context, opts *options, stdout io.Writer) error {
 	}
 	// The gateway sessions of this process rendezvous here, not in the
 	// user's runtime directory shared with other programs.
-	if err := os.Setenv(gateway.EnvRuntimeDir, filepath.Join(dir, "runtime")); err != nil {
+	if err := os.Setenv(share.EnvRuntimeDir, filepath.Join(dir, "runtime")); err != nil {
 		return err
 	}
 	id, pub, err := newIdentity(dir)

@@ -19,6 +19,7 @@ import (
 	"github.com/influxdata/telegraf"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -198,7 +199,7 @@ func (b *bench) child(ctx context.Context, args ...string) (childResult, error) 
 	cmd := exec.CommandContext(ctx, exe, full...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	cmd.Env = append(os.Environ(), gateway.EnvSharing+"=off")
+	cmd.Env = append(os.Environ(), share.EnvSharing+"=off")
 	err = cmd.Run()
 	var res childResult
 	if jerr := json.Unmarshal(stdout.Bytes(), &res); jerr != nil {

@@ -19,15 +19,19 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/influxdata/telegraf"
 	"github.com/influxdata/telegraf/logger"
 	"github.com/influxdata/telegraf/models"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
 )
 
 // telegrafVersion is the Telegraf release whose plugin API, config loader and
@@ -100,7 +104,7 @@ func parseFlags(args []string, usage io.Writer) (*flags, error) {
 }
 
 // run is main without os.Exit; it returns the exit status.
-func run(args []string, env environment) int {
+func run(args []string, env environment) (status int) {
 	sink := newLogSink(env.stderr, telegraf.Info)
 	remove, err := installLogging(sink)
 	if err != nil {
@@ -153,6 +157,16 @@ func run(args []string, env environment) int {
 		level, _ = parseLogLevel(p.logLevel) // validated by loadPluginFile
 		sink.setLevel(level)
 	}
+	conflicted, err := installSharing(f.config, log)
+	if err != nil {
+		log.Errorf("Cannot share the gateway connection with the other plugin processes: %v; not starting, because a second connection as the same gateway would kick the first off (set %s=off if no other process connects as this gateway)", err, share.EnvSharing)
+		return 1
+	}
+	defer func() {
+		if conflicted.Load() {
+			status = 1
+		}
+	}()
 	plog := pluginLogger(p.kind, p.name, p.alias, level)
 	var plugin any = p.output
 	if p.kind == "inputs" {
@@ -188,6 +202,36 @@ func run(args []string, env environment) int {
 		log.Infof("Stopped %s", p.id())
 		return 0
 	}
+}
+
+// installSharing makes the plugin share its gateway connection with the
+// other plugin processes of the host (plugins/common/share). When this
+// process's connection options conflict with those of the process that owns
+// the connection, the share package has logged the error; this process then
+// stops as on SIGTERM (flushing what it holds) and exits non-zero: the flag
+// returned says so.
+func installSharing(pluginFile string, log telegraf.Logger) (*atomic.Bool, error) {
+	conflicted := &atomic.Bool{}
+	if abs, err := filepath.Abs(pluginFile); err == nil {
+		pluginFile = abs
+	}
+	dir, err := share.Install(share.Settings{
+		PluginFile: pluginFile,
+		OnConflict: func(error) {
+			if conflicted.CompareAndSwap(false, true) {
+				_ = syscall.Kill(os.Getpid(), syscall.SIGTERM)
+			}
+		},
+	})
+	switch {
+	case err != nil:
+		return nil, err
+	case dir != "":
+		log.Debugf("Sharing the gateway connection with other plugin processes through %q", dir)
+	case share.Off():
+		log.Warnf("%s=off: this process connects on its own; another process connecting as the same gateway would kick it off", share.EnvSharing)
+	}
+	return conflicted, nil
 }
 
 // stopOnSignal returns a channel closed on the first SIGINT or SIGTERM.

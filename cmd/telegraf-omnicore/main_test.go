@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
 )
 
 // The tests of the whole program run the test binary itself as the program:
@@ -31,6 +33,18 @@ func TestMain(m *testing.M) {
 			stderr:  os.Stderr,
 			plugins: append(append([]string(nil), defaultPlugins...), testPlugins...),
 		}))
+	}
+	// The programs these tests start share gateway connections in a
+	// directory of their own, not in the user's state directory.
+	if os.Getenv(share.EnvRuntimeDir) == "" {
+		dir, err := os.MkdirTemp("", "ocm")
+		if err != nil {
+			panic(err)
+		}
+		os.Setenv(share.EnvRuntimeDir, dir)
+		code := m.Run()
+		os.RemoveAll(dir)
+		os.Exit(code)
 	}
 	os.Exit(m.Run())
 }

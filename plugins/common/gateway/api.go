@@ -99,6 +99,14 @@ var (
 	ErrTooLarge = errors.New("payload over the bridge's size limit")
 	// ErrClosed means the session was closed.
 	ErrClosed = errors.New("gateway session closed")
+	// ErrConflict means another plugin (of this process or another one)
+	// connects as the same gateway with other connection options: they
+	// cannot share one connection, and two connections would kick each
+	// other off. The error names the differing options.
+	ErrConflict = errors.New("another plugin connects as the same gateway with other connection options")
+	// ErrTooManyDevices means the device would take the session over
+	// max_devices; it is refused until other devices are forgotten.
+	ErrTooManyDevices = errors.New("over max_devices")
 )
 
 // Stats are the session's counters. Maps are copies.
@@ -116,9 +124,14 @@ type Stats struct {
 	Acked           uint64 // messages acknowledged (QoS 1) or written (QoS 0)
 	Retries         uint64 // publish attempts repeated after a timeout or reconnect
 	Received        uint64 // inbound messages routed
-	ErrorsByType    map[string]uint64
-	DroppedByReason map[string]uint64
-	Gauges          map[string]int64 `json:",omitempty"` // ReportGauges, summed over live sources
+	Known           int    // devices the session keeps state for (at most max_devices)
+	DevicesRefused  uint64 // new devices refused because max_devices were known
+	// ResentAfterError counts messages sent again because the bridge named
+	// them in an error after acknowledging them.
+	ResentAfterError uint64
+	ErrorsByType     map[string]uint64
+	DroppedByReason  map[string]uint64
+	Gauges           map[string]int64 `json:",omitempty"` // ReportGauges, summed over live sources
 }
 
 // GaugeTTL is how long a source's ReportGauges figures stay in Stats without
@@ -173,19 +186,22 @@ func (b *gaugeBook) sum(now time.Time) map[string]int64 {
 // Snapshot fields as a flat map for a metric; keys are snake_case.
 func (s Stats) Fields() map[string]any {
 	f := map[string]any{
-		"connected":        s.Connected,
-		"connects":         s.Connects,
-		"connect_failures": s.ConnectFailures,
-		"connection_lost":  s.ConnectionLost,
-		"token_renewals":   s.TokenRenewals,
-		"attaches_ok":      s.AttachesOK,
-		"attaches_failed":  s.AttachesFailed,
-		"detaches":         s.Detaches,
-		"attached":         int64(s.Attached),
-		"published":        s.Published,
-		"acked":            s.Acked,
-		"retries":          s.Retries,
-		"received":         s.Received,
+		"connected":          s.Connected,
+		"connects":           s.Connects,
+		"connect_failures":   s.ConnectFailures,
+		"connection_lost":    s.ConnectionLost,
+		"token_renewals":     s.TokenRenewals,
+		"attaches_ok":        s.AttachesOK,
+		"attaches_failed":    s.AttachesFailed,
+		"detaches":           s.Detaches,
+		"attached":           int64(s.Attached),
+		"published":          s.Published,
+		"acked":              s.Acked,
+		"retries":            s.Retries,
+		"received":           s.Received,
+		"devices_known":      int64(s.Known),
+		"devices_refused":    s.DevicesRefused,
+		"resent_after_error": s.ResentAfterError,
 	}
 	for k, v := range s.ErrorsByType {
 		f["errors_"+snake(k)] = v

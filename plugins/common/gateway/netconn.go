@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"crypto/tls"
 	"fmt"
 	"net"
@@ -69,27 +70,31 @@ func (c *publishCountingConn) scan(b []byte) {
 }
 
 // dialer opens the network connection for paho (tcp:// or tls://) and wraps
-// it in a publishCountingConn.
-func dialer(tlsCfg *tls.Config, timeout time.Duration, counter *atomic.Uint64) mqtt.OpenConnectionFunc {
+// it in a publishCountingConn. The dial ends with ctx, and opened receives
+// the connection, so that a session being closed can abort a connect in
+// progress (paho's own connect cannot be interrupted).
+func dialer(ctx context.Context, tlsCfg *tls.Config, timeout time.Duration, counter *atomic.Uint64, opened func(net.Conn)) mqtt.OpenConnectionFunc {
 	return func(uri *url.URL, _ mqtt.ClientOptions) (net.Conn, error) {
 		d := &net.Dialer{Timeout: timeout}
 		var conn net.Conn
 		var err error
 		switch uri.Scheme {
 		case "tcp", "mqtt":
-			conn, err = d.Dial("tcp", uri.Host)
+			conn, err = d.DialContext(ctx, "tcp", uri.Host)
 		case "tls", "ssl", "mqtts":
 			cfg := tlsCfg
 			if cfg == nil {
 				cfg = &tls.Config{MinVersion: tls.VersionTLS12}
 			}
-			conn, err = tls.DialWithDialer(d, "tcp", uri.Host, cfg)
+			td := &tls.Dialer{NetDialer: d, Config: cfg}
+			conn, err = td.DialContext(ctx, "tcp", uri.Host)
 		default:
 			return nil, fmt.Errorf("unsupported scheme %q", uri.Scheme)
 		}
 		if err != nil {
 			return nil, err
 		}
+		opened(conn)
 		return &publishCountingConn{Conn: conn, publishes: counter}, nil
 	}
 }

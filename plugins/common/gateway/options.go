@@ -1,12 +1,16 @@
 package gateway
 
 import (
+	"crypto/sha256"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 	"unicode"
@@ -39,6 +43,7 @@ type Options struct {
 	DeviceKeyDir         string          `toml:"device_key_dir"`
 	DeviceAlgorithm      string          `toml:"device_algorithm"`
 	DetachIdle           config.Duration `toml:"detach_idle"`
+	MaxDevices           int             `toml:"max_devices"`
 	common_tls.ClientConfig
 }
 
@@ -60,8 +65,30 @@ func DefaultOptions() Options {
 		MaxReconnectInterval: config.Duration(30 * time.Second),
 		MaxInflight:          100,
 		DeviceAuth:           DeviceAuthAssociation,
+		DetachIdle:           config.Duration(DefaultDetachIdle),
+		MaxDevices:           omnicore.MaxAttachedDevices,
 	}
 }
+
+// DefaultDetachIdle is detach_idle's default: a device that sent nothing for
+// an hour is detached and forgotten, so the session's memory and the
+// re-attach work after a reconnect follow the devices active in the last
+// hour, not every device ever seen. It is attached again on its next metric.
+const DefaultDetachIdle = time.Hour
+
+// Bounds of the options the bridge's own rules constrain.
+const (
+	// MinKeepAlive and MaxKeepAlive bound keep_alive: the bridge closes a
+	// connection silent for omnicore.IdleTimeout (20 min), so a keep-alive
+	// must leave a minute for the PINGREQ; below 10 s it is only overhead.
+	MinKeepAlive = 10 * time.Second
+	MaxKeepAlive = omnicore.IdleTimeout - time.Minute
+	// MinDetachIdle is the shortest detach_idle other than 0: shorter would
+	// detach and re-attach devices between two metrics of one batch.
+	MinDetachIdle = time.Second
+	// maxMaxDevices bounds max_devices.
+	maxMaxDevices = 1_000_000
+)
 
 // Config is a validated Options plus what was loaded from files: it is what a
 // Session runs on.
@@ -87,14 +114,99 @@ type Config struct {
 	DeviceKeyDir      string
 	DeviceAlgorithm   string
 	DetachIdle        time.Duration
+	MaxDevices        int
 	Log               telegraf.Logger
+
+	// settings are the connection options by TOML name, as Settings
+	// returns them.
+	settings map[string]string
 }
 
-// Key identifies a gateway identity: two configs with the same key must share
-// one connection, because the bridge kicks the older of two connections with
-// the same client ID.
-func (c *Config) Key() string {
-	return omnicore.ClientID(c.SubscriptionID, c.RegistryID, c.GatewayID) + "@" + strings.Join(c.Servers, ",")
+// ClientID is the gateway's identity on the bridge: the bridge kicks the
+// older of two connections with the same client ID, whatever server string
+// or options each used, so two configs with the same client ID must share
+// one connection.
+func (c *Config) ClientID() string {
+	return omnicore.ClientID(c.SubscriptionID, c.RegistryID, c.GatewayID)
+}
+
+// Settings returns the connection options that shape the shared connection,
+// by TOML option name, for comparing the plugin files of one gateway: every
+// plugin sharing a connection must agree on all of them. No secret appears
+// in clear: the private key is named by its public key's hash (so the same
+// key in two files or encodings compares equal) and tls_key_pwd by a hash.
+func (c *Config) Settings() map[string]string {
+	out := make(map[string]string, len(c.settings))
+	for k, v := range c.settings {
+		out[k] = v
+	}
+	return out
+}
+
+// DiffSettings returns the names of the options whose values differ between
+// two Settings maps, sorted.
+func DiffSettings(a, b map[string]string) []string {
+	var diff []string
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			diff = append(diff, k)
+		}
+	}
+	for k := range b {
+		if _, ok := a[k]; !ok {
+			diff = append(diff, k)
+		}
+	}
+	slices.Sort(diff)
+	return diff
+}
+
+// DescribeDiff renders the options that differ between two Settings maps as
+// `name: "mine" here, "theirs" there`, one clause per option, for an error
+// message (the values are those of Settings, so no secret is in it).
+func DescribeDiff(mine, theirs map[string]string) string {
+	var parts []string
+	for _, k := range DiffSettings(mine, theirs) {
+		parts = append(parts, fmt.Sprintf("%s = %q here, %q there", k, mine[k], theirs[k]))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// settingsOf computes Settings for Validate.
+func settingsOf(o *Options, signer *omnicore.Signer, devAlg string) map[string]string {
+	secret := func(v string) string {
+		if v == "" {
+			return ""
+		}
+		sum := sha256.Sum256([]byte(v))
+		return "sha256:" + hex.EncodeToString(sum[:8])
+	}
+	return map[string]string{
+		"servers":                  strings.Join(o.Servers, ","),
+		"private_key":              "public key sha256:" + signer.PublicKeyID(),
+		"algorithm":                signer.Algorithm(),
+		"token_lifetime":           time.Duration(o.TokenLifetime).String(),
+		"keep_alive":               time.Duration(o.KeepAlive).String(),
+		"connection_timeout":       time.Duration(o.ConnectionTimeout).String(),
+		"timeout":                  time.Duration(o.Timeout).String(),
+		"max_reconnect_interval":   time.Duration(o.MaxReconnectInterval).String(),
+		"max_inflight":             strconv.Itoa(o.MaxInflight),
+		"max_message_rate":         strconv.FormatFloat(o.MaxMessageRate, 'g', -1, 64),
+		"device_auth":              o.DeviceAuth,
+		"device_key_dir":           o.DeviceKeyDir,
+		"device_algorithm":         devAlg,
+		"detach_idle":              time.Duration(o.DetachIdle).String(),
+		"max_devices":              strconv.Itoa(o.MaxDevices),
+		"tls_ca":                   o.TLSCA,
+		"tls_cert":                 o.TLSCert,
+		"tls_key":                  o.TLSKey,
+		"tls_key_pwd":              secret(o.TLSKeyPwd),
+		"tls_min_version":          o.TLSMinVersion,
+		"tls_cipher_suites":        strings.Join(o.TLSCipherSuites, ","),
+		"tls_server_name":          o.ServerName,
+		"tls_renegotiation_method": o.RenegotiationMethod,
+		"insecure_skip_verify":     strconv.FormatBool(o.InsecureSkipVerify),
+	}
 }
 
 // Validate checks the options without any network I/O, reads the private key
@@ -157,6 +269,16 @@ func (o *Options) Validate(log telegraf.Logger) (*Config, error) {
 	if time.Duration(o.Timeout) <= 0 || time.Duration(o.ConnectionTimeout) <= 0 {
 		return nil, errors.New("timeout and connection_timeout must be positive")
 	}
+	if ka := time.Duration(o.KeepAlive); ka < MinKeepAlive || ka > MaxKeepAlive {
+		return nil, fmt.Errorf("keep_alive %s must be between %s and %s: the bridge closes a connection silent for %s",
+			ka, MinKeepAlive, MaxKeepAlive, omnicore.IdleTimeout)
+	}
+	if di := time.Duration(o.DetachIdle); di != 0 && di < MinDetachIdle {
+		return nil, fmt.Errorf("detach_idle %s must be 0 (never detach idle devices) or at least %s", di, MinDetachIdle)
+	}
+	if o.MaxDevices < 1 || o.MaxDevices > maxMaxDevices {
+		return nil, fmt.Errorf("max_devices %d must be between 1 and %d (the bridge attaches at most %d devices per gateway)", o.MaxDevices, maxMaxDevices, omnicore.MaxAttachedDevices)
+	}
 	switch o.DeviceAuth {
 	case DeviceAuthAssociation:
 	case DeviceAuthToken:
@@ -210,7 +332,9 @@ func (o *Options) Validate(log telegraf.Logger) (*Config, error) {
 		DeviceKeyDir:      o.DeviceKeyDir,
 		DeviceAlgorithm:   devAlg,
 		DetachIdle:        time.Duration(o.DetachIdle),
+		MaxDevices:        o.MaxDevices,
 		Log:               log,
+		settings:          settingsOf(o, signer, devAlg),
 	}, nil
 }
 

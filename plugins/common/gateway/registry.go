@@ -2,52 +2,100 @@ package gateway
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 )
 
-// registry is the process-wide table of gateway connections, the one piece of
-// package-level mutable state in this project. It exists because the bridge
-// allows one connection per client ID: two plugins of one process configured
-// for the same gateway must share one connection, or they would kick each
-// other off forever. Across processes the same rule is kept by the sharing
-// socket (share.go): the entry then holds a shareConn instead of a Session.
+// The package has two pieces of package-level state, both because the
+// bridge allows one connection per client ID and a process must not open
+// two:
+//
+//   - registry, the process-wide table of gateway connections: two plugins
+//     of one process configured for the same gateway share one connection.
+//   - crossProcess, the hook through which Acquire shares a connection with
+//     other processes. It is set once, at start, by the program that runs
+//     one plugin per process (cmd/telegraf-omnicore installs
+//     plugins/common/share); Telegraf built with the plugins compiled in
+//     leaves it unset, and then Acquire shares only within the process and
+//     creates no files.
 var registry = struct {
 	mu       sync.Mutex
 	sessions map[string]*sharedSession
 }{sessions: make(map[string]*sharedSession)}
 
-type sharedSession struct {
-	conn  Conn
-	close func(context.Context) error
-	users int
+// CrossProcess connects cfg's gateway in a way shared with the other
+// processes of the host that connect as the same gateway, and returns the
+// connection and the function that closes it (or hands it over). It must do
+// no network I/O. An error wrapping ErrConflict means another process
+// connects as this gateway with other options.
+type CrossProcess func(cfg *Config) (Conn, func(context.Context) error, error)
+
+var crossProcess struct {
+	mu sync.Mutex
+	fn CrossProcess
 }
 
-// closeTimeout bounds how long the last user's release waits for in-flight
-// messages before the connection is closed.
-const closeTimeout = 4 * time.Second
+// SetCrossProcess installs the cross-process sharing used by every later
+// Acquire (nil: none). A program calls it once, before any plugin starts;
+// a later call replaces it for later Acquires only, which tests that run a
+// program's main several times in one process rely on.
+func SetCrossProcess(fn CrossProcess) {
+	crossProcess.mu.Lock()
+	defer crossProcess.mu.Unlock()
+	crossProcess.fn = fn
+}
 
-// Acquire returns the running connection for cfg's gateway identity, starting
-// it on first use: within this process it is shared by every plugin; across
-// processes of this user the first process to start owns the MQTT connection
-// and the others reach it through a local Unix socket, taking over when the
-// owner exits (see SHARING.md). Acquire does no network I/O. Call release
-// exactly once when done; the last release closes the connection, or hands
-// it over to the next process.
+func currentCrossProcess() CrossProcess {
+	crossProcess.mu.Lock()
+	defer crossProcess.mu.Unlock()
+	return crossProcess.fn
+}
+
+type sharedSession struct {
+	conn     Conn
+	close    func(context.Context) error
+	settings map[string]string
+	users    int
+}
+
+// CloseTimeout bounds how long the last user's release waits for in-flight
+// messages before the connection is closed.
+const CloseTimeout = 4 * time.Second
+
+// Acquire returns the running connection for cfg's gateway, starting it on
+// first use. Within this process it is shared by every plugin with the same
+// client ID; with a CrossProcess installed, it is shared with the other
+// processes too (see plugins/common/share). A plugin whose connection options
+// differ from those of the plugins already sharing the gateway gets an error
+// wrapping ErrConflict that names the differing options. Acquire does no
+// network I/O. Call release exactly once when done; the last release closes
+// the connection, or hands it over to the next process.
 func Acquire(cfg *Config) (conn Conn, release func(), err error) {
-	key := cfg.Key()
+	key := cfg.ClientID()
 	registry.mu.Lock()
 	defer registry.mu.Unlock()
 	sh, ok := registry.sessions[key]
-	if !ok {
-		c, closeFn, err := acquireAcross(cfg, runtimeDir())
+	if ok {
+		if diff := DescribeDiff(cfg.Settings(), sh.settings); diff != "" {
+			return nil, nil, fmt.Errorf("%w: another plugin of this process connects as %q with other options (%s); make the connection options identical in every plugin of this gateway", ErrConflict, key, diff)
+		}
+		if cfg.Log != nil {
+			cfg.Log.Debugf("Sharing the connection of gateway %q with another plugin of this process", cfg.GatewayID)
+		}
+	} else {
+		var c Conn
+		var closeFn func(context.Context) error
+		if cp := currentCrossProcess(); cp != nil {
+			c, closeFn, err = cp(cfg)
+		} else {
+			c, closeFn, err = startPrivate(cfg)
+		}
 		if err != nil {
 			return nil, nil, err
 		}
-		sh = &sharedSession{conn: c, close: closeFn}
+		sh = &sharedSession{conn: c, close: closeFn, settings: cfg.Settings()}
 		registry.sessions[key] = sh
-	} else if cfg.Log != nil {
-		cfg.Log.Debugf("Sharing the connection of gateway %q with another plugin of this process", cfg.GatewayID)
 	}
 	sh.users++
 	var once sync.Once
@@ -61,11 +109,21 @@ func Acquire(cfg *Config) (conn Conn, release func(), err error) {
 			}
 			registry.mu.Unlock()
 			if last {
-				ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+				ctx, cancel := context.WithTimeout(context.Background(), CloseTimeout)
 				defer cancel()
 				_ = sh.close(ctx)
 			}
 		})
 	}
 	return sh.conn, release, nil
+}
+
+// startPrivate starts a session of this process alone.
+func startPrivate(cfg *Config) (Conn, func(context.Context) error, error) {
+	s, err := New(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	s.Start()
+	return s, s.Close, nil
 }

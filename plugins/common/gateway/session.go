@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -46,6 +47,14 @@ type Session struct {
 	lastErr   error
 	started   bool
 	closed    bool
+	// prevConnect is when the connection before the current one was made:
+	// a reconnect re-attaches only devices used since then.
+	prevConnect, lastConnect time.Time
+	// stateNext keeps, for devices forgotten by Detach, the earliest time
+	// of their next state message, so that pacing survives a detach.
+	stateNext map[string]time.Time
+	// refusedLog rate-limits the max_devices warning.
+	refusedLog time.Time
 
 	c counters
 }
@@ -71,7 +80,29 @@ type connection struct {
 	mu       sync.Mutex
 	pending  map[uint16]chan struct{} // packet ID -> signal "bridge says device not found"
 	routedCh chan struct{}            // closed and replaced whenever routed grows
+	// acked keeps each data message acknowledged in the last ackedWindow
+	// by packet ID, oldest first in ackedOrder: a GATEWAY_DEVICE_NOT_FOUND
+	// naming the packet ID after the PUBACK sends it again.
+	acked      map[uint16]*ackedMsg
+	ackedOrder []uint16
+
+	// raw is the network connection under paho, closed to abort a connect.
+	raw atomic.Pointer[net.Conn]
 }
+
+// ackedMsg is an acknowledged message kept for ackedWindow.
+type ackedMsg struct {
+	msg Message
+	at  time.Time
+}
+
+const (
+	// ackedWindow is how long an acknowledged message is kept in case the
+	// bridge names it in an error after its PUBACK; ackedMax bounds how
+	// many are kept (the oldest go first).
+	ackedWindow = 5 * time.Second
+	ackedMax    = 10000
+)
 
 type device struct {
 	id          string
@@ -122,6 +153,7 @@ type counters struct {
 	connects, connectFailures, connectionLost, renewals atomic.Uint64
 	attachesOK, attachesFailed, detaches                atomic.Uint64
 	published, acked, retries, received                 atomic.Uint64
+	devicesRefused, resentAfterError                    atomic.Uint64
 	mu                                                  sync.Mutex
 	errorsByType, droppedByReason                       map[string]uint64
 	gauges                                              gaugeBook
@@ -130,6 +162,9 @@ type counters struct {
 // Internal drop reasons.
 const (
 	dropInboundUnroutable = "inbound_unroutable"
+	// dropErrorAfterAck counts messages the bridge acknowledged, then
+	// reported as not delivered, and that could not be sent again.
+	dropErrorAfterAck = "error_after_ack"
 )
 
 // New builds a session from a validated Config. It does no network I/O.
@@ -154,6 +189,7 @@ func New(cfg *Config) (*Session, error) {
 		connReady: make(chan struct{}),
 		devices:   make(map[string]*device),
 		handlers:  make(map[uint64]*handlerEntry),
+		stateNext: make(map[string]time.Time),
 	}
 	s.c.errorsByType = make(map[string]uint64)
 	s.c.droppedByReason = make(map[string]uint64)
@@ -220,6 +256,29 @@ func (s *Session) Close(ctx context.Context) error {
 	return nil
 }
 
+// Done is closed once the session's MQTT connection is closed for good
+// after Close (a connect in progress included). Whoever hands the gateway
+// over to another process waits for it, so that the bridge never sees the
+// next connection before this one is gone.
+func (s *Session) Done() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.started {
+		ch := make(chan struct{})
+		close(ch)
+		return ch
+	}
+	return s.done
+}
+
+// Health reports whether the session is connected and the error of its
+// last failed connect (nil once a connect succeeded).
+func (s *Session) Health() (connected bool, lastErr error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.conn != nil && !s.conn.isLost(), s.lastErr
+}
+
 // GatewayID implements Conn.
 func (s *Session) GatewayID() string { return s.cfg.GatewayID }
 
@@ -247,6 +306,9 @@ func (s *Session) run() {
 		backoff = s.cfg.MinReconnect
 		s.c.connects.Add(1)
 		s.setLastErr(nil)
+		s.mu.Lock()
+		s.prevConnect, s.lastConnect = s.lastConnect, time.Now()
+		s.mu.Unlock()
 		s.log.Infof("Connected to the bridge as %q", s.clientID)
 
 		s.mu.Lock()
@@ -299,6 +361,7 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 		expires:  time.Unix(now.Add(s.cfg.TokenLifetime).Unix(), 0),
 		pending:  make(map[uint16]chan struct{}),
 		routedCh: make(chan struct{}),
+		acked:    make(map[uint16]*ackedMsg),
 	}
 	cs.lastAck.Store(now.UnixNano())
 	opts := mqtt.NewClientOptions()
@@ -318,7 +381,7 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 	opts.SetConnectTimeout(s.cfg.ConnectionTimeout)
 	opts.SetWriteTimeout(s.cfg.Timeout)
 	opts.SetOrderMatters(true)
-	opts.SetCustomOpenConnectionFn(dialer(s.cfg.TLS, s.cfg.ConnectionTimeout, &cs.readPublishes))
+	opts.SetCustomOpenConnectionFn(dialer(s.ctx, s.cfg.TLS, s.cfg.ConnectionTimeout, &cs.readPublishes, func(c net.Conn) { cs.raw.Store(&c) }))
 	opts.SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) {
 		s.onMessage(cs, m)
 		cs.markRouted()
@@ -330,9 +393,18 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 	client := mqtt.NewClient(opts)
 	cs.client = client
 	tok := client.Connect()
-	if !tok.WaitTimeout(s.cfg.ConnectionTimeout + time.Second) {
-		client.Disconnect(0)
+	timer := time.NewTimer(s.cfg.ConnectionTimeout + time.Second)
+	defer timer.Stop()
+	select {
+	case <-tok.Done():
+	case <-timer.C:
+		cs.abortConnect(client, tok)
 		return nil, fmt.Errorf("no CONNACK within %s", s.cfg.ConnectionTimeout)
+	case <-s.ctx.Done():
+		// Closed while connecting: the connection must be gone before
+		// Close's caller hands the gateway to another process.
+		cs.abortConnect(client, tok)
+		return nil, ErrClosed
 	}
 	if err := tok.Error(); err != nil {
 		return nil, explainConnectError(err)
@@ -340,11 +412,26 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 	return cs, nil
 }
 
+// abortConnect ends a connect that is still in progress: the network
+// connection is closed under paho, which then fails the connect at once.
+func (cs *connection) abortConnect(client mqtt.Client, tok mqtt.Token) {
+	if c := cs.raw.Load(); c != nil {
+		(*c).Close()
+	}
+	if tok.WaitTimeout(2*time.Second) && tok.Error() == nil {
+		client.Disconnect(0)
+	}
+}
+
+// ErrNotAuthorized marks a connect the bridge refused for the gateway's
+// credentials (CONNACK 4 or 5).
+var ErrNotAuthorized = errors.New("the bridge refused the gateway's credentials")
+
 func explainConnectError(err error) error {
 	msg := err.Error()
 	switch {
 	case strings.Contains(msg, "ot Authorized"), strings.Contains(msg, "bad user name or password"):
-		return fmt.Errorf("%w (the bridge refused the JWT: check private_key, algorithm, subscription_id, that the key is registered for the gateway, and the clock)", err)
+		return fmt.Errorf("%w: %w (check private_key, algorithm, subscription_id, that the key is registered for the gateway, and the clock)", err, ErrNotAuthorized)
 	case strings.Contains(msg, "dentifier rejected"):
 		return fmt.Errorf("%w (the bridge does not know this gateway: check subscription_id, registry_id and gateway_id)", err)
 	case strings.Contains(msg, "certificate is valid for"), strings.Contains(msg, "doesn't contain any IP SANs"):
@@ -371,7 +458,12 @@ func (s *Session) rebuild(cs *connection) error {
 			gatewaySubs = s.wantsSubscriptionLocked(id)
 			continue
 		}
-		if d.wanted && time.Now().After(d.retryAt) {
+		// Only devices used since the previous connect, or listened to,
+		// are attached again now; the others on their next message. So
+		// a reconnect costs what the active devices need, not every
+		// device ever seen.
+		active := d.lastUsed.After(s.prevConnect) || s.wantsSubscriptionLocked(id)
+		if d.wanted && active && time.Now().After(d.retryAt) {
 			reattach = append(reattach, id)
 		}
 	}
@@ -433,9 +525,13 @@ func (s *Session) takeDown(cs *connection, planned bool) {
 	s.retire(cs)
 	if planned {
 		cs.draining.Store(true)
-		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeout)
-		cs.drain(ctx)
-		cancel()
+		if s.ctx.Err() == nil {
+			// A token renewal; on Close the caller drained already,
+			// within its own deadline.
+			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeout)
+			cs.drain(ctx)
+			cancel()
+		}
 		cs.client.Disconnect(250)
 	} else {
 		cs.client.Disconnect(0)
@@ -571,7 +667,7 @@ func (s *Session) Publish(ctx context.Context, msg Message) error {
 		if msg.Kind == omnicore.KindState {
 			err = s.sendState(ctx, cs, topic, msg)
 		} else {
-			err = s.send(ctx, cs, topic, msg.QoS, msg.Payload, msg.Device)
+			err = s.sendKeep(ctx, cs, topic, msg.QoS, msg.Payload, msg.Device, &msg)
 		}
 		if err == nil {
 			s.touch(msg.Device)
@@ -624,7 +720,7 @@ func (s *Session) sendState(ctx context.Context, cs *connection, topic string, m
 	if wait > 0 && !sleepCtx(ctx, wait) {
 		return ctx.Err()
 	}
-	err := s.send(ctx, cs, topic, msg.QoS, msg.Payload, msg.Device)
+	err := s.sendKeep(ctx, cs, topic, msg.QoS, msg.Payload, msg.Device, &msg)
 	s.mu.Lock()
 	// Attempts that failed count too: the bridge may have seen them.
 	d.nextState = time.Now().Add(omnicore.StateInterval + stateMargin)
@@ -668,6 +764,12 @@ func (s *Session) checkMessage(msg Message) error {
 // send publishes once on cs and waits for the outcome. It holds a slot of the
 // in-flight window for the duration.
 func (s *Session) send(ctx context.Context, cs *connection, topic string, qos byte, payload []byte, device string) error {
+	return s.sendKeep(ctx, cs, topic, qos, payload, device, nil)
+}
+
+// sendKeep is send that, for a data message (keep not nil) acknowledged at
+// QoS 1, keeps the message for ackedWindow (see handleBridgeError).
+func (s *Session) sendKeep(ctx context.Context, cs *connection, topic string, qos byte, payload []byte, device string, keep *Message) error {
 	select {
 	case s.window <- struct{}{}:
 	case <-ctx.Done():
@@ -739,6 +841,9 @@ func (s *Session) send(ctx context.Context, cs *connection, topic string, qos by
 		}
 		cs.lastAck.Store(time.Now().UnixNano())
 		s.c.acked.Add(1)
+		if keep != nil && notFound != nil {
+			cs.keepAcked(tok.(*mqtt.PublishToken).MessageID(), *keep)
+		}
 		return nil
 	case <-notFound:
 		return errDeviceNotFound
@@ -790,7 +895,11 @@ func (s *Session) attachOn(ctx context.Context, cs *connection, id string) error
 		s.mu.Unlock()
 		return ErrClosed
 	}
-	d := s.deviceLocked(id)
+	d, err := s.admitDeviceLocked(id)
+	if err != nil {
+		s.mu.Unlock()
+		return err
+	}
 	d.wanted = true
 	d.lastUsed = time.Now()
 	if d.attachedGen == cs.gen {
@@ -919,7 +1028,7 @@ func (s *Session) Detach(ctx context.Context, device string) error {
 		d.attachedGen = 0
 		d.subGen = 0
 		if !s.wantsSubscriptionLocked(device) {
-			delete(s.devices, device)
+			s.forgetLocked(device, d)
 		}
 	}
 	s.mu.Unlock()
@@ -943,9 +1052,6 @@ func (s *Session) markDetached(cs *connection, id string) {
 }
 
 func (s *Session) touch(id string) {
-	if s.cfg.DetachIdle <= 0 {
-		return
-	}
 	s.mu.Lock()
 	if d, ok := s.devices[id]; ok {
 		d.lastUsed = time.Now()
@@ -957,9 +1063,74 @@ func (s *Session) deviceLocked(id string) *device {
 	d, ok := s.devices[id]
 	if !ok {
 		d = &device{id: id}
+		if next, ok := s.stateNext[id]; ok {
+			d.nextState = next
+			delete(s.stateNext, id)
+		}
 		s.devices[id] = d
 	}
 	return d
+}
+
+// admitDeviceLocked is deviceLocked for a device about to be attached: a
+// device the session does not know yet is refused when max_devices are
+// known already (counted, with a warning at most once a minute).
+func (s *Session) admitDeviceLocked(id string) (*device, error) {
+	if d, ok := s.devices[id]; ok {
+		return d, nil
+	}
+	if s.cfg.MaxDevices > 0 && len(s.devices) >= s.cfg.MaxDevices {
+		s.c.devicesRefused.Add(1)
+		if now := time.Now(); now.Sub(s.refusedLog) >= time.Minute {
+			s.refusedLog = now
+			s.log.Warnf("Refusing device %q: the gateway already handles max_devices = %d devices (%d refused so far); idle devices are forgotten after detach_idle = %s",
+				id, s.cfg.MaxDevices, s.c.devicesRefused.Load(), s.cfg.DetachIdle)
+		}
+		return nil, fmt.Errorf("%w: device %q: %w (%d)", ErrAttachRefused, id, ErrTooManyDevices, s.cfg.MaxDevices)
+	}
+	return s.deviceLocked(id), nil
+}
+
+// forgetLocked removes a device, keeping its state pacing for later.
+func (s *Session) forgetLocked(id string, d *device) {
+	if time.Now().Before(d.nextState) {
+		s.stateNext[id] = d.nextState
+	}
+	delete(s.devices, id)
+}
+
+// keepAcked records an acknowledged data message under its packet ID.
+func (cs *connection) keepAcked(id uint16, msg Message) {
+	now := time.Now()
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	for len(cs.ackedOrder) > 0 {
+		old := cs.ackedOrder[0]
+		m, ok := cs.acked[old]
+		if ok && now.Sub(m.at) <= ackedWindow && len(cs.ackedOrder) < ackedMax {
+			break
+		}
+		if ok && now.Sub(m.at) > ackedWindow || len(cs.ackedOrder) >= ackedMax {
+			delete(cs.acked, old)
+		}
+		cs.ackedOrder = cs.ackedOrder[1:]
+	}
+	cs.acked[id] = &ackedMsg{msg: msg, at: now}
+	cs.ackedOrder = append(cs.ackedOrder, id)
+}
+
+// resend publishes again a message the bridge acknowledged and then named
+// in an error (the device was not attached): Publish attaches it first.
+func (s *Session) resend(msg Message, errType string) {
+	s.c.resentAfterError.Add(1)
+	ctx, cancel := context.WithTimeout(s.ctx, 3*s.cfg.Timeout)
+	defer cancel()
+	if err := s.Publish(ctx, msg); err != nil {
+		s.CountDrop(dropErrorAfterAck, 1)
+		s.log.Errorf("The bridge acknowledged a message of device %q and then reported %s for it; sending it again failed: %v", msg.Device, errType, err)
+		return
+	}
+	s.log.Debugf("Sent a message of device %q again: the bridge reported %s after acknowledging it", msg.Device, errType)
 }
 
 // healInterval is how often subscribed devices that lost their attachment
@@ -1017,7 +1188,7 @@ func (s *Session) healLoop() {
 // detachIdleLoop detaches devices that published nothing for DetachIdle and
 // have no subscriptions, freeing their slot of the bridge's attach limit.
 func (s *Session) detachIdleLoop() {
-	t := time.NewTicker(max(s.cfg.DetachIdle/4, 50*time.Millisecond))
+	t := time.NewTicker(min(max(s.cfg.DetachIdle/4, 50*time.Millisecond), time.Minute))
 	defer t.Stop()
 	for {
 		select {
@@ -1025,12 +1196,23 @@ func (s *Session) detachIdleLoop() {
 			return
 		case <-t.C:
 		}
-		cutoff := time.Now().Add(-s.cfg.DetachIdle)
+		now := time.Now()
+		cutoff := now.Add(-s.cfg.DetachIdle)
 		var idle []string
 		s.mu.Lock()
 		for id, d := range s.devices {
-			if d.wanted && d.lastUsed.Before(cutoff) && !s.wantsSubscriptionLocked(id) && d.attempt == nil {
+			if id == s.cfg.GatewayID || !d.lastUsed.Before(cutoff) || s.wantsSubscriptionLocked(id) || d.attempt != nil {
+				continue
+			}
+			if d.wanted {
 				idle = append(idle, id)
+			} else {
+				s.forgetLocked(id, d) // known but never attached: just forget
+			}
+		}
+		for id, next := range s.stateNext {
+			if now.After(next) {
+				delete(s.stateNext, id)
 			}
 		}
 		s.mu.Unlock()
@@ -1323,11 +1505,20 @@ func (s *Session) handleBridgeError(cs *connection, payload []byte) {
 		s.markDetached(cs, e.DeviceID)
 		if e.MessageInfo != nil && e.MessageInfo.PacketID != 0 {
 			cs.mu.Lock()
+			var resend *ackedMsg
 			if ch, ok := cs.pending[e.MessageInfo.PacketID]; ok {
 				delete(cs.pending, e.MessageInfo.PacketID)
 				close(ch)
+			} else if m, ok := cs.acked[e.MessageInfo.PacketID]; ok && m.msg.Device == e.DeviceID && time.Since(m.at) <= ackedWindow {
+				// The error came after the PUBACK: the message was
+				// acknowledged but dropped. Send it again.
+				delete(cs.acked, e.MessageInfo.PacketID)
+				resend = m
 			}
 			cs.mu.Unlock()
+			if resend != nil {
+				go s.resend(resend.msg, e.ErrorType)
+			}
 		}
 		// A subscribed device the bridge detached is re-attached by
 		// healLoop within healInterval; others on their next publish.
@@ -1422,6 +1613,7 @@ func (s *Session) Stats() Stats {
 	s.mu.Lock()
 	cs := s.conn
 	attached := 0
+	known := len(s.devices)
 	connected := cs != nil && !cs.isLost()
 	if cs != nil {
 		for _, d := range s.devices {
@@ -1432,21 +1624,24 @@ func (s *Session) Stats() Stats {
 	}
 	s.mu.Unlock()
 	st := Stats{
-		Connected:       connected,
-		Connects:        s.c.connects.Load(),
-		ConnectFailures: s.c.connectFailures.Load(),
-		ConnectionLost:  s.c.connectionLost.Load(),
-		TokenRenewals:   s.c.renewals.Load(),
-		AttachesOK:      s.c.attachesOK.Load(),
-		AttachesFailed:  s.c.attachesFailed.Load(),
-		Detaches:        s.c.detaches.Load(),
-		Attached:        attached,
-		Published:       s.c.published.Load(),
-		Acked:           s.c.acked.Load(),
-		Retries:         s.c.retries.Load(),
-		Received:        s.c.received.Load(),
-		ErrorsByType:    make(map[string]uint64),
-		DroppedByReason: make(map[string]uint64),
+		Connected:        connected,
+		Connects:         s.c.connects.Load(),
+		ConnectFailures:  s.c.connectFailures.Load(),
+		ConnectionLost:   s.c.connectionLost.Load(),
+		TokenRenewals:    s.c.renewals.Load(),
+		AttachesOK:       s.c.attachesOK.Load(),
+		AttachesFailed:   s.c.attachesFailed.Load(),
+		Detaches:         s.c.detaches.Load(),
+		Attached:         attached,
+		Published:        s.c.published.Load(),
+		Acked:            s.c.acked.Load(),
+		Retries:          s.c.retries.Load(),
+		Received:         s.c.received.Load(),
+		DevicesRefused:   s.c.devicesRefused.Load(),
+		ResentAfterError: s.c.resentAfterError.Load(),
+		Known:            known,
+		ErrorsByType:     make(map[string]uint64),
+		DroppedByReason:  make(map[string]uint64),
 	}
 	s.c.mu.Lock()
 	for k, v := range s.c.errorsByType {
@@ -1488,11 +1683,15 @@ func jitter(d time.Duration) time.Duration {
 }
 
 // retryBackoff is the wait before re-attaching a refused device: 1 s doubling
-// to 5 min, so a misconfigured device costs little but heals by itself.
+// to a minute, so a misconfigured device costs little but heals by itself.
 func retryBackoff(failures int) time.Duration {
 	d := time.Second << min(failures-1, 9)
-	return jitter(min(d, 5*time.Minute))
+	return jitter(min(d, maxRefusedBackoff))
 }
+
+// maxRefusedBackoff caps the wait before a refused device is tried again, so
+// that a device bound just now delivers again within a minute.
+const maxRefusedBackoff = time.Minute
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)

@@ -5,6 +5,9 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -62,6 +65,18 @@ func ParseSigner(pemBytes []byte, alg string) (*Signer, error) {
 
 // Algorithm returns RS256 or ES256.
 func (s *Signer) Algorithm() string { return s.alg }
+
+// PublicKeyID identifies the key pair without revealing it: the first 8
+// bytes of the SHA-256 of the public key (PKIX DER), in hex. Two plugin
+// files naming the same key in different files or encodings get the same ID.
+func (s *Signer) PublicKeyID() string {
+	der, err := x509.MarshalPKIXPublicKey(s.key.Public())
+	if err != nil {
+		return "unknown"
+	}
+	sum := sha256.Sum256(der)
+	return hex.EncodeToString(sum[:8])
+}
 
 // Token mints a JWT with iat = now, exp = now + lifetime and aud = audience
 // (the subscription ID). golang-jwt emits unpadded base64url as OmniCore demands.

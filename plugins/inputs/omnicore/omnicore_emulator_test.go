@@ -6,7 +6,6 @@ package omnicore
 
 import (
 	"context"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -34,23 +33,10 @@ type bridge struct {
 
 func newBridge(t *testing.T, devices ...string) *bridge {
 	t.Helper()
-	isolateSharing(t)
 	srv := emulator.NewServer()
 	t.Cleanup(srv.Close)
 	key := srv.AddTestGateway(t, testRegistry, testGateway, omnicore.ES256, devices...)
 	return &bridge{srv: srv, key: key}
-}
-
-// isolateSharing gives the test its own rendezvous directory for the
-// cross-process sharing of gateway connections, so that gateway tests of
-// other packages running at the same time never meet this one's. The path is
-// kept short for the Unix socket inside it.
-func isolateSharing(t *testing.T) {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "oci-")
-	require.NoError(t, err)
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	t.Setenv(gateway.EnvRuntimeDir, dir)
 }
 
 // plugin builds the plugin from the factory with the real session.

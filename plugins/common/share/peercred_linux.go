@@ -1,4 +1,4 @@
-package gateway
+package share
 
 import "golang.org/x/sys/unix"
 

@@ -1,6 +1,6 @@
 //go:build linux || darwin || freebsd
 
-package gateway
+package share
 
 import (
 	"fmt"
@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -22,12 +23,12 @@ func BenchmarkShareSocketOverhead(b *testing.B) {
 	ownerCfg := br.config(b, "output")
 	ownerCfg.MaxInflight = 256
 	owner, _ := br.acquire(b, ownerCfg)
-	require.NoError(b, owner.(*Session).WaitReady(ctx))
+	require.NoError(b, ownerSession(b, ctx, owner).WaitReady(ctx))
 	client, _ := br.acquire(b, br.config(b, "input"))
 	devices := []string{"dev-a", "dev-b", "dev-c", "dev-d"}
 	payload := make([]byte, 200)
 
-	run := func(conn Conn, n int) time.Duration {
+	run := func(conn gateway.Conn, n int) time.Duration {
 		const workers = 128
 		var wg sync.WaitGroup
 		start := time.Now()
@@ -36,7 +37,7 @@ func BenchmarkShareSocketOverhead(b *testing.B) {
 			go func() {
 				defer wg.Done()
 				for i := w; i < n; i += workers {
-					msg := Message{Device: devices[i%len(devices)], Kind: omnicore.KindEvents, Payload: payload, QoS: 1}
+					msg := gateway.Message{Device: devices[i%len(devices)], Kind: omnicore.KindEvents, Payload: payload, QoS: 1}
 					if err := conn.Publish(ctx, msg); err != nil {
 						panic(fmt.Sprintf("publish: %v", err))
 					}

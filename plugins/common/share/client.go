@@ -1,4 +1,4 @@
-package gateway
+package share
 
 import (
 	"bufio"
@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/influxdata/telegraf"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 )
 
 // remoteConn is a Conn served by the owning process over the sharing socket.
@@ -20,13 +22,12 @@ import (
 // are in flight at once. Once the socket fails every call returns
 // errOwnerGone and the shareConn above moves to the next owner.
 type remoteConn struct {
-	gateway      string
-	ownerPID     int
-	ownerOptions string
-	log          telegraf.Logger
-	conn         *net.UnixConn
-	out          *frameQueue
-	inbound      chan *frame
+	gateway  string
+	ownerPID int
+	log      telegraf.Logger
+	conn     *net.UnixConn
+	out      *frameQueue
+	inbound  chan *frame
 
 	dead     chan struct{}
 	deadOnce sync.Once
@@ -37,12 +38,22 @@ type remoteConn struct {
 
 	mu       sync.Mutex
 	pending  map[uint64]chan *frame
-	handlers map[uint64]Handler
+	handlers map[uint64]gateway.Handler
+
+	// lastHeard is when the owner last sent anything (unix ns); the
+	// owner's health comes with its pings.
+	lastHeard      atomic.Int64
+	ownerConnected atomic.Bool
+	ownerErr       atomic.Pointer[string]
+	// silentReported is watch's own state: it said the owner is silent.
+	silentReported bool
 }
 
 // dialOwner connects to the owner's socket, checks that the owner runs as
-// this user, and shakes hands.
-func dialOwner(ctx context.Context, rz *rendezvous, log telegraf.Logger) (*remoteConn, error) {
+// this user, and shakes hands: the hello carries this process's connection
+// settings and plugin file, and an owner whose settings differ answers with
+// a *conflictError.
+func dialOwner(ctx context.Context, rz *rendezvous, log telegraf.Logger, settings map[string]string, pluginFile string) (*remoteConn, error) {
 	ctx, cancel := context.WithTimeout(ctx, shareDialTimeout)
 	defer cancel()
 	var d net.Dialer
@@ -63,7 +74,7 @@ func dialOwner(ctx context.Context, rz *rendezvous, log telegraf.Logger) (*remot
 	_ = uc.SetDeadline(dl)
 	bw := bufio.NewWriter(uc)
 	br := bufio.NewReaderSize(uc, 64<<10)
-	hello := &frame{wireHeader: wireHeader{Op: opHello, ID: 1, Version: shareProtoVersion, Key: rz.name, PID: os.Getpid()}}
+	hello := &frame{wireHeader: wireHeader{Op: opHello, ID: 1, Version: shareProtoVersion, Key: rz.name, PID: os.Getpid(), Settings: settings, File: pluginFile}}
 	if err := writeFrame(bw, hello); err == nil {
 		err = bw.Flush()
 	}
@@ -74,6 +85,10 @@ func dialOwner(ctx context.Context, rz *rendezvous, log telegraf.Logger) (*remot
 	resp, err := readFrame(br)
 	if err == nil && (resp.Op != opResponse || resp.ID != 1) {
 		err = fmt.Errorf("unexpected %q frame", resp.Op)
+	}
+	if err == nil && resp.Code == codeConflict {
+		uc.Close()
+		return nil, &conflictError{pid: resp.PID, file: resp.File, settings: resp.Settings}
 	}
 	if err == nil && resp.Code != "" {
 		err = errors.New(resp.Error)
@@ -87,18 +102,20 @@ func dialOwner(ctx context.Context, rz *rendezvous, log telegraf.Logger) (*remot
 		log = discardLogger{}
 	}
 	rc := &remoteConn{
-		gateway:      resp.Gateway,
-		ownerPID:     resp.PID,
-		ownerOptions: resp.Options,
-		log:          log,
-		conn:         uc,
-		out:          newFrameQueue(),
-		inbound:      make(chan *frame, 1024),
-		dead:         make(chan struct{}),
-		pending:      make(map[uint64]chan *frame),
-		handlers:     make(map[uint64]Handler),
+		gateway:  resp.Gateway,
+		ownerPID: resp.PID,
+		log:      log,
+		conn:     uc,
+		out:      newFrameQueue(),
+		inbound:  make(chan *frame, 1024),
+		dead:     make(chan struct{}),
+		pending:  make(map[uint64]chan *frame),
+		handlers: make(map[uint64]gateway.Handler),
 	}
 	rc.nextID.Store(1)
+	rc.lastHeard.Store(time.Now().UnixNano())
+	rc.ownerConnected.Store(true) // until its first ping says otherwise
+	go rc.ping()
 	go rc.readLoop(br)
 	go func() {
 		if err := writeLoop(uc, rc.out, rc.dead, 0, nil); err != nil {
@@ -107,6 +124,33 @@ func dialOwner(ctx context.Context, rz *rendezvous, log telegraf.Logger) (*remot
 	}()
 	go rc.dispatch()
 	return rc, nil
+}
+
+// ping tells the owner this process is alive, every shareHeartbeat.
+func (rc *remoteConn) ping() {
+	t := time.NewTicker(shareHeartbeat)
+	defer t.Stop()
+	for {
+		select {
+		case <-rc.dead:
+			return
+		case <-t.C:
+			rc.out.push(&frame{wireHeader: wireHeader{Op: opPing}})
+		}
+	}
+}
+
+// heard is when the owner last sent anything.
+func (rc *remoteConn) heard() time.Time { return time.Unix(0, rc.lastHeard.Load()) }
+
+// ownerHealth is what the owner's last ping said about its bridge
+// connection: connected, or the error of its last connect.
+func (rc *remoteConn) ownerHealth() (bool, string) {
+	e := ""
+	if p := rc.ownerErr.Load(); p != nil {
+		e = *p
+	}
+	return rc.ownerConnected.Load(), e
 }
 
 // fail ends the connection; the first cause is kept.
@@ -135,7 +179,12 @@ func (rc *remoteConn) readLoop(br *bufio.Reader) {
 			rc.fail(fmt.Errorf("socket closed: %w", err))
 			return
 		}
+		rc.lastHeard.Store(time.Now().UnixNano())
 		switch f.Op {
+		case opPing:
+			rc.ownerConnected.Store(f.Connected)
+			e := f.Error
+			rc.ownerErr.Store(&e)
 		case opResponse:
 			rc.mu.Lock()
 			ch := rc.pending[f.ID]
@@ -252,7 +301,7 @@ func (rc *remoteConn) GatewayID() string { return rc.gateway }
 
 // Publish implements Conn: it returns nil only after the owner's session
 // acknowledged the message.
-func (rc *remoteConn) Publish(ctx context.Context, msg Message) error {
+func (rc *remoteConn) Publish(ctx context.Context, msg gateway.Message) error {
 	f := &frame{
 		wireHeader: wireHeader{Op: opPublish, Device: msg.Device, Kind: msg.Kind, Subfolder: msg.Subfolder, QoS: msg.QoS},
 		// Copied: the caller may reuse its buffer once Publish returned,
@@ -276,7 +325,7 @@ func (rc *remoteConn) Detach(ctx context.Context, device string) error {
 }
 
 // Subscribe implements Conn.
-func (rc *remoteConn) Subscribe(ctx context.Context, device string, h Handler) (Subscription, error) {
+func (rc *remoteConn) Subscribe(ctx context.Context, device string, h gateway.Handler) (gateway.Subscription, error) {
 	id := rc.nextSub.Add(1)
 	rc.mu.Lock()
 	rc.handlers[id] = h
@@ -296,18 +345,18 @@ func (rc *remoteConn) Subscribe(ctx context.Context, device string, h Handler) (
 }
 
 // SubscribeAll implements Conn.
-func (rc *remoteConn) SubscribeAll(h Handler) Subscription {
+func (rc *remoteConn) SubscribeAll(h gateway.Handler) gateway.Subscription {
 	return rc.subscribeAsync(opSubscribeAll, h)
 }
 
 // SubscribeErrors implements Conn.
-func (rc *remoteConn) SubscribeErrors(h Handler) Subscription {
+func (rc *remoteConn) SubscribeErrors(h gateway.Handler) gateway.Subscription {
 	return rc.subscribeAsync(opSubscribeErrors, h)
 }
 
 // subscribeAsync registers a subscription that cannot fail. The request is
 // queued before it returns, so it reaches the owner before any later call.
-func (rc *remoteConn) subscribeAsync(op string, h Handler) Subscription {
+func (rc *remoteConn) subscribeAsync(op string, h gateway.Handler) gateway.Subscription {
 	id := rc.nextSub.Add(1)
 	rc.mu.Lock()
 	rc.handlers[id] = h
@@ -348,23 +397,23 @@ func (rc *remoteConn) ReportGauges(source string, gauges map[string]int64) {
 }
 
 // Stats implements Conn.
-func (rc *remoteConn) Stats() Stats {
+func (rc *remoteConn) Stats() gateway.Stats {
 	ctx, cancel := context.WithTimeout(context.Background(), shareDialTimeout)
 	defer cancel()
 	st, err := rc.stats(ctx)
 	if err != nil {
-		return Stats{ErrorsByType: map[string]uint64{}, DroppedByReason: map[string]uint64{}}
+		return gateway.Stats{ErrorsByType: map[string]uint64{}, DroppedByReason: map[string]uint64{}}
 	}
 	return st
 }
 
-func (rc *remoteConn) stats(ctx context.Context) (Stats, error) {
+func (rc *remoteConn) stats(ctx context.Context) (gateway.Stats, error) {
 	r, err := rc.call(ctx, &frame{wireHeader: wireHeader{Op: opStats}})
 	if err != nil {
-		return Stats{}, err
+		return gateway.Stats{}, err
 	}
 	if r.Stats == nil {
-		return Stats{}, errors.New("owner sent no stats")
+		return gateway.Stats{}, errors.New("owner sent no stats")
 	}
 	st := *r.Stats
 	if st.ErrorsByType == nil {

@@ -1,6 +1,6 @@
 //go:build linux || darwin || freebsd
 
-package gateway
+package share
 
 import (
 	"context"
@@ -15,11 +15,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/influxdata/telegraf/config"
 	"github.com/influxdata/telegraf/testutil"
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/statedir"
 )
 
 // ---------------------------------------------------------------------------
@@ -32,7 +35,24 @@ func shareDir(t testing.TB) string {
 	dir, err := os.MkdirTemp("", "ocs")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	return filepath.Join(dir, "rt")
+	rt := filepath.Join(dir, "rt")
+	require.NoError(t, os.Mkdir(rt, 0o700))
+	return rt
+}
+
+// ownerSession waits until conn (a shareConn) found its backend and returns
+// it when this process owns the connection, nil when it is a client.
+func ownerSession(t testing.TB, ctx context.Context, conn gateway.Conn) *gateway.Session {
+	t.Helper()
+	be, _, err := conn.(*shareConn).backend(ctx)
+	require.NoError(t, err)
+	s, _ := be.(*gateway.Session)
+	return s
+}
+
+// acquireAcross is what Acquire does with the sharing installed for dir.
+func acquireAcross(cfg *gateway.Config, dir string) (gateway.Conn, func(context.Context) error, error) {
+	return (&sharer{dir: dir, settings: Settings{PluginFile: cfg.GatewayID + ".conf"}}).acquire(cfg)
 }
 
 func shareCtx(t testing.TB, d time.Duration) context.Context {
@@ -45,28 +65,28 @@ func shareCtx(t testing.TB, d time.Duration) context.Context {
 // shareFake is a Conn for the owner side of protocol tests: publishes can be
 // held at a gate, attaches refused, and inbound messages injected.
 type shareFake struct {
-	gate    chan struct{} // when non-nil, Publish waits for it to be closed
-	entered chan Message  // every Publish reports here first (buffered)
+	gate    chan struct{}        // when non-nil, Publish waits for it to be closed
+	entered chan gateway.Message // every Publish reports here first (buffered)
 
 	mu        sync.Mutex
-	published []Message
+	published []gateway.Message
 	refused   map[string]string
 	handlers  map[int]shareFakeSub
 	next      int
 	drops     map[string]uint64
-	gauges    gaugeBook
+	gauges    map[string]map[string]int64
 	canceled  atomic.Int64
 	changed   chan struct{}
 }
 
 type shareFakeSub struct {
 	device string // "" = all, "!errors" = errors
-	h      Handler
+	h      gateway.Handler
 }
 
 func newShareFake() *shareFake {
 	return &shareFake{
-		entered:  make(chan Message, 10000),
+		entered:  make(chan gateway.Message, 10000),
 		refused:  make(map[string]string),
 		handlers: make(map[int]shareFakeSub),
 		drops:    make(map[string]uint64),
@@ -103,19 +123,19 @@ func (f *shareFake) Attach(_ context.Context, device string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if d, ok := f.refused[device]; ok {
-		return fmt.Errorf("%w: device %q: %s", ErrAttachRefused, device, d)
+		return fmt.Errorf("%w: device %q: %s", gateway.ErrAttachRefused, device, d)
 	}
 	return nil
 }
 
 func (f *shareFake) Detach(context.Context, string) error { return nil }
 
-func (f *shareFake) Publish(ctx context.Context, msg Message) error {
+func (f *shareFake) Publish(ctx context.Context, msg gateway.Message) error {
 	if err := omnicore.ValidateID(msg.Device); err != nil {
-		return fmt.Errorf("%w: %w", ErrInvalidDevice, err)
+		return fmt.Errorf("%w: %w", gateway.ErrInvalidDevice, err)
 	}
 	if len(msg.Payload) > omnicore.MaxTelemetryBytes {
-		return fmt.Errorf("%w: %d bytes", ErrTooLarge, len(msg.Payload))
+		return fmt.Errorf("%w: %d bytes", gateway.ErrTooLarge, len(msg.Payload))
 	}
 	f.entered <- msg
 	if f.gate != nil {
@@ -136,17 +156,19 @@ func (f *shareFake) Publish(ctx context.Context, msg Message) error {
 	return nil
 }
 
-func (f *shareFake) Subscribe(_ context.Context, device string, h Handler) (Subscription, error) {
+func (f *shareFake) Subscribe(_ context.Context, device string, h gateway.Handler) (gateway.Subscription, error) {
 	if err := f.Attach(context.Background(), device); err != nil {
-		return f.add(device, h), err // kept, like the Session does
+		return f.add(device, h), err // kept, like the gateway.Session does
 	}
 	return f.add(device, h), nil
 }
 
-func (f *shareFake) SubscribeAll(h Handler) Subscription    { return f.add("", h) }
-func (f *shareFake) SubscribeErrors(h Handler) Subscription { return f.add("!errors", h) }
+func (f *shareFake) SubscribeAll(h gateway.Handler) gateway.Subscription { return f.add("", h) }
+func (f *shareFake) SubscribeErrors(h gateway.Handler) gateway.Subscription {
+	return f.add("!errors", h)
+}
 
-func (f *shareFake) add(device string, h Handler) Subscription {
+func (f *shareFake) add(device string, h gateway.Handler) gateway.Subscription {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.next++
@@ -171,9 +193,9 @@ func (f *shareFake) subscribers() int {
 
 // deliver calls the matching handlers synchronously, like the session's
 // dispatcher.
-func (f *shareFake) deliver(in Inbound) {
+func (f *shareFake) deliver(in gateway.Inbound) {
 	f.mu.Lock()
-	var hs []Handler
+	var hs []gateway.Handler
 	for _, s := range f.handlers {
 		switch {
 		case in.Kind == omnicore.KindErrors:
@@ -198,28 +220,44 @@ func (f *shareFake) CountDrop(reason string, n uint64) {
 }
 
 func (f *shareFake) ReportGauges(source string, gauges map[string]int64) {
-	f.gauges.report(source, gauges, time.Now())
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.gauges == nil {
+		f.gauges = make(map[string]map[string]int64)
+	}
+	f.gauges[source] = gauges
 	f.notifyLocked()
 }
 
-func (f *shareFake) Stats() Stats {
+func (f *shareFake) Stats() gateway.Stats {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	drops := make(map[string]uint64)
 	for k, v := range f.drops {
 		drops[k] = v
 	}
-	return Stats{Connected: true, Acked: uint64(len(f.published)), ErrorsByType: map[string]uint64{}, DroppedByReason: drops, Gauges: f.gauges.sum(time.Now())}
+	return gateway.Stats{Connected: true, Acked: uint64(len(f.published)), ErrorsByType: map[string]uint64{}, DroppedByReason: drops, Gauges: sumGauges(f.gauges)}
+}
+
+func sumGauges(by map[string]map[string]int64) map[string]int64 {
+	var out map[string]int64
+	for _, g := range by {
+		for k, v := range g {
+			if out == nil {
+				out = make(map[string]int64)
+			}
+			out[k] += v
+		}
+	}
+	return out
 }
 
 // serveFake serves conn on a fresh rendezvous and holds its owner lock.
-func serveFake(t testing.TB, conn Conn, tune func(*shareServer)) (*rendezvous, *shareServer) {
+func serveFake(t testing.TB, conn gateway.Conn, tune func(*shareServer)) (*rendezvous, *shareServer) {
 	t.Helper()
 	rz, err := newRendezvous(shareDir(t), "fake-key")
 	require.NoError(t, err)
-	lock, err := lockOwner(rz, "fake")
+	lock, err := lockOwner(rz, "fake", "")
 	require.NoError(t, err)
 	srv, err := newShareServer(conn, rz, testutil.Logger{Name: "owner"})
 	require.NoError(t, err)
@@ -237,9 +275,9 @@ func serveFake(t testing.TB, conn Conn, tune func(*shareServer)) (*rendezvous, *
 
 func dialFake(t testing.TB, rz *rendezvous) *remoteConn {
 	t.Helper()
-	rc, err := dialOwner(shareCtx(t, 10*time.Second), rz, testutil.Logger{Name: "client"})
+	rc, err := dialOwner(shareCtx(t, 10*time.Second), rz, testutil.Logger{Name: "client"}, nil, "")
 	require.NoError(t, err)
-	t.Cleanup(func() { rc.fail(ErrClosed) })
+	t.Cleanup(func() { rc.fail(gateway.ErrClosed) })
 	return rc
 }
 
@@ -247,9 +285,9 @@ func dialFake(t testing.TB, rz *rendezvous) *remoteConn {
 // the test (it never takes over: the test holds the lock).
 func fakeShareConn(t testing.TB, rz *rendezvous) *shareConn {
 	t.Helper()
-	cfg := &Config{SubscriptionID: "sub", RegistryID: "reg", GatewayID: "fake-gw", Timeout: 5 * time.Second, MaxInflight: 16}
-	sc := newShareConn(cfg, rz, testutil.Logger{Name: "client"})
-	go sc.run()
+	cfg := &gateway.Config{SubscriptionID: "sub", RegistryID: "reg", GatewayID: "fake-gw", Timeout: 5 * time.Second, MaxInflight: 16}
+	sc := newShareConn(cfg, Settings{}, rz, testutil.Logger{Name: "client"})
+	go sc.run(nil)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -272,7 +310,7 @@ func TestSharePublishesArePipelined(t *testing.T) {
 	results := make(chan error, n)
 	for i := range n {
 		go func() {
-			results <- rc.Publish(ctx, Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: fmt.Appendf(nil, "m%d", i), QoS: 1})
+			results <- rc.Publish(ctx, gateway.Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: fmt.Appendf(nil, "m%d", i), QoS: 1})
 		}()
 	}
 	// All n reach the owner's session while none is acknowledged: the
@@ -308,22 +346,22 @@ func TestShareCallOutcomes(t *testing.T) {
 		wantErr error
 	}{
 		{"publish", func() error {
-			return rc.Publish(ctx, Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
+			return rc.Publish(ctx, gateway.Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
 		}, nil},
 		{"publish for a hostile device", func() error {
-			return rc.Publish(ctx, Message{Device: "a/+/#", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
-		}, ErrInvalidDevice},
+			return rc.Publish(ctx, gateway.Message{Device: "a/+/#", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
+		}, gateway.ErrInvalidDevice},
 		{"publish over the limit", func() error {
-			return rc.Publish(ctx, Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: make([]byte, omnicore.MaxTelemetryBytes+1), QoS: 1})
-		}, ErrTooLarge},
+			return rc.Publish(ctx, gateway.Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: make([]byte, omnicore.MaxTelemetryBytes+1), QoS: 1})
+		}, gateway.ErrTooLarge},
 		{"attach", func() error { return rc.Attach(ctx, "dev-2") }, nil},
-		{"attach refused", func() error { return rc.Attach(ctx, "dev-refused") }, ErrAttachRefused},
+		{"attach refused", func() error { return rc.Attach(ctx, "dev-refused") }, gateway.ErrAttachRefused},
 		{"detach", func() error { return rc.Detach(ctx, "dev-2") }, nil},
 		{"subscribe refused keeps the subscription", func() error {
-			sub, err := rc.Subscribe(ctx, "dev-refused", func(Inbound) {})
+			sub, err := rc.Subscribe(ctx, "dev-refused", func(gateway.Inbound) {})
 			require.NotNil(t, sub)
 			return err
-		}, ErrAttachRefused},
+		}, gateway.ErrAttachRefused},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -374,7 +412,7 @@ func TestShareCancelReachesOwner(t *testing.T) {
 			defer cancel()
 			done := make(chan error, 1)
 			go func() {
-				done <- rc.Publish(ctx, Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
+				done <- rc.Publish(ctx, gateway.Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
 			}()
 			<-fake.entered
 			if tt.cancel {
@@ -396,10 +434,10 @@ func TestShareInboundReachesSubscribers(t *testing.T) {
 
 	type got struct {
 		who string
-		in  Inbound
+		in  gateway.Inbound
 	}
 	ch := make(chan got, 100)
-	handler := func(who string) Handler { return func(in Inbound) { ch <- got{who, in} } }
+	handler := func(who string) gateway.Handler { return func(in gateway.Inbound) { ch <- got{who, in} } }
 	_, err := sc.Subscribe(ctx, "dev-1", handler("dev-1"))
 	require.NoError(t, err)
 	errSub := sc.SubscribeErrors(handler("errors"))
@@ -409,12 +447,12 @@ func TestShareInboundReachesSubscribers(t *testing.T) {
 	received := time.Unix(1700000000, 5)
 	tests := []struct {
 		name string
-		in   Inbound
+		in   gateway.Inbound
 		want []string
 	}{
-		{"config", Inbound{Device: "dev-1", Kind: omnicore.KindConfig, Topic: "/reg/dev-1/config", Payload: []byte("{}"), Received: received}, []string{"all", "dev-1"}},
-		{"command of another device", Inbound{Device: "dev-2", Kind: omnicore.KindCommands, Subfolder: "x", Payload: []byte("c"), Received: received}, []string{"all"}},
-		{"error", Inbound{Device: "fake-gw", Kind: omnicore.KindErrors, Payload: []byte(`{"error_type":"X"}`), Received: received}, []string{"errors"}},
+		{"config", gateway.Inbound{Device: "dev-1", Kind: omnicore.KindConfig, Topic: "/reg/dev-1/config", Payload: []byte("{}"), Received: received}, []string{"all", "dev-1"}},
+		{"command of another device", gateway.Inbound{Device: "dev-2", Kind: omnicore.KindCommands, Subfolder: "x", Payload: []byte("c"), Received: received}, []string{"all"}},
+		{"error", gateway.Inbound{Device: "fake-gw", Kind: omnicore.KindErrors, Payload: []byte(`{"error_type":"X"}`), Received: received}, []string{"errors"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -437,8 +475,8 @@ func TestShareInboundReachesSubscribers(t *testing.T) {
 	errSub.Unsubscribe()
 	allSub.Unsubscribe()
 	fake.waitFor(t, ctx, func() bool { return fake.subscribers() == 1 })
-	fake.deliver(Inbound{Device: "fake-gw", Kind: omnicore.KindErrors, Payload: []byte("e")})
-	fake.deliver(Inbound{Device: "dev-1", Kind: omnicore.KindConfig, Payload: []byte("last")})
+	fake.deliver(gateway.Inbound{Device: "fake-gw", Kind: omnicore.KindErrors, Payload: []byte("e")})
+	fake.deliver(gateway.Inbound{Device: "dev-1", Kind: omnicore.KindConfig, Payload: []byte("last")})
 	g := <-ch
 	require.Equal(t, "dev-1", g.who, "nothing reaches a handler after Unsubscribe")
 	require.Equal(t, "last", string(g.in.Payload))
@@ -452,7 +490,7 @@ func TestShareSlowClientIsDisconnectedAndResubscribes(t *testing.T) {
 
 	release := make(chan struct{})
 	var calls atomic.Int64
-	_, err := sc.Subscribe(ctx, "dev-1", func(Inbound) {
+	_, err := sc.Subscribe(ctx, "dev-1", func(gateway.Inbound) {
 		if calls.Add(1) == 1 {
 			<-release // the plugin's handler is stuck
 		}
@@ -465,7 +503,7 @@ func TestShareSlowClientIsDisconnectedAndResubscribes(t *testing.T) {
 	// bounded queue overflows.
 	big := make([]byte, 60<<10)
 	for i := 0; ; i++ {
-		fake.deliver(Inbound{Device: "dev-1", Kind: omnicore.KindCommands, Payload: big})
+		fake.deliver(gateway.Inbound{Device: "dev-1", Kind: omnicore.KindCommands, Payload: big})
 		fake.mu.Lock()
 		dropped := fake.drops[dropSlowClient]
 		fake.mu.Unlock()
@@ -482,7 +520,7 @@ func TestShareSlowClientIsDisconnectedAndResubscribes(t *testing.T) {
 	gen := sc.gen
 	sc.mu.Unlock()
 	require.Equal(t, uint64(2), gen, "the client reconnected once")
-	require.NoError(t, sc.Publish(ctx, Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: []byte("after"), QoS: 1}))
+	require.NoError(t, sc.Publish(ctx, gateway.Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: []byte("after"), QoS: 1}))
 }
 
 func TestShareHandshakeRefusals(t *testing.T) {
@@ -494,7 +532,7 @@ func TestShareHandshakeRefusals(t *testing.T) {
 				return checkPeer(c, c.UID+1) // as if the peer were another user
 			}
 		})
-		_, err := dialOwner(shareCtx(t, 10*time.Second), rz, testutil.Logger{})
+		_, err := dialOwner(shareCtx(t, 10*time.Second), rz, testutil.Logger{}, nil, "")
 		require.ErrorContains(t, err, "handshake")
 		c := seen.Load()
 		require.NotNil(t, c)
@@ -505,13 +543,13 @@ func TestShareHandshakeRefusals(t *testing.T) {
 		rz, _ := serveFake(t, newShareFake(), nil)
 		other := *rz
 		other.name = "gw-other"
-		_, err := dialOwner(shareCtx(t, 10*time.Second), &other, testutil.Logger{})
+		_, err := dialOwner(shareCtx(t, 10*time.Second), &other, testutil.Logger{}, nil, "")
 		require.ErrorContains(t, err, "socket of gateway")
 	})
 	t.Run("nobody listening", func(t *testing.T) {
 		rz, err := newRendezvous(shareDir(t), "k")
 		require.NoError(t, err)
-		_, err = dialOwner(shareCtx(t, 10*time.Second), rz, testutil.Logger{})
+		_, err = dialOwner(shareCtx(t, 10*time.Second), rz, testutil.Logger{}, nil, "")
 		require.Error(t, err)
 	})
 }
@@ -519,71 +557,29 @@ func TestShareHandshakeRefusals(t *testing.T) {
 // ---------------------------------------------------------------------------
 // Rendezvous files
 
-func TestShareRendezvousPermissions(t *testing.T) {
-	base := shareDir(t)
-	tests := []struct {
-		name    string
-		setup   func(dir string)
-		wantErr string
-	}{
-		{"created", func(string) {}, ""},
-		{"existing too open is made private", func(dir string) {
-			require.NoError(t, os.MkdirAll(dir, 0o755))
-			require.NoError(t, os.Chmod(dir, 0o777))
-		}, ""},
-		{"symlink refused", func(dir string) {
-			target := dir + "-target"
-			require.NoError(t, os.MkdirAll(target, 0o700))
-			require.NoError(t, os.MkdirAll(filepath.Dir(dir), 0o700))
-			require.NoError(t, os.Symlink(target, dir))
-		}, "not a directory"},
-		{"file refused", func(dir string) {
-			require.NoError(t, os.MkdirAll(filepath.Dir(dir), 0o700))
-			require.NoError(t, os.WriteFile(dir, nil, 0o600))
-		}, "not a directory"},
+func TestShareRendezvousFiles(t *testing.T) {
+	rz, err := newRendezvous(shareDir(t), "client-id")
+	require.NoError(t, err)
+	lock, err := lockOwner(rz, "client-id", "")
+	require.NoError(t, err)
+	defer lock.Close()
+	srv, err := listenShare(newShareFake(), rz, testutil.Logger{})
+	require.NoError(t, err)
+	for path, mode := range map[string]os.FileMode{rz.sock: 0o600, rz.lock: 0o600} {
+		fi, err := os.Stat(path)
+		require.NoError(t, err)
+		require.Equal(t, mode, fi.Mode().Perm(), path)
 	}
-	for i, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			dir := filepath.Join(base, fmt.Sprint(i))
-			tt.setup(dir)
-			rz, err := newRendezvous(dir, "key")
-			if tt.wantErr != "" {
-				require.ErrorContains(t, err, tt.wantErr)
-				return
-			}
-			require.NoError(t, err)
-			fi, err := os.Stat(dir)
-			require.NoError(t, err)
-			require.Equal(t, os.FileMode(0o700), fi.Mode().Perm())
-
-			lock, err := lockOwner(rz, "client-id")
-			require.NoError(t, err)
-			defer lock.Close()
-			srv, err := listenShare(newShareFake(), rz, testutil.Logger{})
-			require.NoError(t, err)
-			for path, mode := range map[string]os.FileMode{rz.sock: 0o600, rz.lock: 0o600} {
-				fi, err := os.Stat(path)
-				require.NoError(t, err)
-				require.Equal(t, mode, fi.Mode().Perm(), path)
-			}
-			srv.stopAccepting()
-			srv.closeClients()
-			_, err = os.Stat(rz.sock)
-			require.ErrorIs(t, err, os.ErrNotExist, "the owner removes its socket when it stops")
-		})
-	}
-
-	t.Run("socket path too long", func(t *testing.T) {
-		long := filepath.Join(base, string(make([]byte, 0)), "a-directory-name-long-enough-to-overflow-the-unix-socket-path-limit-of-the-kernel")
-		_, err := newRendezvous(long, "key")
-		require.ErrorContains(t, err, EnvRuntimeDir)
-	})
+	srv.stopAccepting()
+	srv.closeClients()
+	_, err = os.Stat(rz.sock)
+	require.ErrorIs(t, err, os.ErrNotExist, "the owner removes its socket when it stops")
 
 	t.Run("directory of another user refused", func(t *testing.T) {
 		if os.Geteuid() != 0 {
 			t.Skip("needs root to create a directory owned by another user")
 		}
-		dir := filepath.Join(base, "other")
+		dir := filepath.Join(filepath.Dir(rz.dir), "other")
 		require.NoError(t, os.MkdirAll(dir, 0o700))
 		require.NoError(t, os.Chown(dir, 65534, 65534))
 		_, err := newRendezvous(dir, "key")
@@ -594,15 +590,15 @@ func TestShareRendezvousPermissions(t *testing.T) {
 func TestShareLockIsExclusive(t *testing.T) {
 	rz, err := newRendezvous(shareDir(t), "key")
 	require.NoError(t, err)
-	first, err := lockOwner(rz, "a")
+	first, err := lockOwner(rz, "a", "")
 	require.NoError(t, err)
-	_, err = lockOwner(rz, "b")
+	_, err = lockOwner(rz, "b", "")
 	require.ErrorIs(t, err, errLocked)
 	content, err := os.ReadFile(rz.lock)
 	require.NoError(t, err)
 	require.Contains(t, string(content), fmt.Sprintf("pid %d\n", os.Getpid()))
 	require.NoError(t, first.Close())
-	second, err := lockOwner(rz, "b")
+	second, err := lockOwner(rz, "b", "")
 	require.NoError(t, err, "the lock is free once its holder closed it")
 	second.Close()
 }
@@ -617,7 +613,7 @@ const (
 
 type shareBridge struct {
 	srv  *emulator.Server
-	opts Options
+	opts gateway.Options
 	dir  string // rendezvous directory
 }
 
@@ -626,7 +622,7 @@ func newShareBridge(t testing.TB, devices ...string) *shareBridge {
 	srv := emulator.NewServer()
 	t.Cleanup(srv.Close)
 	key := srv.AddTestGateway(t, shareRegistry, shareGateway, omnicore.ES256, devices...)
-	opts := DefaultOptions()
+	opts := gateway.DefaultOptions()
 	opts.Servers = []string{srv.URL}
 	opts.SubscriptionID = srv.Subscription()
 	opts.RegistryID = shareRegistry
@@ -637,7 +633,7 @@ func newShareBridge(t testing.TB, devices ...string) *shareBridge {
 }
 
 // config is the gateway's Config as one process (name) would build it.
-func (b *shareBridge) config(t testing.TB, name string) *Config {
+func (b *shareBridge) config(t testing.TB, name string) *gateway.Config {
 	t.Helper()
 	cfg, err := b.opts.Validate(testutil.Logger{Name: name})
 	require.NoError(t, err)
@@ -649,7 +645,7 @@ func (b *shareBridge) config(t testing.TB, name string) *Config {
 
 // acquire is what one process's Acquire does, without the process registry,
 // so that one test can play several processes.
-func (b *shareBridge) acquire(t testing.TB, cfg *Config) (Conn, func()) {
+func (b *shareBridge) acquire(t testing.TB, cfg *gateway.Config) (gateway.Conn, func()) {
 	t.Helper()
 	conn, closeFn, err := acquireAcross(cfg, b.dir)
 	require.NoError(t, err)
@@ -702,13 +698,13 @@ func (b *shareBridge) received(device, payload string) []emulator.Message {
 // inbox collects inbound messages for a test.
 type inbox struct {
 	mu   sync.Mutex
-	msgs []Inbound
+	msgs []gateway.Inbound
 	ch   chan struct{}
 }
 
 func newInbox() *inbox { return &inbox{ch: make(chan struct{})} }
 
-func (b *inbox) handler(in Inbound) {
+func (b *inbox) handler(in gateway.Inbound) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.msgs = append(b.msgs, in)
@@ -717,7 +713,7 @@ func (b *inbox) handler(in Inbound) {
 }
 
 // waitFor waits until n messages matching match arrived.
-func (b *inbox) waitFor(t testing.TB, ctx context.Context, n int, match func(Inbound) bool) {
+func (b *inbox) waitFor(t testing.TB, ctx context.Context, n int, match func(gateway.Inbound) bool) {
 	t.Helper()
 	for {
 		b.mu.Lock()
@@ -740,8 +736,8 @@ func (b *inbox) waitFor(t testing.TB, ctx context.Context, n int, match func(Inb
 	}
 }
 
-func isConfig(payload string) func(Inbound) bool {
-	return func(in Inbound) bool { return in.Kind == omnicore.KindConfig && string(in.Payload) == payload }
+func isConfig(payload string) func(gateway.Inbound) bool {
+	return func(in gateway.Inbound) bool { return in.Kind == omnicore.KindConfig && string(in.Payload) == payload }
 }
 
 func TestShareOneBridgeConnectionForTwoProcesses(t *testing.T) {
@@ -749,8 +745,8 @@ func TestShareOneBridgeConnectionForTwoProcesses(t *testing.T) {
 	ctx := shareCtx(t, 30*time.Second)
 
 	owner, _ := b.acquire(t, b.config(t, "output"))
-	s, ok := owner.(*Session)
-	require.True(t, ok, "the first process owns the connection")
+	s := ownerSession(t, ctx, owner)
+	require.NotNil(t, s, "the first process owns the connection")
 	require.NoError(t, s.WaitReady(ctx))
 
 	client, _ := b.acquire(t, b.config(t, "input"))
@@ -760,14 +756,14 @@ func TestShareOneBridgeConnectionForTwoProcesses(t *testing.T) {
 
 	tests := []struct {
 		name string
-		conn Conn
-		msg  Message
+		conn gateway.Conn
+		msg  gateway.Message
 	}{
-		{"client, device events", client, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("c1"), QoS: 1}},
-		{"client, device state", client, Message{Device: "dev-b", Kind: omnicore.KindState, Payload: []byte("c2"), QoS: 1}},
-		{"client, gateway subfolder", client, Message{Device: shareGateway, Kind: omnicore.KindEvents, Subfolder: "x/y", Payload: []byte("c3"), QoS: 1}},
-		{"client, qos 0", client, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("c4"), QoS: 0}},
-		{"owner", owner, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("o1"), QoS: 1}},
+		{"client, device events", client, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("c1"), QoS: 1}},
+		{"client, device state", client, gateway.Message{Device: "dev-b", Kind: omnicore.KindState, Payload: []byte("c2"), QoS: 1}},
+		{"client, gateway subfolder", client, gateway.Message{Device: shareGateway, Kind: omnicore.KindEvents, Subfolder: "x/y", Payload: []byte("c3"), QoS: 1}},
+		{"client, qos 0", client, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("c4"), QoS: 0}},
+		{"owner", owner, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("o1"), QoS: 1}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -791,14 +787,14 @@ func TestShareOneBridgeConnectionForTwoProcesses(t *testing.T) {
 	require.False(t, sc.owns())
 
 	err := client.Attach(ctx, "not-registered")
-	require.ErrorIs(t, err, ErrAttachRefused, "the owner's refusal crosses the socket")
+	require.ErrorIs(t, err, gateway.ErrAttachRefused, "the owner's refusal crosses the socket")
 }
 
 func TestSharePublishWaitsForTheBridge(t *testing.T) {
 	b := newShareBridge(t, "dev-a")
 	ctx := shareCtx(t, 30*time.Second)
 	owner, _ := b.acquire(t, b.config(t, "output"))
-	require.NoError(t, owner.(*Session).WaitReady(ctx))
+	require.NoError(t, ownerSession(t, ctx, owner).WaitReady(ctx))
 	client, _ := b.acquire(t, b.config(t, "input"))
 	require.NoError(t, client.Attach(ctx, "dev-a"))
 
@@ -806,7 +802,7 @@ func TestSharePublishWaitsForTheBridge(t *testing.T) {
 		b.srv.WithholdPubacks(1)
 		done := make(chan error, 1)
 		go func() {
-			done <- client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("withheld"), QoS: 1})
+			done <- client.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("withheld"), QoS: 1})
 		}()
 		require.NoError(t, b.srv.WaitFor(ctx, func() bool { return b.srv.Stats().Withheld == 1 }))
 		select {
@@ -823,7 +819,7 @@ func TestSharePublishWaitsForTheBridge(t *testing.T) {
 		b.srv.SetPubackDelay(delay)
 		defer b.srv.SetPubackDelay(0)
 		start := time.Now()
-		require.NoError(t, client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("delayed"), QoS: 1}))
+		require.NoError(t, client.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("delayed"), QoS: 1}))
 		require.GreaterOrEqual(t, time.Since(start), delay)
 		require.Len(t, b.received("dev-a", "delayed"), 1)
 	})
@@ -835,7 +831,7 @@ func TestShareInboundThroughTheSocket(t *testing.T) {
 	_, err := b.srv.SetConfig(shareRegistry, "dev-a", []byte("cfg-1"))
 	require.NoError(t, err)
 	owner, _ := b.acquire(t, b.config(t, "output"))
-	require.NoError(t, owner.(*Session).WaitReady(ctx))
+	require.NoError(t, ownerSession(t, ctx, owner).WaitReady(ctx))
 	client, _ := b.acquire(t, b.config(t, "input"))
 
 	box := newInbox()
@@ -849,12 +845,12 @@ func TestShareInboundThroughTheSocket(t *testing.T) {
 	require.NoError(t, err)
 	box.waitFor(t, ctx, 1, isConfig("cfg-2"))
 	require.NoError(t, b.srv.SendCommand(shareRegistry, "dev-a", "reboot", []byte("now")))
-	box.waitFor(t, ctx, 1, func(in Inbound) bool {
+	box.waitFor(t, ctx, 1, func(in gateway.Inbound) bool {
 		return in.Kind == omnicore.KindCommands && in.Subfolder == "reboot" && string(in.Payload) == "now" && in.Device == "dev-a"
 	})
 
-	require.ErrorIs(t, client.Attach(ctx, "unknown-dev"), ErrAttachRefused)
-	errBox.waitFor(t, ctx, 1, func(in Inbound) bool { return in.Kind == omnicore.KindErrors })
+	require.ErrorIs(t, client.Attach(ctx, "unknown-dev"), gateway.ErrAttachRefused)
+	errBox.waitFor(t, ctx, 1, func(in gateway.Inbound) bool { return in.Kind == omnicore.KindErrors })
 	require.Equal(t, 1, b.openConnections())
 }
 
@@ -868,7 +864,7 @@ func TestShareTakeoverWhenTheOwnerGoes(t *testing.T) {
 	ownerCfg.Timeout = 20 * time.Second // no resend of its own during the test
 	owner, closeOwner, err := acquireAcross(ownerCfg, b.dir)
 	require.NoError(t, err)
-	require.NoError(t, owner.(*Session).WaitReady(ctx))
+	require.NoError(t, ownerSession(t, ctx, owner).WaitReady(ctx))
 
 	client, _ := b.acquire(t, b.config(t, "input"))
 	sc := client.(*shareConn)
@@ -884,7 +880,7 @@ func TestShareTakeoverWhenTheOwnerGoes(t *testing.T) {
 	b.srv.WithholdPubacks(1)
 	done := make(chan error, 1)
 	go func() {
-		done <- client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("in-flight"), QoS: 1})
+		done <- client.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("in-flight"), QoS: 1})
 	}()
 	require.NoError(t, b.srv.WaitFor(ctx, func() bool { return b.srv.Stats().Withheld == 1 }))
 
@@ -913,9 +909,9 @@ func TestShareTakeoverWhenTheOwnerGoes(t *testing.T) {
 	require.False(t, msgs[len(msgs)-1].Time.Before(newConn.Connected), "accepted on the new owner's connection")
 	require.NoError(t, b.srv.WaitAttached(ctx, shareRegistry, shareGateway, "dev-a", "dev-b"), "wanted attachments replayed")
 
-	require.ErrorIs(t, client.Attach(ctx, "unknown-dev"), ErrAttachRefused)
-	errBox.waitFor(t, ctx, 1, func(in Inbound) bool { return in.Kind == omnicore.KindErrors })
-	require.NoError(t, client.Publish(ctx, Message{Device: "dev-b", Kind: omnicore.KindEvents, Payload: []byte("after"), QoS: 1}))
+	require.ErrorIs(t, client.Attach(ctx, "unknown-dev"), gateway.ErrAttachRefused)
+	errBox.waitFor(t, ctx, 1, func(in gateway.Inbound) bool { return in.Kind == omnicore.KindErrors })
+	require.NoError(t, client.Publish(ctx, gateway.Message{Device: "dev-b", Kind: omnicore.KindEvents, Payload: []byte("after"), QoS: 1}))
 	require.Len(t, b.received("dev-b", "after"), 1)
 	require.NoError(t, b.srv.WaitFor(ctx, func() bool { return b.openConnections() == 1 }), "the old connection is gone")
 	require.Equal(t, 2, b.connectionsMade())
@@ -923,7 +919,7 @@ func TestShareTakeoverWhenTheOwnerGoes(t *testing.T) {
 	// A third process now shares the new owner's connection.
 	third, _ := b.acquire(t, b.config(t, "third"))
 	require.IsType(t, &shareConn{}, third)
-	require.NoError(t, third.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("third"), QoS: 1}))
+	require.NoError(t, third.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("third"), QoS: 1}))
 	require.Equal(t, 1, b.openConnections())
 }
 
@@ -933,7 +929,7 @@ func TestShareGracefulHandover(t *testing.T) {
 	_, err := b.srv.SetConfig(shareRegistry, "dev-a", []byte("cfg-1"))
 	require.NoError(t, err)
 	owner, releaseOwner := b.acquire(t, b.config(t, "output"))
-	require.NoError(t, owner.(*Session).WaitReady(ctx))
+	require.NoError(t, ownerSession(t, ctx, owner).WaitReady(ctx))
 	client, _ := b.acquire(t, b.config(t, "input"))
 	box := newInbox()
 	_, err = client.Subscribe(ctx, "dev-a", box.handler)
@@ -944,7 +940,7 @@ func TestShareGracefulHandover(t *testing.T) {
 	releaseOwner()
 	box.waitFor(t, ctx, 2, isConfig("cfg-1"))
 	t.Logf("graceful handover: config re-delivered %s after release", time.Since(start).Round(time.Millisecond))
-	require.NoError(t, client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("after"), QoS: 1}))
+	require.NoError(t, client.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("after"), QoS: 1}))
 	require.NoError(t, b.srv.WaitFor(ctx, func() bool { return b.openConnections() == 1 }))
 	require.Equal(t, 2, b.connectionsMade())
 }
@@ -953,7 +949,7 @@ func TestShareStaleFilesOfADeadOwner(t *testing.T) {
 	b := newShareBridge(t, "dev-a")
 	ctx := shareCtx(t, 30*time.Second)
 	cfg := b.config(t, "output")
-	rz, err := newRendezvous(b.dir, cfg.Key())
+	rz, err := newRendezvous(b.dir, cfg.ClientID())
 	require.NoError(t, err)
 
 	// What a killed owner leaves: its lock file (unlocked, the kernel
@@ -969,80 +965,167 @@ func TestShareStaleFilesOfADeadOwner(t *testing.T) {
 	require.Error(t, err, "and dead")
 
 	owner, _ := b.acquire(t, cfg)
-	require.IsType(t, &Session{}, owner, "a stale socket does not make an owner")
+	require.NotNil(t, ownerSession(t, ctx, owner), "a stale socket does not make an owner")
 	client, _ := b.acquire(t, b.config(t, "input"))
-	require.NoError(t, client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
+	require.NoError(t, client.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
 	require.Len(t, b.received("dev-a", "x"), 1)
 }
 
-func TestShareAcquireRegistry(t *testing.T) {
-	b := newShareBridge(t)
-	t.Setenv(EnvRuntimeDir, b.dir)
-	t.Setenv(EnvSharing, "")
-	cfg := b.config(t, "plugin")
-	c1, release1, err := Acquire(cfg)
-	require.NoError(t, err)
-	c2, release2, err := Acquire(b.config(t, "plugin-2"))
-	require.NoError(t, err)
-	require.Same(t, c1, c2, "plugins of one process share one connection")
-	release1()
-	release1() // idempotent
-	c3, release3, err := Acquire(cfg)
-	require.NoError(t, err)
-	require.Same(t, c1, c3, "still in use by the second plugin")
-	release2()
-	release3()
-	_, err = os.Stat(filepath.Join(b.dir))
-	require.NoError(t, err)
-	c4, release4, err := Acquire(cfg)
-	require.NoError(t, err)
-	defer release4()
-	require.NotSame(t, c1, c4, "the last release closed it")
-	require.IsType(t, &Session{}, c4, "and the lock was released with it")
-
-	t.Run("sharing off", func(t *testing.T) {
+// Case 7: the rendezvous directory is checked, never re-moded: one that is
+// not private is an error naming it, and its mode stays as it was.
+func TestShareDir(t *testing.T) {
+	base := shareDir(t)
+	tests := []struct {
+		name    string
+		setup   func(dir string)
+		wantErr string
+		mode    os.FileMode // expected afterwards
+	}{
+		{"created private", func(string) {}, "", 0o700},
+		{"existing private kept", func(dir string) { require.NoError(t, os.Mkdir(dir, 0o700)) }, "", 0o700},
+		{"sticky world-writable refused, not re-moded", func(dir string) {
+			require.NoError(t, os.Mkdir(dir, 0o700))
+			require.NoError(t, os.Chmod(dir, 0o777|os.ModeSticky))
+		}, "mode", 0o777},
+		{"group-readable refused, not re-moded", func(dir string) {
+			require.NoError(t, os.Mkdir(dir, 0o750))
+		}, "mode 0750", 0o750},
+		{"symlink refused", func(dir string) {
+			require.NoError(t, os.Mkdir(dir+"-target", 0o700))
+			require.NoError(t, os.Symlink(dir+"-target", dir))
+		}, "not a directory", 0},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := filepath.Join(base, fmt.Sprint(i))
+			tt.setup(dir)
+			t.Setenv(EnvRuntimeDir, dir)
+			got, err := Dir()
+			if tt.wantErr != "" {
+				require.ErrorContains(t, err, tt.wantErr)
+				require.ErrorContains(t, err, dir)
+			} else {
+				require.NoError(t, err)
+				require.Equal(t, dir, got)
+			}
+			if tt.mode != 0 {
+				fi, err := os.Lstat(dir)
+				require.NoError(t, err)
+				require.Equal(t, tt.mode, fi.Mode().Perm(), "the directory's mode is never changed")
+			}
+		})
+	}
+	t.Run("relative path refused", func(t *testing.T) {
+		t.Setenv(EnvRuntimeDir, "relative/dir")
+		_, err := Dir()
+		require.ErrorContains(t, err, "absolute")
+	})
+	t.Run("socket path too long", func(t *testing.T) {
+		long := filepath.Join(base, "a-directory-name-long-enough-to-overflow-the-unix-socket-path-limit-of-the-kernel")
+		t.Setenv(EnvRuntimeDir, long)
+		_, err := Dir()
+		require.ErrorContains(t, err, EnvRuntimeDir)
+	})
+	t.Run("under the state directory", func(t *testing.T) {
+		state := filepath.Join(base, "state")
+		require.NoError(t, os.Mkdir(state, 0o755))
+		t.Setenv(EnvRuntimeDir, "")
+		t.Setenv(statedir.EnvStateDirectory, state)
+		got, err := Dir()
+		require.NoError(t, err)
+		require.Equal(t, filepath.Join(state, "share"), got)
+		require.NoError(t, os.Chmod(got, 0o777))
+		_, err = Dir()
+		require.ErrorContains(t, err, "0777", "a squatted or opened share directory is refused")
+		fi, err := os.Stat(got)
+		require.NoError(t, err)
+		require.Equal(t, os.FileMode(0o777), fi.Mode().Perm())
+	})
+	t.Run("sharing off installs nothing", func(t *testing.T) {
 		t.Setenv(EnvSharing, "off")
-		require.Empty(t, runtimeDir())
-	})
-	t.Run("xdg runtime dir", func(t *testing.T) {
-		t.Setenv(EnvRuntimeDir, "")
-		t.Setenv("XDG_RUNTIME_DIR", "/run/user/4242")
-		require.Equal(t, "/run/user/4242/telegraf-omnicore", runtimeDir())
-	})
-	t.Run("temp dir", func(t *testing.T) {
-		t.Setenv(EnvRuntimeDir, "")
-		t.Setenv("XDG_RUNTIME_DIR", "")
-		require.Equal(t, filepath.Join(os.TempDir(), fmt.Sprintf("telegraf-omnicore-%d", os.Geteuid())), runtimeDir())
+		t.Setenv(EnvRuntimeDir, filepath.Join(base, "never"))
+		dir, err := Install(Settings{})
+		require.NoError(t, err)
+		require.Empty(t, dir)
+		_, err = os.Stat(filepath.Join(base, "never"))
+		require.ErrorIs(t, err, os.ErrNotExist)
 	})
 }
 
-func TestShareWarnsAboutDifferentOptions(t *testing.T) {
+// Cases 1 and 4: identity is the client ID, so a process whose options
+// differ (servers spelled another way, other device_auth...) meets the owner
+// and is refused with every differing option and both plugin files named;
+// it never connects, so there is no kick war.
+func TestShareConflictingOptions(t *testing.T) {
 	tests := []struct {
-		name   string
-		tweak  func(*Config)
-		warned bool
+		name    string
+		tweak   func(*gateway.Options)
+		differs []string
 	}{
-		{"same options", func(*Config) {}, false},
-		{"other max_inflight", func(c *Config) { c.MaxInflight = 7 }, true},
-		{"other device_auth", func(c *Config) { c.DeviceAuth = DeviceAuthToken }, true},
+		{"same options share", func(*gateway.Options) {}, nil},
+		{"server spelled another way", func(o *gateway.Options) {
+			o.Servers = []string{strings.Replace(o.Servers[0], "127.0.0.1", "localhost", 1)}
+		}, []string{"servers"}},
+		{"other device_auth", func(o *gateway.Options) {
+			o.DeviceAuth = gateway.DeviceAuthToken
+			o.DeviceKeyDir = os.TempDir()
+		}, []string{"device_auth", "device_key_dir"}},
+		{"other max_inflight and keep_alive", func(o *gateway.Options) {
+			o.MaxInflight = 7
+			o.KeepAlive = config.Duration(30 * time.Second)
+		}, []string{"keep_alive", "max_inflight"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			b := newShareBridge(t)
 			ctx := shareCtx(t, 20*time.Second)
-			owner, _ := b.acquire(t, b.config(t, "output"))
-			require.NoError(t, owner.(*Session).WaitReady(ctx))
-			cfg := b.config(t, "input")
+			ownerLog := &testutil.CaptureLogger{Name: "output"}
+			ocfg := b.config(t, "output")
+			ocfg.Log = ownerLog
+			owner, _, err := (&sharer{dir: b.dir, settings: Settings{PluginFile: "/etc/output.conf"}}).acquire(ocfg)
+			require.NoError(t, err)
+			t.Cleanup(func() { _ = owner.(*shareConn).Close(shareCtx(t, 5*time.Second)) })
+			require.NoError(t, ownerSession(t, ctx, owner).WaitReady(ctx))
+
+			opts := b.opts
+			tt.tweak(&opts)
 			log := &testutil.CaptureLogger{Name: "input"}
-			cfg.Log = log
-			tt.tweak(cfg)
-			client, _ := b.acquire(t, cfg)
-			require.NoError(t, client.Publish(ctx, Message{Device: shareGateway, Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
-			var found bool
-			for _, w := range log.Warnings() {
-				found = found || strings.Contains(w, "other connection options")
+			cfg, err := opts.Validate(log)
+			require.NoError(t, err)
+			conflicts := make(chan error, 1)
+			client, closeFn, err := (&sharer{dir: b.dir, settings: Settings{PluginFile: "/etc/input.conf", OnConflict: func(err error) { conflicts <- err }}}).acquire(cfg)
+			require.NoError(t, err)
+			t.Cleanup(func() { _ = closeFn(shareCtx(t, 5*time.Second)) })
+			err = client.Publish(ctx, gateway.Message{Device: shareGateway, Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
+			if tt.differs == nil {
+				require.NoError(t, err)
+				require.Empty(t, conflicts)
+				return
 			}
-			require.Equal(t, tt.warned, found, "warnings: %v", log.Warnings())
+			require.ErrorIs(t, err, gateway.ErrConflict)
+			select {
+			case cerr := <-conflicts:
+				require.Equal(t, err, cerr)
+			case <-ctx.Done():
+				require.FailNow(t, "OnConflict was not called")
+			}
+			var line string
+			for _, e := range log.Errors() {
+				if strings.Contains(e, "other connection options") {
+					line = e
+				}
+			}
+			require.NotEmpty(t, line, "an E! line: %v", log.Errors())
+			for _, want := range append([]string{`"/etc/output.conf"`, `"/etc/input.conf"`}, tt.differs...) {
+				require.Contains(t, line, want)
+			}
+			require.NotContains(t, line, "BEGIN", "no key material")
+			require.Equal(t, 1, b.connectionsMade(), "the refused process never connects")
+			found := false
+			for _, w := range ownerLog.Warnings() {
+				found = found || strings.Contains(w, "Refused process")
+			}
+			require.True(t, found, "the owner says it refused: %v", ownerLog.Warnings())
 		})
 	}
 }
@@ -1053,11 +1136,11 @@ func TestShareOwnerKeepsItsFiles(t *testing.T) {
 	cfg := b.config(t, "output")
 	log := &testutil.CaptureLogger{Name: "output"}
 	cfg.Log = log
-	rz, err := newRendezvous(b.dir, cfg.Key())
+	rz, err := newRendezvous(b.dir, cfg.ClientID())
 	require.NoError(t, err)
-	lock, err := lockOwner(rz, "owner")
+	lock, err := lockOwner(rz, "owner", "")
 	require.NoError(t, err)
-	o, err := startOwner(cfg, rz, lock, 10*time.Millisecond)
+	o, err := startOwner(cfg, Settings{}, rz, lock, 10*time.Millisecond, nil)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = o.close(shareCtx(t, 5*time.Second)) })
 
@@ -1080,7 +1163,7 @@ func TestShareOwnerKeepsItsFiles(t *testing.T) {
 
 	client, _ := b.acquire(t, b.config(t, "input"))
 	require.IsType(t, &shareConn{}, client)
-	require.NoError(t, client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
+	require.NoError(t, client.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
 	require.Equal(t, 1, b.connectionsMade())
 
 	require.NoError(t, os.Remove(rz.lock))
@@ -1098,15 +1181,15 @@ func TestShareLeavesNoFilesBehind(t *testing.T) {
 	b := newShareBridge(t)
 	ctx := shareCtx(t, 20*time.Second)
 	owner, releaseOwner := b.acquire(t, b.config(t, "output"))
-	require.NoError(t, owner.(*Session).WaitReady(ctx))
+	require.NoError(t, ownerSession(t, ctx, owner).WaitReady(ctx))
 	client, releaseClient := b.acquire(t, b.config(t, "input"))
-	require.NoError(t, client.Publish(ctx, Message{Device: shareGateway, Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
+	require.NoError(t, client.Publish(ctx, gateway.Message{Device: shareGateway, Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
 	entries, err := os.ReadDir(b.dir)
 	require.NoError(t, err)
 	require.Len(t, entries, 2, "a lock file and a socket")
 
 	releaseOwner()
-	require.NoError(t, client.Publish(ctx, Message{Device: shareGateway, Kind: omnicore.KindEvents, Payload: []byte("y"), QoS: 1}))
+	require.NoError(t, client.Publish(ctx, gateway.Message{Device: shareGateway, Kind: omnicore.KindEvents, Payload: []byte("y"), QoS: 1}))
 	require.True(t, client.(*shareConn).owns(), "the client took over")
 	releaseClient()
 	entries, err = os.ReadDir(b.dir)

@@ -1,4 +1,4 @@
-package gateway
+package share
 
 import (
 	"bufio"
@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -29,7 +30,7 @@ import (
 // ID, in completion order (requests run concurrently). Inbound messages are
 // "msg" frames naming the client's subscription ID.
 const (
-	shareProtoVersion = 1
+	shareProtoVersion = 2
 	// maxHeaderBytes bounds the JSON header of a frame.
 	maxHeaderBytes = 64 << 10
 	// maxFrameBytes bounds a whole frame: the largest payload the bridge
@@ -50,8 +51,9 @@ const (
 	opUnsubscribe     = "unsubscribe"      // Sub; not answered
 	opCountDrop       = "count_drop"       // Reason, N; not answered
 	opReportGauges    = "report_gauges"    // Reason = source, Gauges; not answered
-	opStats           = "stats"            // answered with Stats
+	opStats           = "stats"            // answered with gateway.Stats
 	opCancel          = "cancel"           // ID of a request whose caller gave up; not answered
+	opPing            = "ping"             // both ways every shareHeartbeat; the owner's carries Connected and Error
 	opResponse        = "resp"             // server → client: outcome of request ID
 	opMessage         = "msg"              // server → client: inbound message for subscription Sub
 )
@@ -66,33 +68,36 @@ const (
 	codeCanceled      = "canceled"
 	codeDeadline      = "deadline"
 	codeProtocol      = "protocol"
+	codeConflict      = "conflict" // hello: other connection options; the client stops
 	codeOther         = "error"
 )
 
 // wireHeader is the JSON header of every frame; unused fields are omitted.
 type wireHeader struct {
-	Op        string           `json:"op"`
-	ID        uint64           `json:"id,omitempty"`
-	Sub       uint64           `json:"sub,omitempty"`
-	Device    string           `json:"device,omitempty"`
-	Kind      omnicore.Kind    `json:"kind,omitempty"`
-	Subfolder string           `json:"subfolder,omitempty"`
-	Topic     string           `json:"topic,omitempty"`
-	QoS       byte             `json:"qos,omitempty"`
-	Received  int64            `json:"received,omitempty"` // unix nanoseconds
-	Deadline  int64            `json:"deadline,omitempty"` // unix nanoseconds; 0 = none
-	Reason    string           `json:"reason,omitempty"`
-	N         uint64           `json:"n,omitempty"`
-	Code      string           `json:"code,omitempty"` // responses: "" = success
-	Error     string           `json:"error,omitempty"`
-	Kept      bool             `json:"kept,omitempty"` // subscribe failed but stays registered
-	Stats     *Stats           `json:"stats,omitempty"`
-	Gauges    map[string]int64 `json:"gauges,omitempty"`
-	Version   int              `json:"version,omitempty"`
-	Key       string           `json:"key,omitempty"` // hello: the rendezvous name of the gateway identity
-	Gateway   string           `json:"gateway,omitempty"`
-	PID       int              `json:"pid,omitempty"`
-	Options   string           `json:"options,omitempty"` // hello response: optionsFingerprint of the owner
+	Op        string            `json:"op"`
+	ID        uint64            `json:"id,omitempty"`
+	Sub       uint64            `json:"sub,omitempty"`
+	Device    string            `json:"device,omitempty"`
+	Kind      omnicore.Kind     `json:"kind,omitempty"`
+	Subfolder string            `json:"subfolder,omitempty"`
+	Topic     string            `json:"topic,omitempty"`
+	QoS       byte              `json:"qos,omitempty"`
+	Received  int64             `json:"received,omitempty"` // unix nanoseconds
+	Deadline  int64             `json:"deadline,omitempty"` // unix nanoseconds; 0 = none
+	Reason    string            `json:"reason,omitempty"`
+	N         uint64            `json:"n,omitempty"`
+	Code      string            `json:"code,omitempty"` // responses: "" = success
+	Error     string            `json:"error,omitempty"`
+	Kept      bool              `json:"kept,omitempty"` // subscribe failed but stays registered
+	Stats     *gateway.Stats    `json:"stats,omitempty"`
+	Gauges    map[string]int64  `json:"gauges,omitempty"`
+	Version   int               `json:"version,omitempty"`
+	Key       string            `json:"key,omitempty"` // hello: the rendezvous name of the gateway identity
+	Gateway   string            `json:"gateway,omitempty"`
+	PID       int               `json:"pid,omitempty"`
+	Settings  map[string]string `json:"settings,omitempty"`  // hello and its response: gateway.Config.Settings
+	File      string            `json:"file,omitempty"`      // hello and its response: the plugin file
+	Connected bool              `json:"connected,omitempty"` // owner's ping: connected to the bridge
 }
 
 // frame is one decoded frame.
@@ -186,13 +191,13 @@ func errorCode(err error) string {
 	switch {
 	case err == nil:
 		return ""
-	case errors.Is(err, ErrAttachRefused):
+	case errors.Is(err, gateway.ErrAttachRefused):
 		return codeAttachRefused
-	case errors.Is(err, ErrInvalidDevice):
+	case errors.Is(err, gateway.ErrInvalidDevice):
 		return codeInvalidDevice
-	case errors.Is(err, ErrTooLarge):
+	case errors.Is(err, gateway.ErrTooLarge):
 		return codeTooLarge
-	case errors.Is(err, ErrClosed):
+	case errors.Is(err, gateway.ErrClosed):
 		return codeClosed
 	case errors.Is(err, context.DeadlineExceeded):
 		return codeDeadline
@@ -209,11 +214,11 @@ func responseError(f *frame) error {
 	case "":
 		return nil
 	case codeAttachRefused:
-		sentinel = ErrAttachRefused
+		sentinel = gateway.ErrAttachRefused
 	case codeInvalidDevice:
-		sentinel = ErrInvalidDevice
+		sentinel = gateway.ErrInvalidDevice
 	case codeTooLarge:
-		sentinel = ErrTooLarge
+		sentinel = gateway.ErrTooLarge
 	case codeClosed:
 		return errOwnerGone
 	case codeDeadline:
@@ -235,7 +240,7 @@ func respond(id uint64, err error) *frame {
 	return f
 }
 
-func inboundFrame(sub uint64, in Inbound) *frame {
+func inboundFrame(sub uint64, in gateway.Inbound) *frame {
 	return &frame{
 		wireHeader: wireHeader{
 			Op:        opMessage,
@@ -250,8 +255,8 @@ func inboundFrame(sub uint64, in Inbound) *frame {
 	}
 }
 
-func (f *frame) inbound() Inbound {
-	in := Inbound{
+func (f *frame) inbound() gateway.Inbound {
+	in := gateway.Inbound{
 		Device:    f.Device,
 		Kind:      f.Kind,
 		Subfolder: f.Subfolder,

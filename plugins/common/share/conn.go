@@ -1,33 +1,35 @@
-package gateway
-
-// Cross-process sharing of one gateway connection (SPEC decision 3).
+// Package share shares one gateway connection between the processes of a
+// host (SPEC decision 3). Under Telegraf's execd every plugin is its own
+// process, and the bridge allows one connection per client ID: an output and
+// an input configured for the same gateway would kick each other off
+// forever. cmd/telegraf-omnicore calls Install at start, which makes
+// gateway.Acquire share through this package. See SHARING.md.
 //
-// Under execd every plugin is its own process, and the bridge allows one
-// connection per client ID: an output and an input configured for the same
-// gateway would kick each other off forever. So processes of one user that
-// run the same gateway identity (Config.Key) meet in a private rendezvous
-// directory:
+// Processes of one user that connect as the same gateway (the same client
+// ID, whatever else their options say) meet in a private rendezvous
+// directory under the product's state directory:
 //
 //   - The first process to take an exclusive flock on {dir}/{name}.lock owns
-//     the MQTT connection: it runs the real *Session and serves it on the Unix
-//     socket {dir}/{name}.sock (mode 0600, in a directory of mode 0700 owned
-//     by the user; peers of another uid are refused by their kernel
-//     credentials). The lock belongs to the open file, so it dies with the
-//     process however the process dies: there is never a stale owner.
-//   - Every other process gets a shareConn: a Conn that forwards each call
-//     over the socket (requests pipelined, a publish acknowledged only after
-//     the owner's Session.Publish returned nil, that is after the bridge's
+//     the MQTT connection: it runs the real *gateway.Session and serves it
+//     on the Unix socket {dir}/{name}.sock (mode 0600, in a directory of
+//     mode 0700 owned by the user; peers of another uid are refused by their
+//     kernel credentials). The lock belongs to the open file, so it dies with
+//     the process however the process dies: there is never a stale owner.
+//   - Every other process says hello with its connection options; one whose
+//     options differ is refused and stops (ErrConflict), so that two plugin
+//     files never disagree silently. Otherwise it forwards each call over
+//     the socket (requests pipelined, a publish acknowledged only after the
+//     owner's Session.Publish returned nil, that is after the bridge's
 //     PUBACK) and receives the inbound messages it subscribed to.
-//   - When the owner goes away (socket EOF), each shareConn tries the lock;
+//   - Owner and clients exchange heartbeats carrying the owner's health, so
+//     a client reports an owner that cannot connect, or that hangs.
+//   - When the owner goes away (socket EOF), each process tries the lock;
 //     the winner becomes the owner (a new Session, a new socket; a stale
-//     socket file is replaced), the others reconnect to it. Every shareConn
+//     socket file is replaced), the others reconnect to it. Every process
 //     replays its subscriptions and wanted attachments on the new owner and
-//     retries the calls that were in flight: duplicates are possible, loss is
-//     not.
-//
-// name is a hash of Config.Key(). The directory is $TELEGRAF_OMNICORE_RUNTIME_DIR,
-// else $XDG_RUNTIME_DIR/telegraf-omnicore, else {os.TempDir()}/telegraf-omnicore-{uid}.
-// TELEGRAF_OMNICORE_SHARING=off turns sharing off. See SHARING.md.
+//     retries the calls that were in flight: duplicates are possible, loss
+//     is not.
+package share
 
 import (
 	"context"
@@ -45,12 +47,15 @@ import (
 
 	"github.com/influxdata/telegraf"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/statedir"
 )
 
 // Environment variables that control sharing.
 const (
-	// EnvRuntimeDir overrides the rendezvous directory.
+	// EnvRuntimeDir overrides the rendezvous directory. It gets the same
+	// checks as the default one and is never re-moded.
 	EnvRuntimeDir = "TELEGRAF_OMNICORE_RUNTIME_DIR"
 	// EnvSharing set to "off" makes every process connect on its own.
 	EnvSharing = "TELEGRAF_OMNICORE_SHARING"
@@ -67,11 +72,25 @@ const (
 	// shareDialTimeout bounds connecting to the owner and the handshake.
 	shareDialTimeout = 5 * time.Second
 	// shareWaitWarn is how long a process waits for an owner that holds
-	// the lock but does not serve before it says so at warning level.
+	// the lock but does not serve before it says so at error level.
 	shareWaitWarn = 10 * time.Second
 	// shareKeepInterval is how often the owner refreshes its rendezvous
 	// files (see owner.keep).
 	shareKeepInterval = time.Hour
+	// shareHeartbeat is how often owner and clients tell each other they
+	// are alive (the owner's heartbeat carries its bridge connection's
+	// health); shareSilence is how long a client hears nothing from its
+	// owner before it reports it as hung, and shareClientSilence how long
+	// the owner waits on a silent client before disconnecting it.
+	shareHeartbeat     = 2 * time.Second
+	shareSilence       = 10 * time.Second
+	shareClientSilence = 30 * time.Second
+	// stallReport is the age at which a call that makes no progress is
+	// reported with its reason; reportEvery rate-limits repeated reports.
+	stallReport = 20 * time.Second
+	reportEvery = time.Minute
+	// closeTimeout bounds a hand-over that has no deadline of its own.
+	closeTimeout = gateway.CloseTimeout
 )
 
 var (
@@ -81,6 +100,80 @@ var (
 	// shutting down: the call is retried on the next owner.
 	errOwnerGone = errors.New("the process owning the gateway connection went away")
 )
+
+// Settings configure Install.
+type Settings struct {
+	// PluginFile is this process's plugin file, named in the messages
+	// about plugin files that disagree.
+	PluginFile string
+	// OnConflict is called once, after the error was logged, when this
+	// process must stop because its options conflict with those of the
+	// process that owns the gateway's connection (gateway.ErrConflict).
+	// cmd/telegraf-omnicore stops and exits non-zero. Optional.
+	OnConflict func(error)
+}
+
+// Install makes gateway.Acquire share connections with the other processes
+// of this user, through the rendezvous directory Dir returns, and returns
+// that directory. With TELEGRAF_OMNICORE_SHARING=off, or on a platform
+// without sharing, it installs nothing and returns "". A directory that
+// cannot be used is an error: the caller must not run unshared, since
+// another process connecting as the same gateway would kick it off.
+func Install(st Settings) (string, error) {
+	if Off() || !sharingSupported {
+		return "", nil
+	}
+	dir, err := Dir()
+	if err != nil {
+		return "", err
+	}
+	sh := &sharer{dir: dir, settings: st}
+	gateway.SetCrossProcess(sh.acquire)
+	return dir, nil
+}
+
+// Off reports whether the user switched sharing off.
+func Off() bool { return strings.EqualFold(os.Getenv(EnvSharing), "off") }
+
+// Dir returns the rendezvous directory, creating it when missing:
+// $TELEGRAF_OMNICORE_RUNTIME_DIR when set, else the "share" subdirectory of
+// the product's state directory (statedir). Either must be a real directory
+// owned by this user with no access for group or others; an existing
+// directory that is not is an error, never re-moded.
+func Dir() (string, error) {
+	var dir string
+	if d := os.Getenv(EnvRuntimeDir); d != "" {
+		if !filepath.IsAbs(d) {
+			return "", fmt.Errorf("$%s=%q is not an absolute path", EnvRuntimeDir, d)
+		}
+		if err := os.Mkdir(d, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+			return "", fmt.Errorf("creating the sharing directory $%s: %w", EnvRuntimeDir, err)
+		}
+		if err := statedir.CheckPrivate(d); err != nil {
+			return "", fmt.Errorf("the sharing directory $%s: %w", EnvRuntimeDir, err)
+		}
+		dir = filepath.Clean(d)
+	} else {
+		base, err := statedir.Resolve()
+		if err != nil {
+			return "", err
+		}
+		if dir, err = statedir.Private(base, "share"); err != nil {
+			return "", fmt.Errorf("the sharing directory: %w", err)
+		}
+	}
+	if sock := filepath.Join(dir, rendezvousName("x")+".sock"); len(sock) > maxSocketPath {
+		return "", fmt.Errorf("the sharing directory %q is too long for a Unix socket path (%d bytes, at most %d); set $%s to a shorter directory",
+			dir, len(sock), maxSocketPath, EnvRuntimeDir)
+	}
+	return dir, nil
+}
+
+// sharer is what Install installs.
+type sharer struct {
+	dir      string
+	settings Settings
+}
 
 // peerCred is what the kernel says about the process at the other end of a
 // Unix socket.
@@ -99,41 +192,30 @@ func checkPeer(c peerCred, uid int) error {
 	return nil
 }
 
-// runtimeDir is the rendezvous directory, "" when sharing is off.
-func runtimeDir() string {
-	if strings.EqualFold(os.Getenv(EnvSharing), "off") {
-		return ""
-	}
-	if d := os.Getenv(EnvRuntimeDir); d != "" {
-		return d
-	}
-	if x := os.Getenv("XDG_RUNTIME_DIR"); x != "" && filepath.IsAbs(x) {
-		return filepath.Join(x, "telegraf-omnicore")
-	}
-	return filepath.Join(os.TempDir(), fmt.Sprintf("telegraf-omnicore-%d", os.Geteuid()))
-}
-
 // rendezvous names the files of one gateway identity.
 type rendezvous struct {
 	dir  string
-	name string // hash of Config.Key()
+	name string // rendezvousName of the client ID
 	lock string
 	sock string
 }
 
-func newRendezvous(dir, key string) (*rendezvous, error) {
+// rendezvousName is "gw-" and 24 hex digits of the SHA-256 of the client
+// ID: the identity the bridge kicks by, whatever the server strings say.
+func rendezvousName(clientID string) string {
+	sum := sha256.Sum256([]byte(clientID))
+	return "gw-" + hex.EncodeToString(sum[:12])
+}
+
+// newRendezvous names clientID's files in dir, which Dir has checked.
+func newRendezvous(dir, clientID string) (*rendezvous, error) {
 	if !sharingSupported {
 		return nil, errors.New("not supported on this platform")
 	}
-	dir, err := filepath.Abs(dir)
-	if err != nil {
+	if err := statedir.CheckPrivate(dir); err != nil {
 		return nil, err
 	}
-	if err := prepareDir(dir); err != nil {
-		return nil, err
-	}
-	sum := sha256.Sum256([]byte(key))
-	name := "gw-" + hex.EncodeToString(sum[:12])
+	name := rendezvousName(clientID)
 	rz := &rendezvous{
 		dir:  dir,
 		name: name,
@@ -144,30 +226,6 @@ func newRendezvous(dir, key string) (*rendezvous, error) {
 		return nil, fmt.Errorf("socket path %q is longer than %d bytes; set %s to a shorter directory", rz.sock, maxSocketPath, EnvRuntimeDir)
 	}
 	return rz, nil
-}
-
-// prepareDir creates dir with mode 0700 and makes sure that it is a real
-// directory owned by this user with no access for anyone else.
-func prepareDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	fi, err := os.Lstat(dir)
-	if err != nil {
-		return err
-	}
-	if !fi.IsDir() {
-		return fmt.Errorf("%q is not a directory (a symbolic link is not accepted)", dir)
-	}
-	if err := checkOwned(dir, fi); err != nil {
-		return err
-	}
-	if fi.Mode().Perm() != 0o700 {
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return fmt.Errorf("making %q private (mode 0700): %w", dir, err)
-		}
-	}
-	return nil
 }
 
 func checkOwned(path string, fi fs.FileInfo) error {
@@ -186,7 +244,7 @@ func checkOwned(path string, fi fs.FileInfo) error {
 // gateway. An owner removes its lock file before it unlocks it (so nothing
 // is left behind); a process that locked a file just removed that way finds
 // the path no longer names it, and tries again with the path's new file.
-func lockOwner(rz *rendezvous, clientID string) (*os.File, error) {
+func lockOwner(rz *rendezvous, clientID, pluginFile string) (*os.File, error) {
 	for attempt := 0; ; attempt++ {
 		f, err := tryLock(rz.lock)
 		if err != nil {
@@ -208,25 +266,30 @@ func lockOwner(rz *rendezvous, clientID string) (*os.File, error) {
 			return nil, errLocked
 		}
 		if err := f.Truncate(0); err == nil {
-			_, _ = fmt.Fprintf(f, "pid %d\nclient_id %s\nsocket %s\n", os.Getpid(), clientID, rz.sock)
+			_, _ = fmt.Fprintf(f, "pid %d\nclient_id %s\nsocket %s\nplugin_file %s\n", os.Getpid(), clientID, rz.sock, pluginFile)
 		}
 		return f, nil
 	}
 }
 
-// optionsFingerprint summarises the options that shape a session, so that a
-// process can tell when the owner runs the gateway with other settings.
-func optionsFingerprint(cfg *Config) string {
-	sum := sha256.Sum256(fmt.Appendf(nil, "%v|%v|%v|%v|%v|%v|%v|%v|%q|%q|%q|%v",
-		cfg.TokenLifetime, cfg.KeepAlive, cfg.ConnectionTimeout, cfg.Timeout, cfg.MinReconnect, cfg.MaxReconnect,
-		cfg.MaxInflight, cfg.MaxMessageRate, cfg.DeviceAuth, cfg.DeviceKeyDir, cfg.DeviceAlgorithm, cfg.DetachIdle))
-	return hex.EncodeToString(sum[:8])
+// lockHolder reads the pid the owner wrote into the lock file, for messages.
+func lockHolder(rz *rendezvous) string {
+	b, err := os.ReadFile(rz.lock)
+	if err != nil {
+		return "unknown"
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if pid, ok := strings.CutPrefix(line, "pid "); ok {
+			return pid
+		}
+	}
+	return "unknown"
 }
 
 // owner is what the process owning a gateway's connection runs: the session,
 // the socket server, and the lock that makes it the owner.
 type owner struct {
-	session *Session
+	session *gateway.Session
 	server  *shareServer
 	lock    *os.File
 	rz      *rendezvous
@@ -237,8 +300,8 @@ type owner struct {
 
 // startOwner starts a session and serves it; on error the lock is released.
 // keepEvery is the period of keep (shareKeepInterval outside tests).
-func startOwner(cfg *Config, rz *rendezvous, lock *os.File, keepEvery time.Duration) (*owner, error) {
-	s, err := New(cfg)
+func startOwner(cfg *gateway.Config, st Settings, rz *rendezvous, lock *os.File, keepEvery time.Duration, yield func(error)) (*owner, error) {
+	s, err := gateway.New(cfg)
 	if err != nil {
 		lock.Close()
 		return nil, err
@@ -248,7 +311,10 @@ func startOwner(cfg *Config, rz *rendezvous, lock *os.File, keepEvery time.Durat
 		lock.Close()
 		return nil, fmt.Errorf("serving the gateway connection on %q: %w", rz.sock, err)
 	}
-	srv.fingerprint = optionsFingerprint(cfg)
+	srv.settings = cfg.Settings()
+	srv.pluginFile = st.PluginFile
+	srv.health = s.Health
+	srv.yield = yield
 	srv.start()
 	s.Start()
 	log := cfg.Log
@@ -261,10 +327,9 @@ func startOwner(cfg *Config, rz *rendezvous, lock *os.File, keepEvery time.Durat
 }
 
 // keep looks after the rendezvous files while this process owns them.
-// Cleaners of temporary directories (systemd-tmpfiles ages /tmp entries
-// after 10 days) go by timestamps, and an idle socket's never change: the
-// owner refreshes them, and serves a new socket file if the old one was
-// removed anyway.
+// Cleaners of temporary directories go by timestamps, and an idle socket's
+// never change: the owner refreshes them, and serves a new socket file if
+// the old one was removed anyway.
 func (o *owner) keep(every time.Duration) {
 	defer close(o.kept)
 	t := time.NewTicker(every)
@@ -304,15 +369,26 @@ func (o *owner) holdsLockPath() bool {
 	return err == nil && os.SameFile(held, named)
 }
 
+// handOverLimit bounds how long close waits, after ctx ended, for the MQTT
+// connection to be gone before it releases the lock anyway: the session
+// aborts a connect in progress, so this is only reached by a wedged one.
+const handOverLimit = 10 * time.Second
+
 // close hands the gateway over: no new processes are accepted, in-flight
 // messages (those of other processes too) get until ctx ends, the MQTT
-// connection is closed, then the other processes are disconnected and the
-// lock is released, so the next owner connects only after this one is gone.
+// connection is closed (a connect in progress aborted) and only once it is
+// gone are the other processes disconnected and the lock released, so the
+// next owner connects only after this one left the bridge.
 func (o *owner) close(ctx context.Context) error {
 	close(o.stop)
 	<-o.kept
 	o.server.stopAccepting()
 	err := o.session.Close(ctx)
+	select {
+	case <-o.session.Done():
+	case <-time.After(handOverLimit):
+		o.log.Errorf("The connection of gateway %q did not close within %s; handing the gateway over anyway", o.session.GatewayID(), handOverLimit)
+	}
 	o.server.closeClients()
 	if o.holdsLockPath() {
 		os.Remove(o.rz.lock)
@@ -321,82 +397,73 @@ func (o *owner) close(ctx context.Context) error {
 	return err
 }
 
-// acquireAcross returns the process's Conn for cfg's gateway: the real
-// session when this process owns the connection, or a shareConn when another
-// process does. dir is the rendezvous directory, "" to connect privately.
-// It does no network I/O.
-func acquireAcross(cfg *Config, dir string) (Conn, func(context.Context) error, error) {
+// acquire is the gateway.CrossProcess hook: cfg's gateway shared with the
+// other processes of this user. The returned Conn is a shareConn, which
+// becomes the owner or a client of the owner in the background: Acquire
+// does no network I/O.
+func (sh *sharer) acquire(cfg *gateway.Config) (gateway.Conn, func(context.Context) error, error) {
 	log := cfg.Log
 	if log == nil {
 		log = discardLogger{}
 	}
-	private := func() (Conn, func(context.Context) error, error) {
-		s, err := New(cfg)
-		if err != nil {
-			return nil, nil, err
-		}
-		s.Start()
-		return s, s.Close, nil
-	}
-	if dir == "" {
-		return private()
-	}
-	rz, err := newRendezvous(dir, cfg.Key())
+	rz, err := newRendezvous(sh.dir, cfg.ClientID())
 	if err != nil {
-		log.Warnf("Cannot share the connection of gateway %q with other processes (%v): this process connects on its own, and another process connecting as the same gateway would kick it off", cfg.GatewayID, err)
-		return private()
+		return nil, nil, fmt.Errorf("cannot share the connection of gateway %q with other processes (%w); fix the directory, or set %s=off if no other process connects as this gateway", cfg.GatewayID, err, EnvSharing)
 	}
-	clientID := omnicore.ClientID(cfg.SubscriptionID, cfg.RegistryID, cfg.GatewayID)
-	lock, err := lockOwner(rz, clientID)
-	switch {
-	case err == nil:
-		o, err := startOwner(cfg, rz, lock, shareKeepInterval)
-		if err != nil {
-			return nil, nil, err
-		}
-		log.Debugf("This process owns the connection of gateway %q; other processes share it through %q", cfg.GatewayID, rz.sock)
-		return o.session, o.close, nil
-	case errors.Is(err, errLocked):
-		sc := newShareConn(cfg, rz, log)
-		log.Infof("Gateway %q is connected by another process: sharing its connection through %q", cfg.GatewayID, rz.sock)
-		go sc.run()
-		return sc, sc.Close, nil
-	default:
-		log.Warnf("Cannot share the connection of gateway %q with other processes (%v): this process connects on its own, and another process connecting as the same gateway would kick it off", cfg.GatewayID, err)
-		return private()
+	sc := newShareConn(cfg, sh.settings, rz, log)
+	// The first attempt at the lock is made here, so that of two plugins
+	// acquiring one after the other the first owns the connection.
+	lock, err := lockOwner(rz, cfg.ClientID(), sh.settings.PluginFile)
+	if err != nil && !errors.Is(err, errLocked) {
+		return nil, nil, fmt.Errorf("cannot share the connection of gateway %q with other processes (%w); fix the directory, or set %s=off if no other process connects as this gateway", cfg.GatewayID, err, EnvSharing)
 	}
+	go sc.run(lock)
+	go sc.watch()
+	return sc, sc.Close, nil
 }
 
 // ---------------------------------------------------------------------------
 // shareConn
 
-// shareConn is the Conn of a process that does not own the gateway's
-// connection. Its backend is a remoteConn to the owner, or the process's own
-// Session after it took over. It remembers what the plugins asked for
-// (subscriptions, explicit attaches) and replays it on every new backend;
-// calls that lose their backend are retried on the next one.
+// shareConn is the Conn a plugin gets. Its backend is a remoteConn to the
+// owning process, or the process's own Session while this process owns the
+// connection. It remembers what the plugins asked for (subscriptions,
+// explicit attaches) and replays it on every new backend; calls that lose
+// their backend are retried on the next one.
 type shareConn struct {
-	cfg *Config
-	log telegraf.Logger
-	rz  *rendezvous
+	cfg      *gateway.Config
+	settings Settings
+	log      telegraf.Logger
+	rz       *rendezvous
 
 	ctx      context.Context
 	cancel   context.CancelFunc
 	done     chan struct{} // closed when run returns
+	yieldCh  chan error    // the owner hands over to a process the bridge may accept
 	inflight sync.WaitGroup
 
 	mu        sync.Mutex
-	be        Conn          // nil while no owner is reachable
+	be        gateway.Conn  // nil while no owner is reachable
 	gen       uint64        // incremented on every install
-	beReady   chan struct{} // closed while be != nil
+	beReady   chan struct{} // closed while be != nil or after a conflict
 	subs      map[uint64]*localSub
 	nextSub   uint64
 	wanted    map[string]struct{} // explicit attaches, replayed
 	drops     map[string]uint64   // counted while no owner was reachable
-	lastStats Stats
+	lastStats gateway.Stats
 	closed    bool
 	closeBy   time.Time // deadline of the context Close was called with
-	owning    bool      // took over: be is the process's own Session
+	owning    bool      // be is the process's own gateway.Session
+	conflict  error     // wraps gateway.ErrConflict: this process must stop
+	// calls in flight (Publish, Attach, Detach) by start time, for the
+	// report of calls that make no progress.
+	calls    map[uint64]time.Time
+	nextCall uint64
+	dialErr  error // the last failure to reach an owner
+	// ownerSilent counts the times the owner went silent for shareSilence.
+	ownerSilent uint64
+	// times of the last reports, for rate limiting
+	lastStallLog, lastOwnerErrLog time.Time
 }
 
 type subKind int
@@ -413,45 +480,55 @@ type localSub struct {
 	id     uint64
 	kind   subKind
 	device string
-	h      Handler
-	bsub   Subscription // its registration on the backend of generation gen
+	h      gateway.Handler
+	bsub   gateway.Subscription // its registration on the backend of generation gen
 	gen    uint64
 	busy   bool // a goroutine is registering it; install leaves it alone
 	gone   bool
 }
 
-func newShareConn(cfg *Config, rz *rendezvous, log telegraf.Logger) *shareConn {
+func newShareConn(cfg *gateway.Config, st Settings, rz *rendezvous, log telegraf.Logger) *shareConn {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &shareConn{
-		cfg:     cfg,
-		log:     log,
-		rz:      rz,
-		ctx:     ctx,
-		cancel:  cancel,
-		done:    make(chan struct{}),
-		beReady: make(chan struct{}),
-		subs:    make(map[uint64]*localSub),
-		wanted:  make(map[string]struct{}),
-		drops:   make(map[string]uint64),
+		cfg:      cfg,
+		settings: st,
+		log:      log,
+		rz:       rz,
+		ctx:      ctx,
+		cancel:   cancel,
+		done:     make(chan struct{}),
+		yieldCh:  make(chan error, 1),
+		beReady:  make(chan struct{}),
+		subs:     make(map[uint64]*localSub),
+		wanted:   make(map[string]struct{}),
+		drops:    make(map[string]uint64),
+		calls:    make(map[uint64]time.Time),
 	}
 }
 
-// run finds the owner, or becomes it, again every time the owner goes away.
-func (sc *shareConn) run() {
+// run finds the owner, or becomes it, again every time the owner goes away,
+// until Close or a conflict.
+// lock, when not nil, is the owner lock acquire took already.
+func (sc *shareConn) run(lock *os.File) {
 	defer close(sc.done)
-	clientID := omnicore.ClientID(sc.cfg.SubscriptionID, sc.cfg.RegistryID, sc.cfg.GatewayID)
+	clientID := sc.cfg.ClientID()
 	backoff := shareRetryMin
 	var waitingSince time.Time
-	warned := false
+	reported := false
 	pause := func() bool {
 		ok := sleepCtx(sc.ctx, jitter(backoff))
 		backoff = min(backoff*2, shareRetryMax)
 		return ok
 	}
+	first := true
 	for sc.ctx.Err() == nil {
-		lock, err := lockOwner(sc.rz, clientID)
+		var err error
+		if lock == nil {
+			lock, err = lockOwner(sc.rz, clientID, sc.settings.PluginFile)
+		}
 		if err == nil {
-			o, err := startOwner(sc.cfg, sc.rz, lock, shareKeepInterval)
+			o, err := startOwner(sc.cfg, sc.settings, sc.rz, lock, shareKeepInterval, sc.yield)
+			lock = nil
 			if err != nil {
 				sc.log.Errorf("Taking over the connection of gateway %q failed: %v", sc.cfg.GatewayID, err)
 				if !pause() {
@@ -459,24 +536,37 @@ func (sc *shareConn) run() {
 				}
 				continue
 			}
-			sc.log.Infof("Took over the connection of gateway %q: this process now owns it and serves other processes through %q", sc.cfg.GatewayID, sc.rz.sock)
+			if first {
+				sc.log.Debugf("This process owns the connection of gateway %q; other processes share it through %q", sc.cfg.GatewayID, sc.rz.sock)
+			} else {
+				sc.log.Infof("Took over the connection of gateway %q: this process now owns it and serves other processes through %q", sc.cfg.GatewayID, sc.rz.sock)
+			}
 			sc.runOwner(o)
 			return
 		}
 		var rc *remoteConn
 		if errors.Is(err, errLocked) {
-			rc, err = dialOwner(sc.ctx, sc.rz, sc.log)
+			rc, err = dialOwner(sc.ctx, sc.rz, sc.log, sc.cfg.Settings(), sc.settings.PluginFile)
+		}
+		var ce *conflictError
+		if errors.As(err, &ce) {
+			sc.setConflict(ce.describe(sc.cfg, sc.settings.PluginFile))
+			return
 		}
 		if err != nil {
 			if sc.ctx.Err() != nil {
 				return
 			}
+			sc.mu.Lock()
+			sc.dialErr = err
+			sc.mu.Unlock()
 			if waitingSince.IsZero() {
 				waitingSince = time.Now()
 			}
-			if !warned && time.Since(waitingSince) > shareWaitWarn {
-				warned = true
-				sc.log.Warnf("Still waiting to reach the process that owns gateway %q (lock %q, socket %q): %v", sc.cfg.GatewayID, sc.rz.lock, sc.rz.sock, err)
+			if !reported && time.Since(waitingSince) > shareWaitWarn {
+				reported = true
+				sc.log.Errorf("Cannot reach the process that owns gateway %q (pid %s in lock %q, socket %q) for %s: %v; it may be stopped or hung, and messages wait for it",
+					sc.cfg.GatewayID, lockHolder(sc.rz), sc.rz.lock, sc.rz.sock, shareWaitWarn, err)
 			} else {
 				sc.log.Debugf("Reaching the owner of gateway %q: %v", sc.cfg.GatewayID, err)
 			}
@@ -485,18 +575,19 @@ func (sc *shareConn) run() {
 			}
 			continue
 		}
-		backoff, waitingSince, warned = shareRetryMin, time.Time{}, false
-		sc.log.Debugf("Sharing the connection of gateway %q owned by process %d", sc.cfg.GatewayID, rc.ownerPID)
-		if mine := optionsFingerprint(sc.cfg); rc.ownerOptions != "" && rc.ownerOptions != mine {
-			sc.log.Warnf("Process %d owns the connection of gateway %q with other connection options than this plugin's (e.g. timeout, max_inflight, device_auth): its options apply to the shared connection; configure them identically in every plugin of this gateway", rc.ownerPID, sc.cfg.GatewayID)
+		if first {
+			sc.log.Infof("Gateway %q is connected by another process: sharing its connection through %q", sc.cfg.GatewayID, sc.rz.sock)
 		}
+		first = false
+		backoff, waitingSince, reported = shareRetryMin, time.Time{}, false
+		sc.log.Debugf("Sharing the connection of gateway %q owned by process %d", sc.cfg.GatewayID, rc.ownerPID)
 		sc.install(rc)
 		select {
 		case <-rc.dead:
 		case <-sc.ctx.Done():
 		}
 		sc.uninstall(rc)
-		rc.fail(ErrClosed)
+		rc.fail(gateway.ErrClosed)
 		if sc.ctx.Err() != nil {
 			return
 		}
@@ -504,13 +595,73 @@ func (sc *shareConn) run() {
 	}
 }
 
-// runOwner serves as the owner until Close.
+// conflictError is the owner's refusal of a process whose connection
+// options differ from its own.
+type conflictError struct {
+	pid      int
+	file     string
+	settings map[string]string
+}
+
+func (e *conflictError) Error() string {
+	return fmt.Sprintf("process %d owns the connection with other connection options", e.pid)
+}
+
+// describe is the message this process logs and stops with.
+func (e *conflictError) describe(cfg *gateway.Config, myFile string) error {
+	return fmt.Errorf("%w: process %d (plugin file %s) owns the connection of gateway %q with other connection options than this process (plugin file %s): %s. Two connections as one gateway kick each other off, so this process does not connect; make the connection options identical in both plugin files",
+		gateway.ErrConflict, e.pid, fileName(e.file), cfg.ClientID(), fileName(myFile), gateway.DescribeDiff(cfg.Settings(), e.settings))
+}
+
+func fileName(f string) string {
+	if f == "" {
+		return "unknown"
+	}
+	return fmt.Sprintf("%q", f)
+}
+
+// setConflict makes every call fail with err from now on, logs it, and
+// tells the program (Settings.OnConflict).
+func (sc *shareConn) setConflict(err error) {
+	sc.mu.Lock()
+	if sc.conflict != nil {
+		sc.mu.Unlock()
+		return
+	}
+	sc.conflict = err
+	select {
+	case <-sc.beReady:
+	default:
+		close(sc.beReady) // wakes the callers waiting for a backend
+	}
+	sc.mu.Unlock()
+	sc.log.Errorf("%v", err)
+	if fn := sc.settings.OnConflict; fn != nil {
+		go fn(err)
+	}
+}
+
+// yield is called by the owner's server when a process with other options
+// asks to share while the bridge refuses this process's credentials: this
+// process hands the connection over to it and stops.
+func (sc *shareConn) yield(err error) {
+	select {
+	case sc.yieldCh <- err:
+	default:
+	}
+}
+
+// runOwner serves as the owner until Close, or until it yields.
 func (sc *shareConn) runOwner(o *owner) {
 	sc.mu.Lock()
 	sc.owning = true
 	sc.mu.Unlock()
 	sc.install(o.session)
-	<-sc.ctx.Done()
+	var yielded error
+	select {
+	case <-sc.ctx.Done():
+	case yielded = <-sc.yieldCh:
+	}
 	sc.uninstall(o.session)
 	sc.mu.Lock()
 	deadline := sc.closeBy // the hand-over shares Close's deadline
@@ -521,12 +672,15 @@ func (sc *shareConn) runOwner(o *owner) {
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
 	_ = o.close(ctx)
+	if yielded != nil {
+		sc.setConflict(yielded)
+	}
 }
 
 // install makes be the backend and replays the plugins' state on it:
 // errors and all-devices subscriptions at once (so they are in place before
 // any later call), device subscriptions and wanted attaches concurrently.
-func (sc *shareConn) install(be Conn) {
+func (sc *shareConn) install(be gateway.Conn) {
 	sc.mu.Lock()
 	sc.gen++
 	gen := sc.gen
@@ -566,7 +720,7 @@ func (sc *shareConn) install(be Conn) {
 	}
 	for _, ls := range devSubs {
 		go func() {
-			if _, err := sc.register(sc.ctx, ls); err != nil && !errors.Is(err, ErrClosed) {
+			if _, err := sc.register(sc.ctx, ls); err != nil && !errors.Is(err, gateway.ErrClosed) {
 				sc.log.Warnf("Restoring the subscription of device %q on the new owner failed: %v", ls.device, err)
 			}
 		}()
@@ -577,7 +731,7 @@ func (sc *shareConn) install(be Conn) {
 }
 
 // reattach replays the explicit attaches on a new backend, pipelined.
-func (sc *shareConn) reattach(be Conn, gen uint64, devices []string) {
+func (sc *shareConn) reattach(be gateway.Conn, gen uint64, devices []string) {
 	work := make(chan string)
 	var wg sync.WaitGroup
 	for range min(len(devices), max(sc.cfg.MaxInflight, 1)) {
@@ -587,7 +741,7 @@ func (sc *shareConn) reattach(be Conn, gen uint64, devices []string) {
 			for d := range work {
 				err := be.Attach(sc.ctx, d)
 				switch {
-				case err == nil, errors.Is(err, ErrClosed), sc.ctx.Err() != nil:
+				case err == nil, errors.Is(err, gateway.ErrClosed), sc.ctx.Err() != nil:
 				case errors.Is(err, errOwnerGone):
 					sc.backendLost(be, gen)
 				default:
@@ -613,7 +767,7 @@ func (sc *shareConn) stillWanted(d string, gen uint64) bool {
 	return ok && sc.gen == gen && sc.be != nil
 }
 
-func (sc *shareConn) uninstall(be Conn) {
+func (sc *shareConn) uninstall(be gateway.Conn) {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if sc.be != be {
@@ -625,7 +779,7 @@ func (sc *shareConn) uninstall(be Conn) {
 
 // backendLost is called by a caller that saw errOwnerGone from be: it stops
 // handing be out, so callers wait for the next owner instead of spinning.
-func (sc *shareConn) backendLost(be Conn, gen uint64) {
+func (sc *shareConn) backendLost(be gateway.Conn, gen uint64) {
 	sc.mu.Lock()
 	if sc.be == be && sc.gen == gen {
 		sc.be = nil
@@ -638,15 +792,18 @@ func (sc *shareConn) backendLost(be Conn, gen uint64) {
 }
 
 // backend returns the current backend, waiting for one.
-func (sc *shareConn) backend(ctx context.Context) (Conn, uint64, error) {
+func (sc *shareConn) backend(ctx context.Context) (gateway.Conn, uint64, error) {
 	for {
 		sc.mu.Lock()
 		if sc.closed && sc.ctx.Err() != nil {
 			sc.mu.Unlock()
-			return nil, 0, ErrClosed
+			return nil, 0, gateway.ErrClosed
 		}
-		be, gen, ch := sc.be, sc.gen, sc.beReady
+		be, gen, ch, conflict := sc.be, sc.gen, sc.beReady, sc.conflict
 		sc.mu.Unlock()
+		if conflict != nil {
+			return nil, 0, conflict
+		}
 		if be != nil {
 			return be, gen, nil
 		}
@@ -655,25 +812,35 @@ func (sc *shareConn) backend(ctx context.Context) (Conn, uint64, error) {
 		case <-ctx.Done():
 			return nil, 0, ctx.Err()
 		case <-sc.ctx.Done():
-			return nil, 0, ErrClosed
+			return nil, 0, gateway.ErrClosed
 		}
 	}
 }
 
-// enter registers a call for Close to wait for.
-func (sc *shareConn) enter() bool {
+// enter registers a call for Close to wait for and for watch to report
+// when it makes no progress; leave ends it.
+func (sc *shareConn) enter() (uint64, bool) {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if sc.closed {
-		return false
+		return 0, false
 	}
 	sc.inflight.Add(1)
-	return true
+	sc.nextCall++
+	sc.calls[sc.nextCall] = time.Now()
+	return sc.nextCall, true
+}
+
+func (sc *shareConn) leave(id uint64) {
+	sc.mu.Lock()
+	delete(sc.calls, id)
+	sc.mu.Unlock()
+	sc.inflight.Done()
 }
 
 // retry runs op on the current backend until it returns anything but
 // errOwnerGone.
-func (sc *shareConn) retry(ctx context.Context, op func(Conn) error) error {
+func (sc *shareConn) retry(ctx context.Context, op func(gateway.Conn) error) error {
 	for {
 		be, gen, err := sc.backend(ctx)
 		if err != nil {
@@ -696,47 +863,53 @@ func (sc *shareConn) GatewayID() string { return sc.cfg.GatewayID }
 // Publish implements Conn: it returns nil only once the owner's session
 // returned nil (at QoS 1: the bridge acknowledged the message), retrying on
 // the next owner when the owner goes away, until ctx ends.
-func (sc *shareConn) Publish(ctx context.Context, msg Message) error {
-	if !sc.enter() {
-		return ErrClosed
+func (sc *shareConn) Publish(ctx context.Context, msg gateway.Message) error {
+	call, ok := sc.enter()
+	if !ok {
+		return gateway.ErrClosed
 	}
-	defer sc.inflight.Done()
-	return sc.retry(ctx, func(be Conn) error { return be.Publish(ctx, msg) })
+	defer sc.leave(call)
+	return sc.retry(ctx, func(be gateway.Conn) error { return be.Publish(ctx, msg) })
 }
 
 // Attach implements Conn. The device stays wanted and is attached again on
 // every new owner until Detach.
 func (sc *shareConn) Attach(ctx context.Context, device string) error {
 	if err := omnicore.ValidateID(device); err != nil {
-		return fmt.Errorf("%w: %w", ErrInvalidDevice, err)
+		return fmt.Errorf("%w: %w", gateway.ErrInvalidDevice, err)
 	}
 	if device == sc.cfg.GatewayID {
 		return nil
 	}
-	if !sc.enter() {
-		return ErrClosed
+	call, ok := sc.enter()
+	if !ok {
+		return gateway.ErrClosed
 	}
-	defer sc.inflight.Done()
+	defer sc.leave(call)
 	sc.mu.Lock()
 	sc.wanted[device] = struct{}{}
 	sc.mu.Unlock()
-	return sc.retry(ctx, func(be Conn) error { return be.Attach(ctx, device) })
+	return sc.retry(ctx, func(be gateway.Conn) error { return be.Attach(ctx, device) })
 }
 
 // Detach implements Conn. When the owner goes away meanwhile there is
 // nothing left to detach: attachments die with the owner's connection.
 func (sc *shareConn) Detach(ctx context.Context, device string) error {
 	if err := omnicore.ValidateID(device); err != nil {
-		return fmt.Errorf("%w: %w", ErrInvalidDevice, err)
+		return fmt.Errorf("%w: %w", gateway.ErrInvalidDevice, err)
 	}
-	if !sc.enter() {
-		return ErrClosed
+	call, ok := sc.enter()
+	if !ok {
+		return gateway.ErrClosed
 	}
-	defer sc.inflight.Done()
+	defer sc.leave(call)
 	sc.mu.Lock()
 	delete(sc.wanted, device)
-	be, gen := sc.be, sc.gen
+	be, gen, conflict := sc.be, sc.gen, sc.conflict
 	sc.mu.Unlock()
+	if conflict != nil {
+		return conflict
+	}
 	if be == nil {
 		return nil
 	}
@@ -749,13 +922,13 @@ func (sc *shareConn) Detach(ctx context.Context, device string) error {
 }
 
 // Subscribe implements Conn.
-func (sc *shareConn) Subscribe(ctx context.Context, device string, h Handler) (Subscription, error) {
+func (sc *shareConn) Subscribe(ctx context.Context, device string, h gateway.Handler) (gateway.Subscription, error) {
 	if err := omnicore.ValidateID(device); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalidDevice, err)
+		return nil, fmt.Errorf("%w: %w", gateway.ErrInvalidDevice, err)
 	}
 	ls, ok := sc.addSub(subDevice, device, h, true)
 	if !ok {
-		return nil, ErrClosed
+		return nil, gateway.ErrClosed
 	}
 	kept, err := sc.register(ctx, ls)
 	if !kept {
@@ -785,7 +958,7 @@ func (sc *shareConn) register(ctx context.Context, ls *localSub) (kept bool, err
 			if bsub != nil {
 				bsub.Unsubscribe()
 			}
-			return false, ErrClosed
+			return false, gateway.ErrClosed
 		case errors.Is(err, errOwnerGone) || gen != sc.gen:
 			sc.mu.Unlock()
 			if bsub != nil {
@@ -803,13 +976,13 @@ func (sc *shareConn) register(ctx context.Context, ls *localSub) (kept bool, err
 }
 
 // SubscribeAll implements Conn.
-func (sc *shareConn) SubscribeAll(h Handler) Subscription {
+func (sc *shareConn) SubscribeAll(h gateway.Handler) gateway.Subscription {
 	ls, _ := sc.addSub(subAll, "", h, false)
 	return ls
 }
 
 // SubscribeErrors implements Conn.
-func (sc *shareConn) SubscribeErrors(h Handler) Subscription {
+func (sc *shareConn) SubscribeErrors(h gateway.Handler) gateway.Subscription {
 	ls, _ := sc.addSub(subErrors, "", h, false)
 	return ls
 }
@@ -817,7 +990,7 @@ func (sc *shareConn) SubscribeErrors(h Handler) Subscription {
 // addSub records a subscription. All-devices and errors subscriptions are
 // put on the current backend at once; device ones are marked busy for the
 // caller to register.
-func (sc *shareConn) addSub(kind subKind, device string, h Handler, busy bool) (*localSub, bool) {
+func (sc *shareConn) addSub(kind subKind, device string, h gateway.Handler, busy bool) (*localSub, bool) {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	sc.nextSub++
@@ -854,8 +1027,8 @@ func (sc *shareConn) removeSub(ls *localSub) {
 func (ls *localSub) Unsubscribe() { ls.sc.removeSub(ls) }
 
 // relay is the handler registered on a backend for ls.
-func (sc *shareConn) relay(ls *localSub) Handler {
-	return func(in Inbound) {
+func (sc *shareConn) relay(ls *localSub) gateway.Handler {
+	return func(in gateway.Inbound) {
 		sc.mu.Lock()
 		gone := ls.gone
 		sc.mu.Unlock()
@@ -879,7 +1052,7 @@ func (sc *shareConn) CountDrop(reason string, n uint64) {
 	sc.countDropOn(be, reason, n)
 }
 
-func (sc *shareConn) countDropOn(be Conn, reason string, n uint64) {
+func (sc *shareConn) countDropOn(be gateway.Conn, reason string, n uint64) {
 	if rc, ok := be.(*remoteConn); ok {
 		if !rc.countDrop(reason, n) {
 			sc.mu.Lock()
@@ -904,11 +1077,11 @@ func (sc *shareConn) ReportGauges(source string, gauges map[string]int64) {
 
 // Stats implements Conn: the owner's session counters. While no owner is
 // reachable it returns the last snapshot, not connected.
-func (sc *shareConn) Stats() Stats {
+func (sc *shareConn) Stats() gateway.Stats {
 	sc.mu.Lock()
 	be := sc.be
 	sc.mu.Unlock()
-	var st Stats
+	var st gateway.Stats
 	ok := false
 	if rc, isRemote := be.(*remoteConn); isRemote {
 		ctx, cancel := context.WithTimeout(sc.ctx, sc.cfg.Timeout)
@@ -923,12 +1096,19 @@ func (sc *shareConn) Stats() Stats {
 	defer sc.mu.Unlock()
 	if ok {
 		sc.lastStats = st
+		if sc.ownerSilent > 0 {
+			st.ErrorsByType = copyCounts(st.ErrorsByType)
+			st.ErrorsByType[errOwnerSilent] += sc.ownerSilent
+		}
 		return st
 	}
 	st = sc.lastStats
 	st.Connected = false
-	st.Attached = 0
 	st.ErrorsByType = copyCounts(st.ErrorsByType)
+	if sc.ownerSilent > 0 {
+		st.ErrorsByType[errOwnerSilent] += sc.ownerSilent
+	}
+	st.Attached = 0
 	st.DroppedByReason = copyCounts(st.DroppedByReason)
 	for k, v := range sc.drops {
 		st.DroppedByReason[k] += v

@@ -1,4 +1,4 @@
-package gateway
+package share
 
 import (
 	"bufio"
@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/influxdata/telegraf"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 )
 
 const (
@@ -36,7 +38,7 @@ const dropSlowClient = "share_client_too_slow"
 
 // shareServer serves the owner's session to the other processes of the user.
 type shareServer struct {
-	conn Conn
+	conn gateway.Conn
 	name string
 	sock string
 	log  telegraf.Logger
@@ -44,9 +46,18 @@ type shareServer struct {
 	ln   *net.UnixListener
 	// allow decides on a peer; checkPeer against uid, replaced by tests.
 	allow func(peerCred) error
-	// fingerprint of the owner's options (optionsFingerprint), told to
-	// clients so they can warn about a mismatch.
-	fingerprint string
+	// settings and pluginFile of the owner, compared with each client's at
+	// hello: a client with other settings is refused (codeConflict).
+	settings   map[string]string
+	pluginFile string
+	// health reports the owner session's bridge connection, sent to the
+	// clients with every ping; nil means always connected (tests).
+	health func() (bool, error)
+	// yield, when set, is called once when a client with other settings
+	// arrives while the bridge refuses the owner's credentials: the owner
+	// hands the connection over to that client (see handshake).
+	yield     func(error)
+	yieldOnce sync.Once
 	// queue bounds per client (maxQueuedMessages, maxQueuedBytes).
 	maxMsgs, maxBytes int
 
@@ -61,7 +72,7 @@ type shareServer struct {
 // listenShare serves conn on rz.sock, replacing a stale socket file left by
 // an owner that died. The caller holds the owner lock, so no live owner can
 // be serving on it.
-func listenShare(conn Conn, rz *rendezvous, log telegraf.Logger) (*shareServer, error) {
+func listenShare(conn gateway.Conn, rz *rendezvous, log telegraf.Logger) (*shareServer, error) {
 	s, err := newShareServer(conn, rz, log)
 	if err != nil {
 		return nil, err
@@ -71,7 +82,7 @@ func listenShare(conn Conn, rz *rendezvous, log telegraf.Logger) (*shareServer, 
 }
 
 // newShareServer listens; start accepts.
-func newShareServer(conn Conn, rz *rendezvous, log telegraf.Logger) (*shareServer, error) {
+func newShareServer(conn gateway.Conn, rz *rendezvous, log telegraf.Logger) (*shareServer, error) {
 	if log == nil {
 		log = discardLogger{}
 	}
@@ -106,8 +117,44 @@ func newShareServer(conn Conn, rz *rendezvous, log telegraf.Logger) (*shareServe
 }
 
 func (s *shareServer) start() {
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go s.accept(s.ln)
+	go s.heartbeat()
+}
+
+// heartbeat pings every client every shareHeartbeat with the session's
+// health, so clients can tell a hung owner from a quiet one and hear why
+// the owner cannot connect. A ping is queued, never written in place: a
+// slow client never blocks the owner.
+func (s *shareServer) heartbeat() {
+	defer s.wg.Done()
+	t := time.NewTicker(shareHeartbeat)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+		f := s.pingFrame()
+		s.mu.Lock()
+		for c := range s.clients {
+			c.out.push(f)
+		}
+		s.mu.Unlock()
+	}
+}
+
+func (s *shareServer) pingFrame() *frame {
+	f := &frame{wireHeader: wireHeader{Op: opPing, Connected: true}}
+	if s.health != nil {
+		connected, err := s.health()
+		f.Connected = connected
+		if err != nil {
+			f.Error = err.Error()
+		}
+	}
+	return f
 }
 
 // relisten serves a new socket file when the old one was removed from under
@@ -232,7 +279,7 @@ type serverClient struct {
 
 // serverSub is a client subscription; sub is nil while Subscribe runs.
 type serverSub struct {
-	sub Subscription
+	sub gateway.Subscription
 }
 
 func (s *shareServer) newClient(c *net.UnixConn, cred peerCred) *serverClient {
@@ -271,10 +318,17 @@ func (c *serverClient) serve() {
 		}
 		c.kill()
 	}()
+	c.out.push(c.srv.pingFrame()) // the client learns the owner's health at once
 	for {
+		// A client pings every shareHeartbeat: one silent much longer is
+		// stopped or hung, and is let go with what it holds.
+		_ = c.conn.SetReadDeadline(time.Now().Add(shareClientSilence))
 		f, err := readFrame(br)
 		if err != nil {
-			if c.ctx.Err() == nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() && c.ctx.Err() == nil {
+				c.srv.log.Warnf("Process %d sent nothing for %s (stopped or hung?); disconnecting it", c.pid, shareClientSilence)
+			} else if c.ctx.Err() == nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 				c.srv.log.Warnf("Reading from process %d failed: %v; disconnecting it", c.pid, err)
 			}
 			break
@@ -296,13 +350,18 @@ func (c *serverClient) handshake(br *bufio.Reader) error {
 		return err
 	}
 	resp := &frame{wireHeader: wireHeader{
-		Op:      opResponse,
-		ID:      f.ID,
-		Version: shareProtoVersion,
-		Gateway: c.srv.conn.GatewayID(),
-		PID:     os.Getpid(),
-		Options: c.srv.fingerprint,
+		Op:       opResponse,
+		ID:       f.ID,
+		Version:  shareProtoVersion,
+		Gateway:  c.srv.conn.GatewayID(),
+		PID:      os.Getpid(),
+		Settings: c.srv.settings,
+		File:     c.srv.pluginFile,
 	}}
+	pid := c.pid
+	if pid <= 0 {
+		pid = f.PID
+	}
 	switch {
 	case f.Op != opHello:
 		err = fmt.Errorf("expected %q, got %q", opHello, f.Op)
@@ -313,6 +372,8 @@ func (c *serverClient) handshake(br *bufio.Reader) error {
 	}
 	if err != nil {
 		resp.Code, resp.Error = codeProtocol, err.Error()
+	} else if diff := gateway.DescribeDiff(c.srv.settings, f.Settings); c.srv.settings != nil && diff != "" {
+		err = c.srv.refuseOther(resp, pid, f.File, diff)
 	}
 	bw := bufio.NewWriter(c.conn)
 	if werr := writeFrame(bw, resp); werr != nil {
@@ -325,6 +386,30 @@ func (c *serverClient) handshake(br *bufio.Reader) error {
 		c.pid = f.PID
 	}
 	return err
+}
+
+// refuseOther answers the hello of a process whose connection options
+// differ. Normally the process is refused and stops (codeConflict): the
+// owner's options rule. But when the bridge refuses this owner's own
+// credentials, the other process may be the correctly configured one: the
+// owner then hands the connection over to it (the client is told to try
+// again, codeClosed) and stops itself, so a wrong key never holds a correct
+// plugin hostage. If the other process is wrong too, the bridge refuses it
+// the same way, and the next process with other options gets its turn.
+func (s *shareServer) refuseOther(resp *frame, pid int, file, diff string) error {
+	if s.yield != nil && s.health != nil {
+		if connected, lastErr := s.health(); !connected && errors.Is(lastErr, gateway.ErrNotAuthorized) {
+			err := fmt.Errorf("%w: the bridge refuses the credentials of this process (plugin file %s) for gateway %q: %v. Process %d (plugin file %s) connects as the same gateway with other options (%s): handing the connection over to it, and this process stops; fix this plugin file",
+				gateway.ErrConflict, fileName(s.pluginFile), s.conn.GatewayID(), lastErr, pid, fileName(file), diff)
+			s.yieldOnce.Do(func() { s.yield(err) })
+			resp.Code, resp.Error = codeClosed, "the owner hands the connection over"
+			return err
+		}
+	}
+	s.log.Warnf("Refused process %d (plugin file %s): it connects as gateway %q with other connection options than this process (plugin file %s): %s",
+		pid, fileName(file), s.conn.GatewayID(), fileName(s.pluginFile), diff)
+	resp.Code, resp.Error = codeConflict, "other connection options"
+	return errors.New("other connection options")
 }
 
 // cleanup runs when the client is gone: its requests are cancelled and its
@@ -382,13 +467,15 @@ func (c *serverClient) handle(f *frame) bool {
 	case opSubscribeAll, opSubscribeErrors:
 		e := &serverSub{}
 		c.replaceSub(f.Sub, e)
-		var sub Subscription
+		var sub gateway.Subscription
 		if f.Op == opSubscribeAll {
 			sub = conn.SubscribeAll(c.forward(f.Sub, e))
 		} else {
 			sub = conn.SubscribeErrors(c.forward(f.Sub, e))
 		}
 		c.settle(f.Sub, e, sub)
+	case opPing:
+		// The read deadline was renewed by reading it.
 	case opUnsubscribe:
 		c.replaceSub(f.Sub, nil)
 	case opCountDrop:
@@ -419,7 +506,7 @@ func (c *serverClient) run(ctx context.Context, f *frame) *frame {
 	conn := c.srv.conn
 	switch f.Op {
 	case opPublish:
-		err := conn.Publish(ctx, Message{Device: f.Device, Kind: f.Kind, Subfolder: f.Subfolder, Payload: f.Payload, QoS: f.QoS})
+		err := conn.Publish(ctx, gateway.Message{Device: f.Device, Kind: f.Kind, Subfolder: f.Subfolder, Payload: f.Payload, QoS: f.QoS})
 		return respond(f.ID, err)
 	case opAttach:
 		return respond(f.ID, conn.Attach(ctx, f.Device))
@@ -454,7 +541,7 @@ func (c *serverClient) replaceSub(id uint64, e *serverSub) {
 
 // settle stores sub in e unless e was replaced or the client left meanwhile;
 // it reports whether sub stays registered.
-func (c *serverClient) settle(id uint64, e *serverSub, sub Subscription) bool {
+func (c *serverClient) settle(id uint64, e *serverSub, sub gateway.Subscription) bool {
 	if sub == nil {
 		c.mu.Lock()
 		if c.subs[id] == e {
@@ -477,8 +564,8 @@ func (c *serverClient) settle(id uint64, e *serverSub, sub Subscription) bool {
 
 // forward is the handler registered for a client subscription: it queues
 // the message for the client, or disconnects a client too far behind.
-func (c *serverClient) forward(id uint64, e *serverSub) Handler {
-	return func(in Inbound) {
+func (c *serverClient) forward(id uint64, e *serverSub) gateway.Handler {
+	return func(in gateway.Inbound) {
 		c.mu.Lock()
 		current := c.subs[id] == e
 		c.mu.Unlock()

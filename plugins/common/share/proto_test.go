@@ -1,4 +1,4 @@
-package gateway
+package share
 
 import (
 	"bufio"
@@ -13,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -31,9 +32,9 @@ func TestShareFrameRoundTrip(t *testing.T) {
 			wireHeader: wireHeader{Op: opPublish, ID: 8, Device: "dev-1", Kind: omnicore.KindEvents, QoS: 1},
 			Payload:    bytes.Repeat([]byte("x"), omnicore.MaxTelemetryBytes),
 		}},
-		{"inbound message", *inboundFrame(3, Inbound{Device: "dev-2", Kind: omnicore.KindCommands, Subfolder: "reboot", Topic: "/reg/dev-2/commands/reboot", Payload: []byte(`{"now":true}`), Received: received})},
-		{"error response", *respond(9, fmt.Errorf("%w: device %q: not bound", ErrAttachRefused, "dev-3"))},
-		{"stats response", frame{wireHeader: wireHeader{Op: opResponse, ID: 10, Stats: &Stats{Connected: true, Acked: 5, ErrorsByType: map[string]uint64{"X": 1}, DroppedByReason: map[string]uint64{}}}}},
+		{"inbound message", *inboundFrame(3, gateway.Inbound{Device: "dev-2", Kind: omnicore.KindCommands, Subfolder: "reboot", Topic: "/reg/dev-2/commands/reboot", Payload: []byte(`{"now":true}`), Received: received})},
+		{"error response", *respond(9, fmt.Errorf("%w: device %q: not bound", gateway.ErrAttachRefused, "dev-3"))},
+		{"stats response", frame{wireHeader: wireHeader{Op: opResponse, ID: 10, Stats: &gateway.Stats{Connected: true, Acked: 5, ErrorsByType: map[string]uint64{"X": 1}, DroppedByReason: map[string]uint64{}}}}},
 		{"count drop", frame{wireHeader: wireHeader{Op: opCountDrop, Reason: "too_large", N: 3}}},
 	}
 	var buf bytes.Buffer
@@ -58,7 +59,7 @@ func TestShareFrameRoundTrip(t *testing.T) {
 	_, err := readFrame(br)
 	require.ErrorIs(t, err, io.EOF, "a clean end between frames is io.EOF")
 
-	in := inboundFrame(3, Inbound{Device: "d", Kind: omnicore.KindConfig, Payload: []byte("p"), Received: received}).inbound()
+	in := inboundFrame(3, gateway.Inbound{Device: "d", Kind: omnicore.KindConfig, Payload: []byte("p"), Received: received}).inbound()
 	require.Equal(t, received, in.Received)
 	require.Equal(t, omnicore.KindConfig, in.Kind)
 }
@@ -110,10 +111,10 @@ func TestShareErrorsCrossTheSocket(t *testing.T) {
 		err      error
 		sentinel error
 	}{
-		{"attach refused", fmt.Errorf("%w: device %q: not bound", ErrAttachRefused, "d"), ErrAttachRefused},
-		{"invalid device", fmt.Errorf("%w: empty ID", ErrInvalidDevice), ErrInvalidDevice},
-		{"too large", fmt.Errorf("%w: 300000 bytes", ErrTooLarge), ErrTooLarge},
-		{"owner closing", ErrClosed, errOwnerGone},
+		{"attach refused", fmt.Errorf("%w: device %q: not bound", gateway.ErrAttachRefused, "d"), gateway.ErrAttachRefused},
+		{"invalid device", fmt.Errorf("%w: empty ID", gateway.ErrInvalidDevice), gateway.ErrInvalidDevice},
+		{"too large", fmt.Errorf("%w: 300000 bytes", gateway.ErrTooLarge), gateway.ErrTooLarge},
+		{"owner closing", gateway.ErrClosed, errOwnerGone},
 		{"deadline", context.DeadlineExceeded, context.DeadlineExceeded},
 		{"canceled", context.Canceled, context.Canceled},
 		{"other", errors.New("state has no subfolders"), nil},

@@ -1,6 +1,6 @@
 //go:build darwin || freebsd
 
-package gateway
+package share
 
 import "golang.org/x/sys/unix"
 

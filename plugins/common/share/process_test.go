@@ -1,6 +1,6 @@
 //go:build linux || darwin || freebsd
 
-package gateway
+package share
 
 import (
 	"bufio"
@@ -18,9 +18,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/influxdata/telegraf/config"
 	"github.com/influxdata/telegraf/testutil"
 	"github.com/stretchr/testify/require"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -36,6 +38,9 @@ type shareHelperSpec struct {
 	Subscription string
 	Key          string
 	Dir          string
+	DeviceAuth   string
+	PluginFile   string
+	NoWait       bool // an owner does not wait for its connection
 	// dial
 	Socket string
 	Name   string
@@ -54,26 +59,38 @@ func TestShareHelperProcess(t *testing.T) {
 	defer cancel()
 	switch spec.Role {
 	case "dial":
-		_, err := dialOwner(ctx, &rendezvous{sock: spec.Socket, name: spec.Name}, testutil.Logger{Name: "helper"})
+		_, err := dialOwner(ctx, &rendezvous{sock: spec.Socket, name: spec.Name}, testutil.Logger{Name: "helper"}, nil, "")
 		fmt.Printf("dialed err=%v\n", err)
 	case "acquire":
-		opts := DefaultOptions()
+		opts := gateway.DefaultOptions()
 		opts.Servers = spec.Servers
 		opts.SubscriptionID = spec.Subscription
 		opts.RegistryID = shareRegistry
 		opts.GatewayID = shareGateway
 		opts.PrivateKey = spec.Key
 		opts.Algorithm = omnicore.ES256
+		if spec.DeviceAuth != "" {
+			opts.DeviceAuth = spec.DeviceAuth
+			opts.DeviceKeyDir = spec.Dir
+		}
+		// No resend of its own while the parent withholds a PUBACK.
+		opts.Timeout = config.Duration(30 * time.Second)
 		cfg, err := opts.Validate(testutil.Logger{Name: "helper"})
 		require.NoError(t, err)
-		// No resend of its own while the parent withholds a PUBACK.
-		cfg.Timeout = 30 * time.Second
-		conn, closeFn, err := acquireAcross(cfg, spec.Dir)
+		conn, closeFn, err := (&sharer{dir: spec.Dir, settings: Settings{PluginFile: spec.PluginFile}}).acquire(cfg)
 		require.NoError(t, err)
+		be, _, err := conn.(*shareConn).backend(ctx)
+		if err != nil {
+			fmt.Printf("failed %v\n", err)
+			_, _ = io.Copy(io.Discard, os.Stdin)
+			return
+		}
 		role := "client"
-		if s, ok := conn.(*Session); ok {
+		if s, ok := be.(*gateway.Session); ok {
 			role = "owner"
-			require.NoError(t, s.WaitReady(ctx))
+			if !spec.NoWait {
+				require.NoError(t, s.WaitReady(ctx))
+			}
 		}
 		fmt.Printf("ready %s %d\n", role, os.Getpid())
 		_, _ = io.Copy(io.Discard, os.Stdin) // until the parent closes stdin (or kills us)
@@ -201,7 +218,7 @@ func TestShareTwoProcesses(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, client.Attach(ctx, "dev-b"))
 	box.waitFor(t, ctx, 1, isConfig("cfg-1"))
-	require.NoError(t, client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("p1"), QoS: 1}))
+	require.NoError(t, client.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("p1"), QoS: 1}))
 	require.Len(t, b.received("dev-a", "p1"), 1)
 	require.Equal(t, 1, b.openConnections())
 	require.Equal(t, 1, b.connectionsMade(), "two processes, one bridge connection")
@@ -214,7 +231,7 @@ func TestShareTwoProcesses(t *testing.T) {
 	b.srv.WithholdPubacks(1)
 	done := make(chan error, 1)
 	go func() {
-		done <- client.Publish(ctx, Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("in-flight"), QoS: 1})
+		done <- client.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("in-flight"), QoS: 1})
 	}()
 	require.NoError(t, b.srv.WaitFor(ctx, func() bool { return b.srv.Stats().Withheld == 1 }))
 	killed := time.Now()
