@@ -18,7 +18,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/influxdata/telegraf/config"
 	"github.com/influxdata/telegraf/testutil"
 	"github.com/stretchr/testify/require"
 
@@ -73,10 +72,11 @@ func TestShareHelperProcess(t *testing.T) {
 			opts.DeviceAuth = spec.DeviceAuth
 			opts.DeviceKeyDir = spec.Dir
 		}
-		// No resend of its own while the parent withholds a PUBACK.
-		opts.Timeout = config.Duration(30 * time.Second)
 		cfg, err := opts.Validate(testutil.Logger{Name: "helper"})
 		require.NoError(t, err)
+		// No resend of its own while the parent withholds a PUBACK (not
+		// an option, so not compared with the other process's).
+		cfg.Timeout = 30 * time.Second
 		conn, closeFn, err := (&sharer{dir: spec.Dir, settings: Settings{PluginFile: spec.PluginFile}}).acquire(cfg)
 		require.NoError(t, err)
 		be, _, err := conn.(*shareConn).backend(ctx)
