@@ -382,14 +382,17 @@ func (c *conn) handleData(pk packets.Packet, pt omnicore.ParsedTopic, r *Rules) 
 	s.mu.Lock()
 	if !c.mayUseLocked(pt.Device) {
 		s.stats.DroppedNotAttached++
-		ack := r.NotAttachedPuback
+		ack, after := r.NotAttachedPuback, r.NotAttachedErrorAfterPuback
 		s.mu.Unlock()
+		if after && qos1 {
+			c.puback(pk.PacketID)
+		}
 		c.raise(omnicore.ErrorMessage{
 			ErrorType:   omnicore.ErrorDeviceNotFound,
 			Description: fmt.Sprintf("The specified device with ID '%s' is not attached to the gateway.", pt.Device),
 			DeviceID:    pt.Device, MessageInfo: info,
 		})
-		if ack && qos1 {
+		if ack && !after && qos1 {
 			c.puback(pk.PacketID)
 		}
 		return

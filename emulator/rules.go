@@ -41,6 +41,10 @@ type Rules struct {
 	// is neither the gateway nor attached (the message is dropped either way,
 	// after a GATEWAY_DEVICE_NOT_FOUND error).
 	NotAttachedPuback bool
+	// NotAttachedErrorAfterPuback acknowledges such a message first and sends
+	// its GATEWAY_DEVICE_NOT_FOUND after the PUBACK (the message is still
+	// dropped): the other order a bridge may use. It implies the PUBACK.
+	NotAttachedErrorAfterPuback bool
 	// DetachedStatePuback acknowledges the state message that made the bridge
 	// detach a device for going over StateInterval (the message is dropped
 	// either way).

@@ -384,3 +384,31 @@ func TestPubackOrder(t *testing.T) {
 		})
 	}
 }
+
+// TestErrorAfterAck reads the wire with NotAttachedErrorAfterPuback: the
+// message for a device that is not attached is acknowledged first, then its
+// GATEWAY_DEVICE_NOT_FOUND names the packet, and the message is dropped.
+func TestErrorAfterAck(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, emulator.WithRules(func(r *emulator.Rules) { r.NotAttachedErrorAfterPuback = true }))
+	r := dialRaw(t, f.srv)
+	require.Equal(t, byte(0), r.connect(f.srv.ClientID(reg, gw), f.gwToken()))
+	r.send(sub(1, "/reg/gw/errors", 0))
+	pk, err := r.read()
+	require.NoError(t, err)
+	require.Equal(t, packets.Suback, pk.FixedHeader.Type)
+
+	r.send(pub("/reg/dev2/events", 1, 8, "x"))
+	first, err := r.read()
+	require.NoError(t, err)
+	require.Equal(t, packets.Puback, first.FixedHeader.Type, "the PUBACK comes first")
+	require.Equal(t, uint16(8), first.PacketID)
+	second, err := r.read()
+	require.NoError(t, err)
+	require.Equal(t, packets.Publish, second.FixedHeader.Type)
+	var em omnicore.ErrorMessage
+	require.NoError(t, json.Unmarshal(second.Payload, &em))
+	require.Equal(t, omnicore.ErrorDeviceNotFound, em.ErrorType)
+	require.Equal(t, uint16(8), em.MessageInfo.PacketID)
+	require.Equal(t, 1, f.srv.Stats().DroppedNotAttached)
+}

@@ -91,6 +91,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.BoolVar(&rules.CloseOnTokenExpiry, "close-on-token-expiry", rules.CloseOnTokenExpiry, "close connections when their JWT expires")
 	fs.BoolVar(&rules.AttachFailurePuback, "attach-failure-puback", rules.AttachFailurePuback, "acknowledge a failed attach after its GATEWAY_ATTACHMENT_ERROR")
 	fs.BoolVar(&rules.NotAttachedPuback, "not-attached-puback", rules.NotAttachedPuback, "acknowledge (and still drop) a message for a device that is not attached")
+	fs.BoolVar(&rules.NotAttachedErrorAfterPuback, "not-attached-error-after-puback", rules.NotAttachedErrorAfterPuback, "acknowledge a message for a device that is not attached first, then send its GATEWAY_DEVICE_NOT_FOUND")
 	fs.BoolVar(&rules.DetachedStatePuback, "detached-state-puback", rules.DetachedStatePuback, "acknowledge (and still drop) the state message that got its device detached")
 	fs.IntVar(&rules.MaxAttached, "max-attached", rules.MaxAttached, "devices one gateway connection may attach")
 	fs.DurationVar(&rules.StateInterval, "state-interval", rules.StateInterval, "least time between state messages of one device (0 disables)")

@@ -425,7 +425,7 @@ func (cs *connection) abortConnect(client mqtt.Client, tok mqtt.Token) {
 
 // ErrNotAuthorized marks a connect the bridge refused for the gateway's
 // credentials (CONNACK 4 or 5).
-var ErrNotAuthorized = errors.New("the bridge refused the gateway's credentials")
+var ErrNotAuthorized = errors.New("the bridge refused the JWT")
 
 func explainConnectError(err error) error {
 	msg := err.Error()
@@ -486,7 +486,7 @@ func (s *Session) rebuild(cs *connection) error {
 			go func() {
 				defer wg.Done()
 				for id := range work {
-					if err := s.attachOn(s.ctx, cs, id); err != nil {
+					if err := s.attachOn(s.ctx, cs, id, false); err != nil {
 						failed.Add(1)
 						continue
 					}
@@ -657,7 +657,7 @@ func (s *Session) Publish(ctx context.Context, msg Message) error {
 			return err
 		}
 		if msg.Device != s.cfg.GatewayID {
-			if err := s.attachOn(ctx, cs, msg.Device); err != nil {
+			if err := s.attachOn(ctx, cs, msg.Device, true); err != nil {
 				if errors.Is(err, ErrAttachRefused) || errors.Is(err, ErrClosed) || ctx.Err() != nil {
 					return err
 				}
@@ -879,7 +879,7 @@ func (s *Session) Attach(ctx context.Context, device string) error {
 		if err != nil {
 			return err
 		}
-		err = s.attachOn(ctx, cs, device)
+		err = s.attachOn(ctx, cs, device, true)
 		if err == nil || errors.Is(err, ErrAttachRefused) || ctx.Err() != nil || errors.Is(err, ErrClosed) {
 			return err
 		}
@@ -889,7 +889,9 @@ func (s *Session) Attach(ctx context.Context, device string) error {
 // attachOn makes sure device is attached on cs, joining an attempt already
 // under way for it. Attaches of different devices run concurrently, bounded
 // by the in-flight window, so thousands are pipelined through one connection.
-func (s *Session) attachOn(ctx context.Context, cs *connection, id string) error {
+// use says the attach is for a plugin's call, which makes the device
+// active (lastUsed); the session's own re-attaches do not.
+func (s *Session) attachOn(ctx context.Context, cs *connection, id string, use bool) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -901,7 +903,9 @@ func (s *Session) attachOn(ctx context.Context, cs *connection, id string) error
 		return err
 	}
 	d.wanted = true
-	d.lastUsed = time.Now()
+	if use || d.lastUsed.IsZero() {
+		d.lastUsed = time.Now()
+	}
 	if d.attachedGen == cs.gen {
 		s.mu.Unlock()
 		return nil
@@ -1177,7 +1181,7 @@ func (s *Session) healLoop() {
 			go func() {
 				ctx, cancel := context.WithTimeout(s.ctx, 3*s.cfg.Timeout)
 				defer cancel()
-				if err := s.attachOn(ctx, cs, id); err == nil {
+				if err := s.attachOn(ctx, cs, id, false); err == nil {
 					_ = s.subscribeDevice(cs, id)
 				}
 			}()
@@ -1245,7 +1249,7 @@ func (s *Session) Subscribe(ctx context.Context, device string, h Handler) (Subs
 			return nil, err
 		}
 		if device != s.cfg.GatewayID {
-			if err := s.attachOn(ctx, cs, device); err != nil {
+			if err := s.attachOn(ctx, cs, device, true); err != nil {
 				if errors.Is(err, ErrAttachRefused) || ctx.Err() != nil || errors.Is(err, ErrClosed) {
 					// Keep the handler: the device is retried on reconnects
 					// and on later attaches.

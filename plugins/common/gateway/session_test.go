@@ -33,6 +33,7 @@ type testBridge struct {
 	dir        string
 	cfg        *Config
 	gatewayPub emulator.PublicKey
+	keyPath    string
 }
 
 func newTestBridge(t testing.TB, devices int, opts ...emulator.Option) *testBridge {
@@ -63,7 +64,7 @@ func newTestBridge(t testing.TB, devices int, opts ...emulator.Option) *testBrid
 	cfg.MinReconnect = 20 * time.Millisecond
 	cfg.MaxReconnect = 200 * time.Millisecond
 	cfg.MaxInflight = 256
-	return &testBridge{srv: srv, dir: dir, cfg: cfg, gatewayPub: pub}
+	return &testBridge{srv: srv, dir: dir, cfg: cfg, gatewayPub: pub, keyPath: keyPath}
 }
 
 func deviceName(i int) string { return fmt.Sprintf("dev-%05d", i) }
