@@ -21,6 +21,7 @@ import (
 	"github.com/influxdata/telegraf/testutil"
 	"github.com/stretchr/testify/require"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
@@ -299,4 +300,72 @@ func TestShareRefusesAnotherUser(t *testing.T) {
 	case <-ctx.Done():
 		require.FailNow(t, "the server saw no connection")
 	}
+}
+
+// Case 2: a process started first with a key the bridge refuses does not
+// hold a correctly configured one hostage: at the correct one's hello it
+// hands the connection over, logs the bridge's reason at error level and
+// stops; the correct one delivers.
+func TestShareWrongKeyOwnerHandsOver(t *testing.T) {
+	b := newShareBridge(t, "dev-a")
+	ctx := shareCtx(t, 50*time.Second)
+	wrongKey, _ := emulator.NewDeviceKey(t, t.TempDir(), "other-gateway", omnicore.ES256)
+	spec := b.helperSpec()
+	spec.Key, spec.NoWait, spec.PluginFile = wrongKey, true, "/etc/wrong.conf"
+	helper := startShareHelper(t, spec, nil)
+	require.Equal(t, fmt.Sprintf("ready owner %d", helper.cmd.Process.Pid), helper.expect(t, ctx, "ready "))
+	require.NoError(t, b.srv.WaitFor(ctx, func() bool {
+		for _, c := range b.srv.Connections() {
+			if c.ClientID == b.clientID() && c.Refused {
+				return true
+			}
+		}
+		return false
+	}), "the bridge refuses the wrong key")
+
+	client, _ := b.acquire(t, b.config(t, "output"))
+	for i := range 20 {
+		require.NoError(t, client.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: fmt.Appendf(nil, "m%d", i), QoS: 1}))
+	}
+	for i := range 20 {
+		require.Len(t, b.received("dev-a", fmt.Sprintf("m%d", i)), 1)
+	}
+	require.True(t, client.(*shareConn).owns(), "the correct process took the connection over")
+	require.Eventually(t, func() bool { return strings.Contains(helper.stderr.String(), "E! [helper]") }, 30*time.Second, 10*time.Millisecond)
+	require.Contains(t, helper.stderr.String(), "the bridge refuses the credentials of this process (plugin file \"/etc/wrong.conf\")")
+	require.Contains(t, helper.stderr.String(), "not Authorized")
+}
+
+// Case 5: an owner stopped with SIGSTOP is reported at error level by its
+// client within shareSilence and counted; delivery resumes with SIGCONT.
+func TestShareStoppedOwnerIsReported(t *testing.T) {
+	b := newShareBridge(t, "dev-a")
+	ctx := shareCtx(t, 60*time.Second)
+	helper := startShareHelper(t, b.helperSpec(), nil)
+	helper.expect(t, ctx, "ready owner")
+	cfg := b.config(t, "input")
+	log := &testutil.CaptureLogger{Name: "input"}
+	cfg.Log = log
+	client, _ := b.acquire(t, cfg)
+	require.NoError(t, client.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("before"), QoS: 1}))
+
+	require.NoError(t, helper.cmd.Process.Signal(syscall.SIGSTOP))
+	stopped := time.Now()
+	done := make(chan error, 1)
+	go func() {
+		done <- client.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: []byte("during"), QoS: 1})
+	}()
+	require.Eventually(t, func() bool {
+		for _, e := range log.Errors() {
+			if strings.Contains(e, "has not been heard from") {
+				return true
+			}
+		}
+		return false
+	}, 45*time.Second, 20*time.Millisecond)
+	t.Logf("stopped owner reported after %s", time.Since(stopped).Round(100*time.Millisecond))
+	require.Equal(t, uint64(1), client.Stats().ErrorsByType[errOwnerSilent])
+	require.NoError(t, helper.cmd.Process.Signal(syscall.SIGCONT))
+	require.NoError(t, <-done)
+	require.Len(t, b.received("dev-a", "during"), 1)
 }
