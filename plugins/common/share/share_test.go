@@ -1199,3 +1199,37 @@ func TestShareLeavesNoFilesBehind(t *testing.T) {
 	require.NoError(t, err)
 	require.Empty(t, entries, "the last owner removes its lock file and socket")
 }
+
+// Case 6: owners that start and stop in quick succession hand the gateway
+// over without the bridge ever kicking a connection for a duplicate client
+// ID: each owner's MQTT connection (or its connect in progress) is gone
+// before it releases the lock.
+func TestShareRapidRestartsNeverKick(t *testing.T) {
+	b := newShareBridge(t, "dev-a")
+	ctx := shareCtx(t, 60*time.Second)
+	const rounds = 15
+	conns := make([]func(context.Context) error, 0, rounds)
+	for i := range rounds {
+		conn, closeFn, err := acquireAcross(b.config(t, fmt.Sprint("p", i)), b.dir)
+		require.NoError(t, err)
+		conns = append(conns, closeFn)
+		if i%3 == 0 {
+			require.NoError(t, conn.Publish(ctx, gateway.Message{Device: "dev-a", Kind: omnicore.KindEvents, Payload: fmt.Appendf(nil, "m%d", i), QoS: 1}))
+		}
+		if i%2 == 1 { // stop the oldest while its successor may be connecting
+			require.NoError(t, conns[0](shareCtx(t, closeTimeout)))
+			conns = conns[1:]
+		}
+	}
+	for _, c := range conns {
+		require.NoError(t, c(shareCtx(t, closeTimeout)))
+	}
+	kicks := 0
+	for _, c := range b.srv.Connections() {
+		if c.Reason == emulator.ReasonTakenOver {
+			kicks++
+		}
+	}
+	t.Logf("%d connections made, %d kicked for a duplicate client ID", b.connectionsMade(), kicks)
+	require.Zero(t, kicks)
+}
