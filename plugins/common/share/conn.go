@@ -85,10 +85,6 @@ const (
 	shareHeartbeat     = 2 * time.Second
 	shareSilence       = 10 * time.Second
 	shareClientSilence = 30 * time.Second
-	// stallReport is the age at which a call that makes no progress is
-	// reported with its reason; reportEvery rate-limits repeated reports.
-	stallReport = 20 * time.Second
-	reportEvery = time.Minute
 	// closeTimeout bounds a hand-over that has no deadline of its own.
 	closeTimeout = gateway.CloseTimeout
 )
@@ -99,6 +95,14 @@ var (
 	// errOwnerGone means the owner's socket connection ended or the owner is
 	// shutting down: the call is retried on the next owner.
 	errOwnerGone = errors.New("the process owning the gateway connection went away")
+)
+
+// stallReport is the age at which a call that makes no progress is reported
+// with its reason, and reportEvery rate-limits repeated reports of a kind;
+// variables so that tests can shorten them.
+var (
+	stallReport = 20 * time.Second
+	reportEvery = time.Minute
 )
 
 // Settings configure Install.

@@ -1233,3 +1233,38 @@ func TestShareRapidRestartsNeverKick(t *testing.T) {
 	t.Logf("%d connections made, %d kicked for a duplicate client ID", b.connectionsMade(), kicks)
 	require.Zero(t, kicks)
 }
+
+// A client whose owner cannot connect hears the owner's reason and logs it
+// at error level at most once a minute, and a publish that makes no
+// progress says why long before any write timeout.
+func TestShareClientHearsTheOwnersProblem(t *testing.T) {
+	saved := stallReport
+	stallReport = 5 * time.Second
+	t.Cleanup(func() { stallReport = saved })
+	b := newShareBridge(t)
+	// Both plugin files name a key the bridge does not know.
+	b.opts.PrivateKey, _ = emulator.NewDeviceKey(t, t.TempDir(), "other-gateway", omnicore.ES256)
+	ctx := shareCtx(t, 30*time.Second)
+	owner, _ := b.acquire(t, b.config(t, "output"))
+	require.NotNil(t, ownerSession(t, ctx, owner))
+	cfg := b.config(t, "input")
+	log := &testutil.CaptureLogger{Name: "input"}
+	cfg.Log = log
+	client, _ := b.acquire(t, cfg)
+	pctx, cancel := context.WithTimeout(ctx, 8*time.Second)
+	defer cancel()
+	err := client.Publish(pctx, gateway.Message{Device: shareGateway, Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	var ownerErr, stall int
+	for _, e := range log.Errors() {
+		if strings.Contains(e, "cannot connect to the bridge: not Authorized") {
+			if strings.Contains(e, "are waiting") {
+				stall++
+			} else {
+				ownerErr++
+			}
+		}
+	}
+	require.Equal(t, 1, ownerErr, "the owner's reason, once a minute: %v", log.Errors())
+	require.Equal(t, 1, stall, "the stalled publish says why: %v", log.Errors())
+}
