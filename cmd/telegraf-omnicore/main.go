@@ -157,16 +157,7 @@ func run(args []string, env environment) (status int) {
 		level, _ = parseLogLevel(p.logLevel) // validated by loadPluginFile
 		sink.setLevel(level)
 	}
-	conflicted, err := installSharing(f.config, log)
-	if err != nil {
-		log.Errorf("Cannot share the gateway connection with the other plugin processes: %v; not starting, because a second connection as the same gateway would kick the first off (set %s=off if no other process connects as this gateway)", err, share.EnvSharing)
-		return 1
-	}
-	defer func() {
-		if conflicted.Load() {
-			status = 1
-		}
-	}()
+
 	plog := pluginLogger(p.kind, p.name, p.alias, level)
 	var plugin any = p.output
 	if p.kind == "inputs" {
@@ -179,6 +170,17 @@ func run(args []string, env environment) (status int) {
 			return 1
 		}
 	}
+	// After Init, so that mistakes in the plugin file are reported first.
+	conflicted, err := installSharing(f.config, log)
+	if err != nil {
+		log.Errorf("Cannot share the gateway connection with the other plugin processes: %v; not starting, because a second connection as the same gateway would kick the first off (set %s=off if no other process connects as this gateway)", err, share.EnvSharing)
+		return 1
+	}
+	defer func() {
+		if conflicted.Load() {
+			status = 1
+		}
+	}()
 
 	switch p.kind {
 	case "inputs":

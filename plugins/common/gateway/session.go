@@ -292,6 +292,9 @@ func (s *Session) run() {
 	for s.ctx.Err() == nil {
 		gen++
 		cs, err := s.connect(gen)
+		if err != nil && s.ctx.Err() != nil {
+			return // closed while connecting: not a failure
+		}
 		if err != nil {
 			s.c.connectFailures.Add(1)
 			s.setLastErr(err)
