@@ -378,6 +378,10 @@ func (o *owner) holdsLockPath() bool {
 // aborts a connect in progress, so this is only reached by a wedged one.
 const handOverLimit = 10 * time.Second
 
+// handOverGrace is how long an owner that closed its connection waits
+// before it lets the next owner connect (see close).
+const handOverGrace = 250 * time.Millisecond
+
 // close hands the gateway over: no new processes are accepted, in-flight
 // messages (those of other processes too) get until ctx ends, the MQTT
 // connection is closed (a connect in progress aborted) and only once it is
@@ -393,6 +397,11 @@ func (o *owner) close(ctx context.Context) error {
 	case <-time.After(handOverLimit):
 		o.log.Errorf("The connection of gateway %q did not close within %s; handing the gateway over anyway", o.session.GatewayID(), handOverLimit)
 	}
+	// Our side of the connection is closed, but the bridge handles the
+	// close of one connection and the CONNECT of the next independently: a
+	// CONNECT it reads first kicks the old connection as a duplicate. The
+	// pause gives the bridge time to see the old one go.
+	time.Sleep(handOverGrace)
 	o.server.closeClients()
 	if o.holdsLockPath() {
 		os.Remove(o.rz.lock)

@@ -369,3 +369,34 @@ func TestShareStoppedOwnerIsReported(t *testing.T) {
 	require.NoError(t, <-done)
 	require.Len(t, b.received("dev-a", "during"), 1)
 }
+
+// Case 6 with real processes: 20 processes of one gateway started one after
+// the other, each stopped gracefully as soon as its successor is up (which
+// may still be connecting): the bridge never kicks a connection for a
+// duplicate client ID.
+func TestShareRapidProcessRestarts(t *testing.T) {
+	b := newShareBridge(t)
+	ctx := shareCtx(t, 120*time.Second)
+	spec := b.helperSpec()
+	spec.NoWait = true
+	const n = 20
+	var prev *shareHelper
+	for range n {
+		h := startShareHelper(t, spec, nil)
+		h.expect(t, ctx, "ready ")
+		if prev != nil {
+			require.NoError(t, prev.stdin.Close())
+		}
+		prev = h
+	}
+	require.NoError(t, prev.stdin.Close())
+	require.NoError(t, b.srv.WaitFor(ctx, func() bool { return b.openConnections() == 0 }))
+	kicks := 0
+	for _, c := range b.srv.Connections() {
+		if c.Reason == emulator.ReasonTakenOver {
+			kicks++
+		}
+	}
+	t.Logf("%d processes, %d bridge connections, %d kicked for a duplicate client ID", n, b.connectionsMade(), kicks)
+	require.Zero(t, kicks)
+}
