@@ -1,7 +1,10 @@
 package gateway
 
 import (
+	"fmt"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -177,4 +180,49 @@ func TestAcquireConflictInProcess(t *testing.T) {
 	_, _, err = Acquire(&other)
 	require.ErrorIs(t, err, ErrConflict)
 	require.ErrorContains(t, err, `servers = "tcp://localhost:1" here`)
+}
+
+// Case 8, in numbers: a stream of unknown device IDs (each refused by the
+// bridge) keeps at most max_devices devices in memory, and detach_idle
+// frees them all. The heap figures are logged, not asserted.
+func TestUnknownDevicesDoNotGrowMemory(t *testing.T) {
+	const ids, maxDevices = 12000, 2000
+	b := newTestBridge(t, 0)
+	b.cfg.MaxDevices = maxDevices
+	b.cfg.DetachIdle = time.Second
+	b.cfg.Log = testutil.Logger{Name: "gateway", Quiet: true}
+	s := startSession(t, b.cfg)
+	ctx := testCtx(t, 60*time.Second)
+	heap := func() uint64 {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapAlloc
+	}
+	before := heap()
+	var wg sync.WaitGroup
+	work := make(chan int)
+	for range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				err := s.Publish(ctx, Message{Device: fmt.Sprintf("unknown-%06d", i), Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1})
+				require.ErrorIs(t, err, ErrAttachRefused)
+			}
+		}()
+	}
+	for i := range ids {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	st := s.Stats()
+	peak := heap()
+	require.LessOrEqual(t, st.Known, maxDevices)
+	require.Equal(t, uint64(ids-st.Known), st.DevicesRefused)
+	waitUntil(t, 20*time.Second, func() bool { return s.Stats().Known == 0 }, "idle devices forgotten")
+	after := heap()
+	t.Logf("%d unknown IDs, max_devices %d: %d kept, %d refused locally; heap %d KiB before, %d KiB with them, %d KiB after detach_idle",
+		ids, maxDevices, st.Known, st.DevicesRefused, before>>10, peak>>10, after>>10)
 }
