@@ -47,7 +47,7 @@ var docs = []string{
 	"LICENSE",
 	"plugins/outputs/omnicore/README.md",
 	"plugins/inputs/omnicore/README.md",
-	"plugins/common/gateway/SHARING.md",
+	"plugins/common/share/SHARING.md",
 }
 
 // pluginFileHeader introduces a plugin file made from a plugin's sample.conf.
