@@ -5,7 +5,7 @@ BUILD_DIR ?= $(HOME)/.cache/telegraf-omnicore
 export BUILD_DIR
 GO ?= go
 
-.PHONY: all build test test-short vet demo telegraf bench fuzz soak emulator clean-build dist
+.PHONY: all build test test-short vet demo telegraf telegraf-builtin bench fuzz soak emulator clean-build dist
 
 all: build
 
@@ -29,6 +29,13 @@ test-short:
 ## telegraf builds (or finds cached in BUILD_DIR) the custom Telegraf v1.37.2 the demo and end-to-end tests run.
 telegraf:
 	./scripts/build-telegraf.sh
+
+## telegraf-builtin builds (or finds cached in BUILD_DIR) Telegraf v1.37.2 with outputs.omnicore and
+## inputs.omnicore compiled in, plus the plugins of the custom build above, and prints its path last.
+## TELEGRAF_EXTRA_TAGS adds Telegraf build tags to both builds, e.g.
+## TELEGRAF_EXTRA_TAGS=inputs.modbus,outputs.influxdb_v2 make telegraf-builtin
+telegraf-builtin:
+	@./scripts/build-telegraf.sh --builtin
 
 ## demo runs a real Telegraf with both plugins against the bridge emulator for DEMO_DURATION (default 25s).
 demo:

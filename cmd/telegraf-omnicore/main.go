@@ -31,6 +31,7 @@ import (
 	"github.com/influxdata/telegraf/logger"
 	"github.com/influxdata/telegraf/models"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
 )
 
@@ -105,6 +106,9 @@ func parseFlags(args []string, usage io.Writer) (*flags, error) {
 
 // run is main without os.Exit; it returns the exit status.
 func run(args []string, env environment) (status int) {
+	// The plugins behave as execd plugins: the output's failed batches are
+	// retried by this program, the input's Gather emits omnicore_gateway.
+	runmode.SetExecd()
 	sink := newLogSink(env.stderr, telegraf.Info)
 	remove, err := installLogging(sink)
 	if err != nil {

@@ -24,6 +24,7 @@ import (
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 )
 
 //go:embed sample.conf
@@ -56,6 +57,13 @@ const (
 	dropStateCoalesced   = "state_coalesced"
 )
 
+// defaultWriteTimeout is how long a Write waits for acknowledgements. It
+// stays well under Telegraf's default flush_interval (10s) and leaves room
+// in the 5 s Telegraf takes to stop (the last flush waits for one Write):
+// what is not acknowledged by then stays in Telegraf's buffer and goes again
+// at the next flush.
+const defaultWriteTimeout = 2 * time.Second
+
 // warnInterval is how often one kind of drop warning is logged; the ones in
 // between are logged at debug level and summed up in the next warning.
 const warnInterval = 10 * time.Second
@@ -83,6 +91,9 @@ type OmniCore struct {
 	routingTags []string
 	parallel    int
 	warnings    *warnLimiter
+	// execd is runmode.Execd() at Init: whether a failed Write is retried
+	// with the same batch by the execd binary (see settled).
+	execd bool
 
 	// acquire is gateway.Acquire; unit tests replace it with a fake.
 	acquire func(*gateway.Config) (gateway.Conn, func(), error)
@@ -95,9 +106,11 @@ type OmniCore struct {
 	mu        sync.Mutex
 	nextState map[string]time.Time // device -> earliest time of its next state message
 
-	// settled holds the metrics of failed Writes that were acknowledged or
-	// given up on, so that Telegraf's retry of the batch sends only the rest.
-	// It is emptied by the next successful Write.
+	// settled holds, under the execd binary, the metrics of failed Writes
+	// that were acknowledged or given up on, so that the binary's retry of
+	// the same batch sends only the rest. It is emptied by the next
+	// successful Write. Inside Telegraf it stays empty: the partial-write
+	// error tells Telegraf which metrics to keep.
 	settled map[telegraf.Metric]struct{}
 }
 
@@ -185,6 +198,7 @@ func (o *OmniCore) Init() error {
 	if o.acquire == nil {
 		o.acquire = gateway.Acquire
 	}
+	o.execd = runmode.Execd()
 	o.warnings = newWarnLimiter(o.Log, warnInterval)
 	o.nextState = make(map[string]time.Time)
 	o.settled = make(map[telegraf.Metric]struct{})
@@ -284,6 +298,9 @@ type writeStats struct {
 	messages, sent int
 	metricsSent    int
 	dropped        map[string]int
+	// settled holds the metrics this Write acknowledged (true) or gave up
+	// on (false).
+	settled map[telegraf.Metric]bool
 }
 
 func (o *OmniCore) Write(metrics []telegraf.Metric) error {
@@ -294,7 +311,7 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 		return errors.New("not connected")
 	}
 	start := time.Now()
-	st := &writeStats{in: len(metrics), dropped: make(map[string]int)}
+	st := &writeStats{in: len(metrics), dropped: make(map[string]int), settled: make(map[telegraf.Metric]bool)}
 	msgs := o.prepare(metrics, st)
 	st.messages = len(msgs)
 
@@ -308,13 +325,31 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 	o.Log.Debugf("Write of %d metrics: %d messages, %d published (%d metrics), %d skipped as settled by an earlier attempt, dropped %s, in %s",
 		st.in, st.messages, st.sent, st.metricsSent, st.skipped, formatCounts(st.dropped), time.Since(start).Round(time.Microsecond))
 
-	if failed > 0 {
-		return fmt.Errorf("%d of %d messages not acknowledged within write_timeout (%s): %w; "+
-			"the batch will be retried without the metrics already acknowledged",
-			failed, len(msgs), time.Duration(o.WriteTimeout), firstErr)
+	if failed == 0 {
+		clear(o.settled)
+		return nil
 	}
-	clear(o.settled)
-	return nil
+	werr := &writeError{err: fmt.Errorf("%d of %d messages not acknowledged within write_timeout (%s): %w; "+
+		"the metrics not acknowledged stay in the buffer and are written again",
+		failed, len(msgs), time.Duration(o.WriteTimeout), firstErr)}
+	for i, m := range metrics {
+		_, earlier := o.settled[m]
+		acked, settled := st.settled[m]
+		switch {
+		case earlier || (settled && acked):
+			werr.accept = append(werr.accept, i)
+		case settled:
+			werr.reject = append(werr.reject, i)
+		}
+	}
+	if o.execd {
+		// The execd binary retries the same batch: remember what this
+		// attempt settled so that the retry sends only the rest.
+		for m := range st.settled {
+			o.settled[m] = struct{}{}
+		}
+	}
+	return werr
 }
 
 // prepare routes, coalesces, serializes and splits the metrics into
@@ -600,7 +635,7 @@ func (o *OmniCore) newMessage(dst destination, payload []byte, entries ...entry)
 // drop counts a metric given up on and settles it.
 func (o *OmniCore) drop(st *writeStats, reason string, m telegraf.Metric) {
 	st.dropped[reason]++
-	o.settled[m] = struct{}{}
+	st.settled[m] = false
 }
 
 // publish sends the messages concurrently and waits for all of them. It
@@ -636,7 +671,7 @@ func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) 
 				o.warnings.warnf(reason, "Dropping %d metrics of device %q: %v", len(msg.metrics), msg.Device, err)
 			}
 			for _, m := range msg.metrics {
-				o.settled[m] = struct{}{}
+				st.settled[m] = err == nil
 			}
 			return nil
 		})
@@ -745,7 +780,7 @@ func init() {
 			MissingDevice: missingDrop,
 			QoS:           1,
 			Layout:        layoutNonBatch,
-			WriteTimeout:  config.Duration(5 * time.Minute),
+			WriteTimeout:  config.Duration(defaultWriteTimeout),
 		}
 	})
 }

@@ -608,15 +608,17 @@ func TestRefusedDeviceDoesNotBlockOthers(t *testing.T) {
 	require.Equal(t, 1, logOf(o).count("W", "not bound to the gateway"), logOf(o).String())
 }
 
-// TestTransientFailureRetriesOnlyUnacknowledged: a message that cannot be
-// delivered within write_timeout fails the Write (Telegraf keeps the batch);
-// the retried batch sends only what was not acknowledged the first time.
+// TestTransientFailureRetriesOnlyUnacknowledged: under the execd binary, a
+// message that cannot be delivered within write_timeout fails the Write (the
+// binary keeps the batch); the retried batch sends only what was not
+// acknowledged the first time.
 func TestTransientFailureRetriesOnlyUnacknowledged(t *testing.T) {
 	conn := &blockingConn{Conn: gatewaytest.New("gw"), blocked: map[string]bool{"slow": true}}
 	o := newPlugin(t, conn, func(o *OmniCore) {
 		o.WriteTimeout = config.Duration(100 * time.Millisecond)
 		o.StateMetrics = []string{"status"}
 	})
+	o.execd = true // as runmode.SetExecd makes it
 	batch := []telegraf.Metric{
 		m("cpu", map[string]string{"device_id": "fast"}, 1),
 		m("cpu", map[string]string{"device_id": "slow"}, 1),
