@@ -23,7 +23,9 @@ import (
 	influxserializer "github.com/influxdata/telegraf/plugins/serializers/influx"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 )
 
 //go:embed sample.conf
@@ -86,18 +88,23 @@ type OmniCore struct {
 	retryMin   time.Duration // first back-off of a refused device
 	parserFunc telegraf.ParserFunc
 	cfg        *gateway.Config
+	// execd is runmode.Execd() at Init: Gather emits omnicore_gateway and
+	// parsed metrics must survive line protocol. Inside Telegraf the
+	// statistics go through selfstat (gatewaystats) instead.
+	execd bool
 
-	mu       sync.Mutex
-	conn     gateway.Conn
-	release  func()
-	acc      telegraf.TrackingAccumulator
-	sem      chan struct{} // one slot per message whose metrics are undelivered
-	ctx      context.Context
-	cancel   context.CancelFunc
-	subs     []gateway.Subscription
-	stopped  bool
-	handlers sync.WaitGroup // handler calls in progress
-	wg       sync.WaitGroup // the plugin's goroutines
+	mu        sync.Mutex
+	conn      gateway.Conn
+	release   func()
+	stopStats func()
+	acc       telegraf.TrackingAccumulator
+	sem       chan struct{} // one slot per message whose metrics are undelivered
+	ctx       context.Context
+	cancel    context.CancelFunc
+	subs      []gateway.Subscription
+	stopped   bool
+	handlers  sync.WaitGroup // handler calls in progress
+	wg        sync.WaitGroup // the plugin's goroutines
 
 	received    atomic.Uint64
 	parseErrors atomic.Uint64
@@ -155,6 +162,7 @@ func (p *OmniCore) Init() error {
 		}
 	}
 	p.cfg = cfg
+	p.execd = runmode.Execd()
 	return nil
 }
 
@@ -171,6 +179,13 @@ func (p *OmniCore) Start(acc telegraf.Accumulator) error {
 	p.conn, p.release = conn, release
 	p.acc = acc.WithTracking(p.MaxUndeliveredMessages)
 	p.sem = make(chan struct{}, p.MaxUndeliveredMessages)
+	p.stopStats = nil
+	if !p.execd {
+		sem := p.sem
+		p.stopStats = gatewaystats.Export(conn, p.GatewayID, p.RegistryID, func() map[string]int64 {
+			return p.ownCounters(sem)
+		})
+	}
 	p.ctx, p.cancel = ctx, cancel
 	p.subs = nil
 	p.stopped = false
@@ -208,8 +223,13 @@ func (p *OmniCore) Start(acc telegraf.Accumulator) error {
 	return nil
 }
 
-// Gather emits the gateway's counters and the plugin's own.
+// Gather emits the gateway's counters and the plugin's own as
+// omnicore_gateway under the execd binary. Inside Telegraf it emits nothing:
+// the counters are in internal_omnicore (inputs.internal).
 func (p *OmniCore) Gather(acc telegraf.Accumulator) error {
+	if !p.execd {
+		return nil
+	}
 	p.mu.Lock()
 	conn, sem, stopped := p.conn, p.sem, p.stopped
 	p.mu.Unlock()
@@ -227,6 +247,16 @@ func (p *OmniCore) Gather(acc telegraf.Accumulator) error {
 	return nil
 }
 
+// ownCounters are the plugin's own figures for internal_omnicore (Gather
+// emits the same ones in omnicore_gateway).
+func (p *OmniCore) ownCounters(sem chan struct{}) map[string]int64 {
+	return map[string]int64{
+		"messages_received": int64(p.received.Load()),
+		"parse_errors":      int64(p.parseErrors.Load()),
+		"undelivered":       int64(len(sem)),
+	}
+}
+
 // Stop ends the subscriptions and waits for the handler calls in progress,
 // so that no metric is added after it returns, then leaves the session.
 func (p *OmniCore) Stop() {
@@ -238,7 +268,7 @@ func (p *OmniCore) Stop() {
 	p.stopped = true
 	subs := p.subs
 	p.subs = nil
-	release := p.release
+	release, stopStats := p.release, p.stopStats
 	p.mu.Unlock()
 
 	for _, s := range subs {
@@ -247,6 +277,9 @@ func (p *OmniCore) Stop() {
 	p.cancel() // unblocks handlers waiting for a free slot and the workers
 	p.handlers.Wait()
 	p.wg.Wait()
+	if stopStats != nil {
+		stopStats()
+	}
 	release()
 }
 
@@ -420,6 +453,9 @@ func (p *OmniCore) messageMetrics(in gateway.Inbound) []telegraf.Metric {
 				for k, v := range tags {
 					m.AddTag(k, v)
 				}
+			}
+			if !p.execd {
+				return metrics
 			}
 			if err = lineProtocolError(metrics); err == nil {
 				return metrics

@@ -55,6 +55,7 @@ func (b *bridge) plugin(t *testing.T, mutate func(*OmniCore)) *OmniCore {
 		mutate(p)
 	}
 	require.NoError(t, p.Init())
+	p.execd = true // omnicore_gateway from Gather
 	return p
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/influxdata/telegraf"
 	"github.com/influxdata/telegraf/config"
 	"github.com/influxdata/telegraf/metric"
+	"github.com/influxdata/telegraf/selfstat"
 	"github.com/influxdata/telegraf/plugins/inputs"
 	_ "github.com/influxdata/telegraf/plugins/parsers/csv"
 	influxparser "github.com/influxdata/telegraf/plugins/parsers/influx"
@@ -80,6 +81,7 @@ func newPlugin(t *testing.T, mutate func(*OmniCore)) (*OmniCore, *gatewaytest.Co
 		mutate(p)
 	}
 	require.NoError(t, p.Init())
+	p.execd = true // the execd binary's behaviour unless a test says otherwise
 	return p, fake
 }
 
@@ -107,6 +109,7 @@ func loadPlugin(t *testing.T, options string) (*OmniCore, *gatewaytest.Conn) {
 	fake := gatewaytest.New(testGateway)
 	p.acquire = fakeAcquire(fake, nil)
 	require.NoError(t, p.Init())
+	p.execd = true // as under the execd binary
 	return p, fake
 }
 
@@ -931,6 +934,7 @@ func TestStartAndStopWithBridgeDown(t *testing.T) {
 	p.Devices = []string{"dev1", "dev2"}
 	p.Log = testutil.Logger{Name: "inputs.omnicore"}
 	require.NoError(t, p.Init())
+	p.execd = true // omnicore_gateway from Gather
 
 	var acc testutil.Accumulator
 	started := make(chan error, 1)
@@ -958,4 +962,36 @@ func TestStartAndStopWithBridgeDown(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Stop blocked while the bridge is down")
 	}
+}
+
+// TestInProcess: inside Telegraf, Gather emits nothing (the counters are in
+// internal_omnicore, through selfstat), and a parsed metric goes to Telegraf
+// as it is, even one that line protocol could not carry (it never passes
+// through a pipe).
+func TestInProcess(t *testing.T) {
+	p, fake := loadPlugin(t, `data_format = "json"`)
+	p.execd = false
+	var acc testutil.Accumulator
+	start(t, p, fake, &acc, 2)
+
+	fake.Deliver(configMsg(testGateway, `{"":1}`))
+	waitMetrics(t, &acc, 1)
+	m := acc.GetTelegrafMetrics()[0]
+	require.Equal(t, "omnicore", m.Name(), "the parser's metric, not a raw one")
+	require.Equal(t, map[string]any{"": float64(1)}, m.Fields())
+
+	var stats testutil.Accumulator
+	require.NoError(t, p.Gather(&stats))
+	require.Empty(t, stats.GetTelegrafMetrics())
+
+	// selfstat holds values: they are refreshed every second.
+	require.Eventually(t, func() bool {
+		for _, s := range selfstat.Metrics() {
+			if s.Name() == "internal_omnicore" && s.Tags()["gateway_id"] == testGateway && len(s.Tags()) == 2 {
+				v, _ := s.GetField("messages_received")
+				return v == int64(1)
+			}
+		}
+		return false
+	}, 10*time.Second, 10*time.Millisecond)
 }

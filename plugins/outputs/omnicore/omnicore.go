@@ -23,6 +23,7 @@ import (
 	"github.com/influxdata/telegraf/plugins/serializers/influx"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 )
@@ -100,6 +101,7 @@ type OmniCore struct {
 
 	conn        gateway.Conn
 	release     func()
+	stopStats   func()
 	stopAttach  context.CancelFunc
 	attachingWG sync.WaitGroup
 
@@ -214,6 +216,9 @@ func (o *OmniCore) Connect() error {
 		return fmt.Errorf("starting the gateway session: %w", err)
 	}
 	o.conn, o.release = conn, release
+	if !o.execd {
+		o.stopStats = gatewaystats.Export(conn, o.GatewayID, o.RegistryID, nil)
+	}
 	if len(o.Devices) > 0 {
 		ctx, cancel := context.WithCancel(context.Background())
 		o.stopAttach = cancel
@@ -263,6 +268,10 @@ func (o *OmniCore) Close() error {
 		o.stopAttach()
 		o.attachingWG.Wait()
 		o.stopAttach = nil
+	}
+	if o.stopStats != nil {
+		o.stopStats()
+		o.stopStats = nil
 	}
 	if o.release != nil {
 		o.release()
