@@ -24,6 +24,7 @@ import (
 // Built once per test run by TestMain (empty under -short).
 var (
 	telegrafBin string
+	builtinBin  string // Telegraf with the plugins compiled in
 	pluginBin   string
 )
 
@@ -46,11 +47,14 @@ func buildAndRun(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	telegrafBin, pluginBin, err = BuildBinaries(ctx, dir, os.Stderr)
+	if err == nil {
+		builtinBin, err = BuildTelegrafBuiltin(ctx, os.Stderr)
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "e2e: %v\n", err)
 		return 1
 	}
-	fmt.Fprintf(os.Stderr, "e2e: Telegraf %s and telegraf-omnicore ready in %s\n", TelegrafVersion, time.Since(start).Round(time.Second))
+	fmt.Fprintf(os.Stderr, "e2e: Telegraf %s (stock and built-in) and telegraf-omnicore ready in %s\n", TelegrafVersion, time.Since(start).Round(time.Second))
 	return m.Run()
 }
 
@@ -93,12 +97,18 @@ func (s *setup) write(name, content string) string {
 	return path
 }
 
-// start runs Telegraf with the given config; the process is killed at the
-// end of the test and its log printed when the test failed.
+// start runs the stock Telegraf with the given config; the process is
+// killed at the end of the test and its log printed when the test failed.
 func (s *setup) start(config string) *Telegraf {
 	s.t.Helper()
+	return s.startBin(telegrafBin, config)
+}
+
+// startBin is start with the Telegraf binary bin.
+func (s *setup) startBin(bin, config string) *Telegraf {
+	s.t.Helper()
 	path := s.write("telegraf.conf", config)
-	tg, err := StartTelegraf(telegrafBin, path, s.env, nil)
+	tg, err := StartTelegraf(bin, path, s.env, nil)
 	require.NoError(s.t, err)
 	s.t.Cleanup(func() {
 		tg.Kill()
@@ -261,15 +271,20 @@ func errorLines(log string) []string {
 }
 
 // Telemetry of 50 devices goes through exactly one bridge connection, the
-// gateway's, from a real Telegraf through outputs.execd.
+// gateway's, from a real Telegraf, on both routes.
 func TestTelemetryOf50DevicesThroughOneConnection(t *testing.T) {
+	for _, r := range routes {
+		t.Run(r.name, func(t *testing.T) { testTelemetryOf50Devices(t, r) })
+	}
+}
+
+func testTelemetryOf50Devices(t *testing.T, r route) {
 	s := newSetup(t)
 	devices := deviceNames("meter", 50)
 	gw := s.gatewayFor("plant", "edge-gw", devices...)
-	output := s.write("omnicore-output.conf", gw.OutputFile())
-	tg := s.start(Agent(500*time.Millisecond, 100*time.Millisecond) +
-		fileInput(s.telemetryFile(devices)) +
-		ExecdOutput(pluginBin, output, "-batch_timeout", "100ms"))
+	tg := s.startBin(r.bin(), Agent(500*time.Millisecond, 100*time.Millisecond)+
+		fileInput(s.telemetryFile(devices))+
+		s.output(r, gw))
 
 	s.waitEmulator(90*time.Second, "two messages from each of the 50 devices", func() bool {
 		counts := perDevice(s.srv.Received())
@@ -309,10 +324,17 @@ func TestTelemetryOf50DevicesThroughOneConnection(t *testing.T) {
 	require.Empty(t, errorLines(tg.Log()))
 }
 
-// The output and the input of one gateway run in two execd processes and
-// share one bridge connection; config, commands and bridge errors come out
-// of Telegraf as metrics, next to the gateway statistics.
+// The output and the input of one gateway share one bridge connection (two
+// execd processes through the sharing socket, or one Telegraf process);
+// config, commands and bridge errors come out of Telegraf as metrics, next
+// to the gateway statistics.
 func TestInputAndOutputOnOneGateway(t *testing.T) {
+	for _, r := range routes {
+		t.Run(r.name, func(t *testing.T) { testInputAndOutputOnOneGateway(t, r) })
+	}
+}
+
+func testInputAndOutputOnOneGateway(t *testing.T, r route) {
 	s := newSetup(t)
 	devices := deviceNames("sensor", 3)
 	gw := s.gatewayFor("plant", "edge-gw", devices...)
@@ -320,14 +342,12 @@ func TestInputAndOutputOnOneGateway(t *testing.T) {
 	// draws a GATEWAY_ATTACHMENT_ERROR on the errors topic.
 	require.NoError(t, s.srv.AddDevice("plant", emulator.Device{ID: "stranger"}))
 
-	output := s.write("omnicore-output.conf", gw.OutputFile())
-	input := s.write("omnicore-input.conf", gw.InputFile(devices))
 	received := filepath.Join(s.dir, "received.lp")
-	tg := s.start(Agent(500*time.Millisecond, 100*time.Millisecond) +
-		fileInput(s.telemetryFile(append(slices.Clone(devices), "stranger"))) +
-		ExecdOutput(pluginBin, output, "-batch_timeout", "100ms") +
-		ExecdInput(pluginBin, input, "-poll_interval", "500ms") +
-		fileOutput(received, "omnicore_*"))
+	tg := s.startBin(r.bin(), Agent(500*time.Millisecond, 100*time.Millisecond)+
+		fileInput(s.telemetryFile(append(slices.Clone(devices), "stranger")))+
+		s.output(r, gw)+
+		s.input(r, gw, devices)+
+		fileOutput(received, "omnicore_*", r.stats()))
 
 	s.waitEmulator(60*time.Second, "telemetry of the bound devices and the input's subscriptions", func() bool {
 		counts := perDevice(s.srv.Received())
@@ -369,7 +389,8 @@ func TestInputAndOutputOnOneGateway(t *testing.T) {
 		return find(ms, "omnicore_config", map[string]string{"device_id": "sensor-01"}, config) != nil &&
 			find(ms, "omnicore_command", map[string]string{"device_id": "sensor-02"}, "now") != nil &&
 			find(ms, "omnicore_error", map[string]string{"device_id": "stranger"}, "") != nil &&
-			find(ms, "omnicore_gateway", nil, "") != nil
+			find(ms, r.stats(), map[string]string{"gateway_id": "edge-gw"}, "") != nil &&
+			(!r.builtin || find(ms, r.stats(), map[string]string{"error_type": "GATEWAY_ATTACHMENT_ERROR"}, "") != nil)
 	})
 
 	// Each device's current config (empty) came at subscribe, then the new one.
@@ -385,8 +406,20 @@ func TestInputAndOutputOnOneGateway(t *testing.T) {
 	require.Equal(t, "GATEWAY_ATTACHMENT_ERROR", bridgeErr.Tags()["error_type"])
 	require.Contains(t, bridgeErr.Fields(), "description")
 
-	stats := find(metrics, "omnicore_gateway", nil, "")
+	var stats telegraf.Metric
+	for _, m := range metrics {
+		if m.Name() == r.stats() && !m.HasTag("reason") && !m.HasTag("error_type") {
+			stats = m
+		}
+	}
+	require.NotNil(t, stats, "the gateway's statistics series")
+	stats.RemoveTag("version") // inputs.internal adds Telegraf's version
 	require.Equal(t, map[string]string{"gateway_id": "edge-gw", "registry_id": "plant"}, stats.Tags())
+	require.Contains(t, stats.Fields(), "acked")
+	if r.builtin {
+		// Bridge errors by type, as tags.
+		require.NotNil(t, find(metrics, r.stats(), map[string]string{"gateway_id": "edge-gw", "error_type": "GATEWAY_ATTACHMENT_ERROR"}, ""))
+	}
 
 	// Nothing the input emits is sent back to the bridge: the execd
 	// output's namedrop keeps omnicore_* away from it.

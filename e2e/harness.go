@@ -49,11 +49,21 @@ func RepoRoot() (string, error) {
 // BuildTelegraf builds (or finds, cached in $BUILD_DIR) the custom Telegraf
 // with scripts/build-telegraf.sh and returns its path. Progress goes to log.
 func BuildTelegraf(ctx context.Context, log io.Writer) (string, error) {
+	return buildTelegraf(ctx, log)
+}
+
+// BuildTelegrafBuiltin is BuildTelegraf for the Telegraf with both plugins
+// compiled in (scripts/build-telegraf.sh --builtin, make telegraf-builtin).
+func BuildTelegrafBuiltin(ctx context.Context, log io.Writer) (string, error) {
+	return buildTelegraf(ctx, log, "--builtin")
+}
+
+func buildTelegraf(ctx context.Context, log io.Writer, args ...string) (string, error) {
 	root, err := RepoRoot()
 	if err != nil {
 		return "", err
 	}
-	cmd := exec.CommandContext(ctx, "bash", filepath.Join(root, "scripts", "build-telegraf.sh"))
+	cmd := exec.CommandContext(ctx, "bash", append([]string{filepath.Join(root, "scripts", "build-telegraf.sh")}, args...)...)
 	cmd.Dir = root
 	cmd.Stderr = log
 	out, err := cmd.Output()

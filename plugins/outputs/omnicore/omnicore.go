@@ -65,6 +65,20 @@ const (
 // at the next flush.
 const defaultWriteTimeout = 2 * time.Second
 
+// disconnectedWriteTimeout bounds a Write that starts while the gateway is
+// not connected: it fails soon with everything kept, rather than holding
+// Telegraf's flush (and its stop, which waits for the last flush) for the
+// whole write_timeout while the bridge is down.
+const disconnectedWriteTimeout = time.Second
+
+// timeoutName names the timeout a Write ran with, for its error.
+func timeoutName(timeout, writeTimeout time.Duration) string {
+	if timeout < writeTimeout {
+		return fmt.Sprintf("%s (the gateway was not connected when the write started)", timeout)
+	}
+	return fmt.Sprintf("write_timeout (%s)", writeTimeout)
+}
+
 // warnInterval is how often one kind of drop warning is logged; the ones in
 // between are logged at debug level and summed up in the next warning.
 const warnInterval = 10 * time.Second
@@ -324,7 +338,11 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 	msgs := o.prepare(metrics, st)
 	st.messages = len(msgs)
 
-	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(o.WriteTimeout))
+	timeout := time.Duration(o.WriteTimeout)
+	if len(msgs) > 0 && !o.conn.Stats().Connected {
+		timeout = min(timeout, disconnectedWriteTimeout)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	failed, firstErr := o.publish(ctx, msgs, st)
 
@@ -338,9 +356,9 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 		clear(o.settled)
 		return nil
 	}
-	werr := &writeError{err: fmt.Errorf("%d of %d messages not acknowledged within write_timeout (%s): %w; "+
+	werr := &writeError{err: fmt.Errorf("%d of %d messages not acknowledged within %s: %w; "+
 		"the metrics not acknowledged stay in the buffer and are written again",
-		failed, len(msgs), time.Duration(o.WriteTimeout), firstErr)}
+		failed, len(msgs), timeoutName(timeout, time.Duration(o.WriteTimeout)), firstErr)}
 	for i, m := range metrics {
 		_, earlier := o.settled[m]
 		acked, settled := st.settled[m]

@@ -13,6 +13,7 @@ import (
 	"github.com/influxdata/telegraf/models"
 	"github.com/influxdata/telegraf/selfstat"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway/gatewaytest"
 )
 
@@ -112,4 +113,38 @@ func TestPartialWriteInTelegrafsBuffer(t *testing.T) {
 	require.NoError(t, ro.WriteBatch())
 	require.Len(t, conn.Published(), 10, "only the 4 kept metrics are sent again")
 	require.Equal(t, 0, ro.BufferLength())
+}
+
+// downConn is a gateway whose connection is down: nothing is acknowledged.
+type downConn struct{ *blockingConn }
+
+func (c downConn) Stats() gateway.Stats {
+	s := c.blockingConn.Stats()
+	s.Connected = false
+	return s
+}
+
+// A Write that starts while the gateway is not connected gives up after
+// disconnectedWriteTimeout, not write_timeout, keeping every metric: Telegraf's
+// flush, and its stop, are not held for write_timeout while the bridge is
+// down.
+func TestWriteWhileDisconnected(t *testing.T) {
+	conn := downConn{&blockingConn{Conn: gatewaytest.New("gw"), blocked: map[string]bool{"dev": true}}}
+	o := newPlugin(t, conn, func(o *OmniCore) {
+		o.WriteTimeout = config.Duration(time.Hour)
+	})
+	result := make(chan error, 1)
+	go func() { result <- o.Write([]telegraf.Metric{m("cpu", map[string]string{"device_id": "dev"}, 1)}) }()
+	var err error
+	select {
+	case err = <-result:
+	case <-time.After(time.Minute):
+		t.Fatal("Write waited for write_timeout while the gateway was down")
+	}
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.ErrorContains(t, err, "the gateway was not connected when the write started")
+	var werr *writeError
+	require.ErrorAs(t, err, &werr)
+	require.Empty(t, werr.accept)
+	require.Empty(t, werr.reject)
 }
