@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -212,13 +211,13 @@ func settingsOf(o *Options, signer *omnicore.Signer, devAlg string) map[string]s
 // Validate checks the options without any network I/O, reads the private key
 // and builds the TLS configuration. It is what plugins call from Init.
 func (o *Options) Validate(log telegraf.Logger) (*Config, error) {
-	if len(o.Servers) == 0 {
-		return nil, errors.New("servers is required, e.g. [\"tls://<hostprefix>.mqtt.korewireless.com:8883\"]")
+	if err := o.missingRequired(); err != nil {
+		return nil, err
 	}
 	for _, s := range o.Servers {
-		u, err := url.Parse(s)
-		if err != nil || u.Host == "" {
-			return nil, fmt.Errorf("server %q is not scheme://host:port", s)
+		u, err := checkServer(s)
+		if err != nil {
+			return nil, err
 		}
 		switch u.Scheme {
 		case "tls", "ssl", "mqtts":
@@ -230,11 +229,6 @@ func (o *Options) Validate(log telegraf.Logger) (*Config, error) {
 			return nil, fmt.Errorf("server %q: scheme must be tls:// (or tcp:// for local testing)", s)
 		}
 	}
-	for name, v := range map[string]string{"subscription_id": o.SubscriptionID, "registry_id": o.RegistryID, "gateway_id": o.GatewayID} {
-		if v == "" {
-			return nil, fmt.Errorf("%s is required", name)
-		}
-	}
 	if strings.ContainsFunc(o.SubscriptionID, func(r rune) bool { return r == '/' || r == '+' || r == '#' || unicode.IsSpace(r) }) {
 		return nil, fmt.Errorf("subscription_id %q must not contain '/', '+', '#' or spaces", o.SubscriptionID)
 	}
@@ -243,9 +237,6 @@ func (o *Options) Validate(log telegraf.Logger) (*Config, error) {
 	}
 	if err := omnicore.ValidateID(o.GatewayID); err != nil {
 		return nil, fmt.Errorf("gateway_id: %w", err)
-	}
-	if o.PrivateKey == "" {
-		return nil, errors.New("private_key is required: the path of the gateway's PEM private key")
 	}
 	if strings.Contains(o.PrivateKey, "-----BEGIN") || strings.ContainsAny(o.PrivateKey, "\n\r") || len(o.PrivateKey) > 4096 {
 		// Never quote it: this is key material, not a path.

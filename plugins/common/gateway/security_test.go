@@ -217,6 +217,8 @@ func TestSecurityPrivateKeyErrorsNeverEchoKeyMaterial(t *testing.T) {
 	require.NoError(t, os.WriteFile(publicOnly, pub, 0o600))
 	truncated := filepath.Join(dir, "truncated.key")
 	require.NoError(t, os.WriteFile(truncated, keyPEM[:len(keyPEM)/2], 0o600))
+	caFile := filepath.Join(dir, "ca.pem")
+	require.NoError(t, os.WriteFile(caFile, srv.CAPEM(), 0o600))
 
 	tests := []struct {
 		name    string
@@ -227,10 +229,11 @@ func TestSecurityPrivateKeyErrorsNeverEchoKeyMaterial(t *testing.T) {
 		{"the key on one line", func(o *Options) { o.PrivateKey = strings.ReplaceAll(string(keyPEM), "\n", "") }, "private_key"},
 		{"a directory", func(o *Options) { o.PrivateKey = dir }, "private_key"},
 		{"a missing file", func(o *Options) { o.PrivateKey = filepath.Join(dir, "missing.key") }, "no such file"},
-		{"a public key", func(o *Options) { o.PrivateKey = publicOnly }, "private_key"},
+		{"a public key", func(o *Options) { o.PrivateKey = publicOnly }, "this file is a public key, not a private key"},
+		{"a CA certificate", func(o *Options) { o.PrivateKey = caFile }, "this file is a certificate (PEM \"CERTIFICATE\"), not a private key"},
 		{"a truncated key", func(o *Options) { o.PrivateKey = truncated }, "private_key"},
-		{"an EC key for RS256", func(o *Options) { o.PrivateKey = ecKey }, "RSA"},
-		{"an RSA key for ES256", func(o *Options) { o.Algorithm = omnicore.ES256 }, "EC"},
+		{"an EC key for RS256", func(o *Options) { o.PrivateKey = ecKey }, `the key is EC: set algorithm = "ES256"`},
+		{"an RSA key for ES256", func(o *Options) { o.Algorithm = omnicore.ES256 }, `the key is RSA: set algorithm = "RS256"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

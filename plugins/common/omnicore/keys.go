@@ -7,10 +7,59 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 )
+
+// checkKeyKind returns an error that points at the fix when pemBytes is not
+// a private key of the kind alg needs: a certificate or public key given as
+// the key, or a key of the other algorithm. It returns nil when it cannot
+// tell (the parser then reports). It never quotes the file's contents.
+func checkKeyKind(pemBytes []byte, alg string) error {
+	block, _ := pem.Decode(pemBytes)
+	if block == nil {
+		return errors.New("this file holds no PEM block; private_key must be the path of the gateway's private key in PEM format")
+	}
+	switch block.Type {
+	case "CERTIFICATE", "TRUSTED CERTIFICATE", "X509 CRL", "CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST":
+		return fmt.Errorf("this file is a certificate (PEM %q), not a private key; private_key must be the gateway's private key (a CA certificate goes in tls_ca)", block.Type)
+	case "PUBLIC KEY", "RSA PUBLIC KEY":
+		return errors.New("this file is a public key, not a private key; private_key must be the gateway's private key (the public key is what is registered for the gateway)")
+	}
+	var kind string // the key's algorithm family
+	switch key := parsePrivateKey(block); key.(type) {
+	case *rsa.PrivateKey:
+		kind = RS256
+	case *ecdsa.PrivateKey:
+		kind = ES256
+	default:
+		return nil
+	}
+	if kind == alg {
+		return nil
+	}
+	if kind == RS256 {
+		return fmt.Errorf("the key is RSA: set algorithm = %q (algorithm is %q)", RS256, alg)
+	}
+	return fmt.Errorf("the key is EC: set algorithm = %q (algorithm is %q)", ES256, alg)
+}
+
+// parsePrivateKey parses a PEM block as PKCS#8, PKCS#1 (RSA) or SEC 1 (EC);
+// nil when it is none of them.
+func parsePrivateKey(block *pem.Block) any {
+	if k, err := x509.ParsePKCS8PrivateKey(block.Bytes); err == nil {
+		return k
+	}
+	if k, err := x509.ParsePKCS1PrivateKey(block.Bytes); err == nil {
+		return k
+	}
+	if k, err := x509.ParseECPrivateKey(block.Bytes); err == nil {
+		return k
+	}
+	return nil
+}
 
 // GenerateKeyPEM makes a fresh key pair for alg and returns the private key
 // (PKCS#8) and the public key (PKIX) as PEM. RSA keys are 2048 bits.

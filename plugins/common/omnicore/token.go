@@ -42,6 +42,13 @@ func LoadSigner(path, alg string) (*Signer, error) {
 
 // ParseSigner is LoadSigner for PEM bytes already in memory.
 func ParseSigner(pemBytes []byte, alg string) (*Signer, error) {
+	if alg == RS256 || alg == ES256 {
+		// Say what the file is when it is not the key alg needs, instead
+		// of the parser's ASN.1 detail.
+		if err := checkKeyKind(pemBytes, alg); err != nil {
+			return nil, err
+		}
+	}
 	switch alg {
 	case RS256:
 		k, err := jwt.ParseRSAPrivateKeyFromPEM(pemBytes)
