@@ -47,6 +47,9 @@ func loadPluginFile(path string, allowed []string) (*loadedPlugin, error) {
 	c := config.NewConfig()
 	c.Agent.Quiet = true // no "Loading config" line: main logs its own
 	if err := c.LoadConfigData(data, path); err != nil {
+		if ferr := unknownFormatError(err, data); ferr != nil {
+			return nil, ferr
+		}
 		if strings.Contains(err.Error(), "undefined but requested") {
 			return nil, fmt.Errorf("%w; this program runs only %s, other plugins belong in telegraf.conf", err, tableList(allowed))
 		}
@@ -126,13 +129,18 @@ func checkTopLevel(data []byte, allowed []string) error {
 // are rejected with a pointer to where they belong (log_level and alias are
 // honoured).
 func checkInputOptions(c *models.InputConfig) error {
+	if c.Interval != 0 {
+		// The one agent option that has a working counterpart here.
+		return fmt.Errorf("inputs.%s: interval has no effect in a plugin file; to gather the statistics on Telegraf's clock, "+
+			"set signal = \"STDIN\" on the [[inputs.execd]] block that runs this program (and interval there, to differ from the agent's); "+
+			"without it they are gathered every -poll_interval (10s)", c.Name)
+	}
 	var set []string
 	add := func(cond bool, name string) {
 		if cond {
 			set = append(set, name)
 		}
 	}
-	add(c.Interval != 0, "interval")
 	add(c.Precision != 0, "precision")
 	add(c.CollectionJitter != 0, "collection_jitter")
 	add(c.CollectionOffset != 0, "collection_offset")

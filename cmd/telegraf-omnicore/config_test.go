@@ -92,9 +92,14 @@ func TestLoadPluginFileErrors(t *testing.T) {
 			errs:   []string{"metric_batch_size (use the -batch_size flag)"},
 		},
 		{
-			name:   "input interval and tags",
-			config: "[[inputs.omnicore_test]]\n  interval = \"5s\"\n  [inputs.omnicore_test.tags]\n    site = \"x\"\n",
-			errs:   []string{"inputs.omnicore_test: interval, tags only work in telegraf.conf", "[[inputs.execd]]"},
+			name:   "input interval",
+			config: "[[inputs.omnicore_test]]\n  interval = \"5s\"\n",
+			errs:   []string{"inputs.omnicore_test: interval has no effect in a plugin file", `set signal = "STDIN" on the [[inputs.execd]] block`, "-poll_interval"},
+		},
+		{
+			name:   "input tags and name_override",
+			config: "[[inputs.omnicore_test]]\n  name_override = \"x\"\n  [inputs.omnicore_test.tags]\n    site = \"x\"\n",
+			errs:   []string{"inputs.omnicore_test: name_override, tags only work in telegraf.conf", "[[inputs.execd]]"},
 		},
 		{
 			name:   "invalid log level",
@@ -102,9 +107,14 @@ func TestLoadPluginFileErrors(t *testing.T) {
 			errs:   []string{"log_level", `"loud"`},
 		},
 		{
-			name:   "unknown data format",
+			name:   "unknown serializer",
 			config: "[[outputs.omnicore_test]]\n  data_format = \"nope\"\n",
-			errs:   []string{"undefined but requested serializer: nope"},
+			errs:   []string{`data_format "nope" is not built in; the serializers built in are: binary, carbon2, csv, graphite, influx, json, msgpack, nowmetric, splunkmetric, template, wavefront`},
+		},
+		{
+			name:   "unknown parser",
+			config: "[[inputs.omnicore_test]]\n  data_format = \"nope\"\n",
+			errs:   []string{`data_format "nope" is not built in; the parsers built in are: binary, csv, influx, json, json_v2, value, xml, xpath_cbor, xpath_json, xpath_msgpack, xpath_protobuf`},
 		},
 		{
 			name:   "TOML syntax",

@@ -83,8 +83,8 @@ func parseFlags(args []string, usage io.Writer) (*flags, error) {
 	fs := flag.NewFlagSet("telegraf-omnicore", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&f.config, "config", "", "plugin file holding exactly one [[outputs.omnicore]] or [[inputs.omnicore]] table (required)")
-	fs.StringVar(&f.logLevel, "log_level", "info", "log level: error, warn, info, debug or trace; a log_level in the plugin table wins")
-	fs.DurationVar(&f.pollInterval, "poll_interval", 10*time.Second, "input only: how often the omnicore_gateway statistics metric is gathered; 0 disables it")
+	fs.StringVar(&f.logLevel, "log_level", "warn", "log level: error, warn, info, debug or trace; a log_level in the plugin table wins (outputs.execd shows every line of this program as an error, whatever its level)")
+	fs.DurationVar(&f.pollInterval, "poll_interval", 10*time.Second, "input only: how often the omnicore_gateway statistics metric is gathered until Telegraf signals a gather on stdin (signal = \"STDIN\"); 0 disables it")
 	fs.IntVar(&f.batchSize, "batch_size", 1000, "output only: most metrics per Write")
 	fs.DurationVar(&f.batchTimeout, "batch_timeout", time.Second, "output only: longest wait before a partial batch is written")
 	fs.BoolVar(&f.version, "version", false, "print the version and exit")
@@ -109,7 +109,7 @@ func run(args []string, env environment) (status int) {
 	// The plugins behave as execd plugins: the output's failed batches are
 	// retried by this program, the input's Gather emits omnicore_gateway.
 	runmode.SetExecd()
-	sink := newLogSink(env.stderr, telegraf.Info)
+	sink := newLogSink(env.stderr, telegraf.Warn)
 	remove, err := installLogging(sink)
 	if err != nil {
 		sink.print(telegraf.Error, "", err.Error())
@@ -188,8 +188,8 @@ func run(args []string, env environment) (status int) {
 
 	switch p.kind {
 	case "inputs":
-		log.Infof("Starting %s (telegraf-omnicore %s); gathering statistics every %s", p.id(), programVersion(), f.pollInterval)
-		if err := runInput(p.input, plog, f.pollInterval); err != nil {
+		log.Infof("Starting %s (telegraf-omnicore %s); gathering statistics on Telegraf's signal (signal = \"STDIN\"), until then every %s", p.id(), programVersion(), f.pollInterval)
+		if err := runInput(p.input, plog, f.pollInterval, env.stdin); err != nil {
 			log.Errorf("Running %s failed: %v", p.id(), err)
 			return 1
 		}
@@ -273,7 +273,7 @@ func ignoreSignals(log telegraf.Logger) {
 		var once sync.Once
 		for sig := range sigs {
 			once.Do(func() {
-				log.Warnf("Ignoring %v: this program stops on stdin EOF, SIGINT or SIGTERM; use signal = \"none\" on [[inputs.execd]]", sig)
+				log.Warnf("Ignoring %v: this program stops on stdin EOF, SIGINT or SIGTERM; use signal = \"STDIN\" (or \"none\") on [[inputs.execd]]", sig)
 			})
 		}
 	}()

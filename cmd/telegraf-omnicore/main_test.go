@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -261,7 +262,7 @@ func TestMainOutput(t *testing.T) {
 	}{
 		{
 			name:   "stdin EOF flushes and closes",
-			args:   []string{"-batch_timeout", "1h"},
+			args:   []string{"-batch_timeout", "1h", "-log_level", "info"},
 			ready:  "I! Starting outputs.omnicore_test",
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			record: lines + "closed\n",
@@ -299,8 +300,7 @@ func TestMainOutput(t *testing.T) {
 			stderr: []string{"D! [outputs.omnicore_test] Wrote 3 metrics", "D! [outputs.omnicore_test] Standard input closed"},
 		},
 		{
-			name:   "warn level hides info",
-			args:   []string{"-log_level", "warn"},
+			name:   "warn level (the default) hides info",
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			record: lines + "closed\n",
 			absent: []string{"I! ", "D! "},
@@ -308,6 +308,7 @@ func TestMainOutput(t *testing.T) {
 		{
 			name:   "metrics that cannot be written by the deadline",
 			table:  "fail_writes = true",
+			args:   []string{"-log_level", "info"},
 			ready:  "I! Starting outputs.omnicore_test",
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			code:   1,
@@ -363,14 +364,14 @@ func TestMainInput(t *testing.T) {
 	}{
 		{
 			name:   "stdin EOF stops",
-			args:   []string{"-poll_interval", "10ms"},
+			args:   []string{"-poll_interval", "10ms", "-log_level", "info"},
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			stdout: []string{"test_start ok=true ", "test_gather n=1i ", "test_gather n=2i "},
 			stderr: []string{"I! Starting inputs.omnicore_test", "I! [inputs.omnicore_test] Started", "I! [inputs.omnicore_test] Stopped the test input", "I! Stopped inputs.omnicore_test"},
 		},
 		{
 			name:   "SIGTERM stops",
-			args:   []string{"-poll_interval", "10ms"},
+			args:   []string{"-poll_interval", "10ms", "-log_level", "info"},
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM)) },
 			stdout: []string{"test_start ok=true ", "test_gather n=2i "},
 			stderr: []string{"I! [inputs.omnicore_test] Stopped the test input"},
@@ -386,7 +387,7 @@ func TestMainInput(t *testing.T) {
 				require.NoError(t, p.stdin.Close())
 			},
 			stdout: []string{"test_gather n=2i "},
-			stderr: []string{`W! Ignoring hangup: this program stops on stdin EOF, SIGINT or SIGTERM; use signal = "none" on [[inputs.execd]]`},
+			stderr: []string{`W! Ignoring hangup: this program stops on stdin EOF, SIGINT or SIGTERM; use signal = "STDIN" (or "none") on [[inputs.execd]]`},
 		},
 		{
 			name:   "data_format parser",
@@ -431,4 +432,21 @@ func TestMainInput(t *testing.T) {
 			}
 		})
 	}
+}
+
+// With signal = "STDIN" Telegraf writes a line at every interval: each line
+// is one Gather.
+func TestMainInputGathersOnStdinSignal(t *testing.T) {
+	conf := writeFile(t, t.TempDir(), "plugin.conf", "[[inputs.omnicore_test]]\n")
+	p := startProgram(t, "-config", conf, "-poll_interval", "0s")
+	for i := 1; i <= 3; i++ {
+		_, err := io.WriteString(p.stdin, "\n")
+		require.NoError(t, err)
+		want := "test_gather n=" + strconv.Itoa(i) + "i "
+		waitFor(t, 30*time.Second, want, func() bool { return strings.Contains(p.stdout.String(), want) })
+	}
+	require.NoError(t, p.stdin.Close())
+	code, _ := p.wait(t, 30*time.Second, time.Now())
+	require.Equal(t, 0, code)
+	require.Equal(t, 3, strings.Count(p.stdout.String(), "test_gather "), "one gather per line:\n%s", p.stdout.String())
 }
