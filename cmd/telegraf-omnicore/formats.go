@@ -12,11 +12,11 @@ import (
 	"github.com/influxdata/telegraf/plugins/serializers"
 
 	// Serializers for the output's data_format.
+	_ "github.com/influxdata/telegraf/plugins/serializers/binary"
 	_ "github.com/influxdata/telegraf/plugins/serializers/carbon2"
 	_ "github.com/influxdata/telegraf/plugins/serializers/csv"
 	_ "github.com/influxdata/telegraf/plugins/serializers/graphite"
 	_ "github.com/influxdata/telegraf/plugins/serializers/influx"
-	_ "github.com/influxdata/telegraf/plugins/serializers/binary"
 	_ "github.com/influxdata/telegraf/plugins/serializers/json"
 	_ "github.com/influxdata/telegraf/plugins/serializers/msgpack"
 	_ "github.com/influxdata/telegraf/plugins/serializers/nowmetric"
