@@ -289,6 +289,9 @@ func (s *Session) run() {
 	defer close(s.done)
 	backoff := s.cfg.MinReconnect
 	var gen uint64
+	// renewing: this connect follows a token renewal, which is routine
+	// (every token_lifetime) and logged at debug level.
+	renewing := false
 	for s.ctx.Err() == nil {
 		gen++
 		cs, err := s.connect(gen)
@@ -312,12 +315,16 @@ func (s *Session) run() {
 		s.mu.Lock()
 		s.prevConnect, s.lastConnect = s.lastConnect, time.Now()
 		s.mu.Unlock()
-		s.log.Infof("Connected to the bridge as %q", s.clientID)
+		if renewing {
+			s.log.Debugf("Connected to the bridge as %q with the renewed token", s.clientID)
+		} else {
+			s.log.Infof("Connected to the bridge as %q", s.clientID)
+		}
 
 		s.mu.Lock()
 		s.conn = cs
 		s.mu.Unlock()
-		if err := s.rebuild(cs); err != nil {
+		if err := s.rebuild(cs, renewing); err != nil {
 			s.log.Warnf("Restoring gateway state after connect failed: %v; reconnecting", err)
 			s.lose(cs)
 		}
@@ -325,12 +332,19 @@ func (s *Session) run() {
 
 		renew := time.NewTimer(max(time.Until(cs.expires)-s.cfg.RenewBefore, time.Second))
 		planned := false
+		renewing = false
 		select {
 		case <-cs.lost:
+			if s.ctx.Err() != nil {
+				// Lost because the session is closing: not a failure,
+				// and there is no reconnect.
+				planned = true
+				break
+			}
 			s.c.connectionLost.Add(1)
 			s.log.Warnf("Connection to the bridge lost; reconnecting")
 		case <-renew.C:
-			planned = true
+			planned, renewing = true, true
 			s.c.renewals.Add(1)
 			s.log.Debugf("Renewing the gateway token: reconnecting with a fresh JWT")
 		case <-s.ctx.Done():
@@ -448,7 +462,7 @@ func explainConnectError(err error) error {
 // rebuild restores the per-connection state in the order the bridge needs:
 // errors first (so attach failures are seen), then attachments, then
 // subscriptions.
-func (s *Session) rebuild(cs *connection) error {
+func (s *Session) rebuild(cs *connection, renewing bool) error {
 	errTopic := omnicore.Topic(s.cfg.RegistryID, s.cfg.GatewayID, omnicore.KindErrors, "")
 	if err := s.subscribe(cs, map[string]byte{errTopic: 0}); err != nil {
 		return fmt.Errorf("subscribing %q: %w", errTopic, err)
@@ -506,7 +520,11 @@ func (s *Session) rebuild(cs *connection) error {
 		}
 		close(work)
 		wg.Wait()
-		s.log.Infof("Re-attached %d of %d devices in %s", len(reattach)-int(failed.Load()), len(reattach), time.Since(start).Round(time.Millisecond))
+		logf := s.log.Infof
+		if renewing && failed.Load() == 0 {
+			logf = s.log.Debugf
+		}
+		logf("Re-attached %d of %d devices in %s", len(reattach)-int(failed.Load()), len(reattach), time.Since(start).Round(time.Millisecond))
 	}
 	return nil
 }
