@@ -604,7 +604,7 @@ func TestOutputChildSIGTERM(t *testing.T) {
 	output := s.write("omnicore-output.conf", gw.OutputFile())
 	tg := s.start(Agent(200*time.Millisecond, 100*time.Millisecond) +
 		fileInput(s.telemetryFile(devices)) +
-		ExecdOutput(pluginBin, output, "-batch_timeout", "1h", "-batch_size", "6"))
+		ExecdOutput(pluginBin, output, "-batch_timeout", "1h", "-batch_size", "6", "-log_level", "info"))
 
 	s.waitEmulator(60*time.Second, "telemetry", func() bool { return len(s.srv.Received()) >= 6 })
 	child := 0
