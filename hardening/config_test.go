@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/e2e"
+	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
 	"github.com/telegraf-omnicore/telegraf-omnicore/internal/wiretap"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
@@ -77,6 +78,10 @@ func TestBrokenPluginFiles(t *testing.T) {
 	keyPEM, err := os.ReadFile(key)
 	require.NoError(t, err)
 	keys := []string{key, ecKey}
+	srv := emulator.NewServer(emulator.WithTCPAddr(""), emulator.WithTLSAddr(""))
+	defer srv.Close()
+	caFile := filepath.Join(dir, "roots.pem")
+	require.NoError(t, os.WriteFile(caFile, srv.CAPEM(), 0o644))
 
 	unreadable := filepath.Join(dir, "unreadable.key")
 	require.NoError(t, os.WriteFile(unreadable, keyPEM, 0o600))
@@ -127,7 +132,13 @@ func TestBrokenPluginFiles(t *testing.T) {
 		{name: "private key file missing", file: with(map[string]string{"private_key": `private_key = "/nonexistent/gateway.key"`}), wantErr: []string{"/nonexistent/gateway.key", "no such file"}},
 		{name: "private key file unreadable", file: with(map[string]string{"private_key": `private_key = ` + e2e.Quote(unreadable)}), as: asOther, wantErr: []string{"unreadable.key", "permission denied"}},
 		{name: "private key is a directory", file: with(map[string]string{"private_key": `private_key = ` + e2e.Quote(dir)}), wantErr: []string{"is a directory"}},
-		{name: "private key of another algorithm", file: with(map[string]string{"private_key": `private_key = ` + e2e.Quote(ecKey)}), wantErr: []string{"not an RSA key"}},
+		{name: "private key of another algorithm", file: with(map[string]string{"private_key": `private_key = ` + e2e.Quote(ecKey)}), wantErr: []string{`the key is EC: set algorithm = "ES256"`}},
+		{name: "CA file as the private key", file: with(map[string]string{"private_key": `private_key = ` + e2e.Quote(caFile)}), wantErr: []string{"this file is a certificate", "not a private key", "tls_ca"}},
+		{name: "RSA key with ES256", file: with(nil, `algorithm = "ES256"`), wantErr: []string{`the key is RSA: set algorithm = "RS256"`}},
+		{name: "hostprefix placeholder", file: with(map[string]string{"servers": `servers = ["tls://<hostprefix>.mqtt.korewireless.com:8883"]`}), wantErr: []string{"<hostprefix>", "replace it with your subscription's host prefix"}},
+		{name: "server without a port", file: with(map[string]string{"servers": `servers = ["tls://mqtt.korewireless.com"]`}), wantErr: []string{"has no port", "tls://mqtt.korewireless.com:8883"}},
+		{name: "several required options missing", file: with(map[string]string{"gateway_id": "", "subscription_id": "", "private_key": ""}), wantErr: []string{"subscription_id, gateway_id, private_key are required"}},
+		{name: "unknown data_format", file: with(nil, `data_format = "protobuf"`), wantErr: []string{`data_format "protobuf" is not built in; the serializers built in are: binary, carbon2, csv, graphite, influx, json, msgpack`}},
 		{name: "private key pasted instead of its path", file: with(map[string]string{"private_key": `private_key = """` + "\n" + string(keyPEM) + `"""`}), wantErr: []string{"private_key"}},
 		// Telegraf's loader names the line and the Go field of a value of the
 		// wrong type.
