@@ -2,7 +2,12 @@ package e2e
 
 import (
 	"fmt"
+	"os/exec"
+	"slices"
 	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
 )
 
 // route is one of the two ways to run the plugins (README, "Two ways to
@@ -62,4 +67,22 @@ func generator(n, devices int, done string) string {
 	script := fmt.Sprintf(`i=1; while [ $i -le %d ]; do echo "seq,device_id=dev-$((i %% %d)) n=${i}i"; i=$((i+1)); sleep 0.01; done; touch %q; exec cat >/dev/null`,
 		n, devices, done)
 	return fmt.Sprintf("[[inputs.execd]]\n  command = [\"sh\", \"-c\", %s]\n  signal = \"none\"\n  data_format = \"influx\"\n", Quote(script))
+}
+
+// make telegraf-builtin's binary lists both plugins; the stock one neither.
+func TestBuiltinListsPlugins(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs the Telegraf builds")
+	}
+	for _, tt := range []struct {
+		bin  string
+		want bool
+	}{{builtinBin, true}, {telegrafBin, false}} {
+		for _, flag := range []string{"--output-list", "--input-list"} {
+			out, err := exec.Command(tt.bin, flag).CombinedOutput()
+			require.NoError(t, err, "%s %s: %s", tt.bin, flag, out)
+			listed := slices.Contains(strings.Fields(string(out)), "omnicore")
+			require.Equal(t, tt.want, listed, "%s %s:\n%s", tt.bin, flag, out)
+		}
+	}
 }
