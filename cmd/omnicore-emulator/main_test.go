@@ -351,7 +351,7 @@ func TestTokenCommand(t *testing.T) {
 		{name: "ES256 with a lifetime", args: []string{"-key", keys[omnicore.ES256], "-alg", "ES256", "-aud", "demo-sub", "-lifetime", "10m"}, alg: omnicore.ES256},
 		{name: "no key", args: []string{"-aud", "demo-sub"}, wantErr: "-key is required"},
 		{name: "no audience", args: []string{"-key", keys[omnicore.ES256]}, wantErr: "-aud is required"},
-		{name: "algorithm does not match the key", args: []string{"-key", keys[omnicore.ES256], "-alg", "RS256", "-aud", "a"}, wantErr: "not an RSA key"},
+		{name: "algorithm does not match the key", args: []string{"-key", keys[omnicore.ES256], "-alg", "RS256", "-aud", "a"}, wantErr: "the key is EC"},
 		{name: "unsupported algorithm", args: []string{"-key", keys[omnicore.ES256], "-alg", "HS256", "-aud", "a"}, wantErr: "not supported"},
 		{name: "missing key file", args: []string{"-key", filepath.Join(dir, "none"), "-aud", "a"}, wantErr: "no such file"},
 	}

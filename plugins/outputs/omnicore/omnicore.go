@@ -353,6 +353,9 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 		st.in, st.messages, st.sent, st.metricsSent, st.skipped, formatCounts(st.dropped), time.Since(start).Round(time.Microsecond))
 
 	if failed == 0 {
+		// Metrics given up on (invalid device, too large...) are counted
+		// and logged above; reporting them as rejected would also make
+		// Telegraf log every such write as failed.
 		clear(o.settled)
 		return nil
 	}
