@@ -439,6 +439,13 @@ func testInputAndOutputOnOneGateway(t *testing.T, r route) {
 	// connection over to flush, but two connections never overlap (the
 	// bridge would kick one).
 	requireNoOverlap(t, connections(s.srv, s.srv.ClientID("plant", "edge-gw")), nil)
+	if r.builtin {
+		// In one process the plugins share the session in memory: no
+		// sharing socket or lock file is ever made.
+		entries, err := os.ReadDir(s.runtimeDir)
+		require.NoError(t, err)
+		require.Empty(t, entries, "files in the sharing rendezvous directory")
+	}
 }
 
 // requireNoOverlap checks that no two connections of live processes were
