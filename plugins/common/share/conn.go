@@ -552,7 +552,7 @@ func (sc *shareConn) run(lock *os.File) {
 			if first {
 				sc.log.Debugf("This process owns the connection of gateway %q; other processes share it through %q", sc.cfg.GatewayID, sc.rz.sock)
 			} else {
-				sc.log.Infof("Took over the connection of gateway %q: this process now owns it and serves other processes through %q", sc.cfg.GatewayID, sc.rz.sock)
+				sc.log.Debugf("Took over the connection of gateway %q: this process now owns it and serves other processes through %q", sc.cfg.GatewayID, sc.rz.sock)
 			}
 			sc.runOwner(o)
 			return
@@ -589,7 +589,7 @@ func (sc *shareConn) run(lock *os.File) {
 			continue
 		}
 		if first {
-			sc.log.Infof("Gateway %q is connected by another process: sharing its connection through %q", sc.cfg.GatewayID, sc.rz.sock)
+			sc.log.Debugf("Gateway %q is connected by another process: sharing its connection through %q", sc.cfg.GatewayID, sc.rz.sock)
 		}
 		first = false
 		backoff, waitingSince, reported = shareRetryMin, time.Time{}, false
@@ -604,7 +604,7 @@ func (sc *shareConn) run(lock *os.File) {
 		if sc.ctx.Err() != nil {
 			return
 		}
-		sc.log.Infof("The process that owned the connection of gateway %q went away (%v): taking over or reconnecting", sc.cfg.GatewayID, rc.cause())
+		sc.log.Debugf("The process that owned the connection of gateway %q went away (%v): taking over or reconnecting", sc.cfg.GatewayID, rc.cause())
 	}
 }
 

@@ -309,7 +309,7 @@ func (c *serverClient) serve() {
 		c.srv.log.Debugf("Handshake with process %d on %q failed: %v", c.pid, c.srv.sock, err)
 		return
 	}
-	c.srv.log.Infof("Process %d now shares the connection of gateway %q", c.pid, c.srv.conn.GatewayID())
+	c.srv.log.Debugf("Process %d now shares the connection of gateway %q", c.pid, c.srv.conn.GatewayID())
 	writerDone := make(chan struct{})
 	go func() {
 		defer close(writerDone)
