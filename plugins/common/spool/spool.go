@@ -1,0 +1,989 @@
+// Package spool is a durable, bounded, append-only queue of records on disk:
+// the store and forward of the execd output. Records are appended in order,
+// read back in the same order from a read cursor, and released up to a
+// position once they were delivered. The release position is persisted, so a
+// new process reads again exactly the records that were not released: delivery
+// through a spool is at least once.
+//
+// On disk a spool is a private directory (0700, checked, never re-moded) with:
+//
+//   - segment files NNNNNNNNNNNNNNNNNNNN.seg, append-only, each a header and
+//     records framed with their length and a CRC-32C (see format.go); a
+//     segment is deleted once every record in it is released;
+//   - cursor, the release position (segment and offset) with its own CRC;
+//   - lock, flock'ed by the process that owns the spool, so that two
+//     processes never replay one spool twice: Open waits for the lock.
+//
+// Appended records become visible to the reader at Commit, and are fsync'ed
+// at least every SyncInterval (0: at every Commit). The spool holds at most
+// MaxSize bytes of segments; when a record does not fit, Append returns
+// ErrFull (back-pressure: the caller waits for Space) or, with DropOldest,
+// deletes the oldest segment and counts the records it drops.
+//
+// Damage found at Open: a torn last record (an append interrupted by a power
+// cut) is truncated with a warning giving the bytes dropped; a segment damaged
+// anywhere else is renamed aside (.corrupt) with an error, its records before
+// the damage are kept, and the segments after it replay.
+package spool
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/influxdata/telegraf"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/statedir"
+)
+
+// FullPolicy is what Append does when a record does not fit in MaxSize.
+type FullPolicy string
+
+const (
+	// Backpressure refuses the record with ErrFull; the caller stops taking
+	// input until Space.
+	Backpressure FullPolicy = "backpressure"
+	// DropOldest deletes the oldest segment, counting its unread records
+	// as dropped.
+	DropOldest FullPolicy = "drop_oldest"
+)
+
+// Defaults of Options.
+const (
+	DefaultMaxSize      = 1 << 30
+	DefaultSyncInterval = 100 * time.Millisecond
+	// MinMaxSize is the smallest MaxSize: a few segments of a few KiB.
+	MinMaxSize = 16 << 10
+	// maxSegmentSize caps a segment, which is also what one damaged byte
+	// can cost at most.
+	maxSegmentSize = 16 << 20
+	// writeBuffer is how many appended bytes are held in memory before
+	// they are written to the segment even without a Commit.
+	writeBuffer = 256 << 10
+	// readChunk is how much the reader reads from a segment at once.
+	readChunk = 256 << 10
+	// cursorPersistInterval is how often a changed release position is
+	// written when SyncInterval is 0.
+	cursorPersistInterval = 100 * time.Millisecond
+)
+
+// Options configure Open.
+type Options struct {
+	// Dir is the spool directory; it is created (0700) when missing and
+	// must otherwise be owned by this user with no group or other access.
+	Dir string
+	// MaxSize bounds the bytes of all segments (DefaultMaxSize when 0).
+	MaxSize int64
+	// SyncInterval is the longest time between an Append and the fsync
+	// that makes it durable; 0 fsyncs at every Commit.
+	SyncInterval time.Duration
+	// Full is the policy when full (Backpressure when "").
+	Full FullPolicy
+	// SegmentSize is the size at which a segment is sealed and the next
+	// one started (0: MaxSize/8, at most 16 MiB).
+	SegmentSize int64
+	// Log gets the damage reports and the lock wait.
+	Log telegraf.Logger
+}
+
+// Errors of Append.
+var (
+	// ErrFull means the record does not fit (Backpressure): wait for Space
+	// and append it again.
+	ErrFull = errors.New("spool full")
+	// ErrTooLarge means the record can never fit in the spool.
+	ErrTooLarge = errors.New("record larger than the spool can hold")
+	// ErrClosed means the spool was closed.
+	ErrClosed = errors.New("spool closed")
+)
+
+// Position is a place in the spool: the end of a record, as returned with
+// it by Read and passed to Release.
+type Position struct {
+	Seq   uint64 // segment
+	Off   int64  // byte offset in the segment
+	Index int    // records before Off in the segment
+}
+
+func (p Position) before(q Position) bool {
+	return p.Seq < q.Seq || (p.Seq == q.Seq && p.Off < q.Off)
+}
+
+// Record is one record read from the spool.
+type Record struct {
+	Payload  []byte
+	Appended time.Time
+	End      Position // release up to here once the record is delivered
+}
+
+// Stats are the spool's figures.
+type Stats struct {
+	Bytes           int64         // bytes of the segments on disk, plus appends not yet written
+	Records         int64         // records not yet released
+	Segments        int           // segment files
+	OldestAge       time.Duration // age of the oldest record not released (0 when none)
+	Replayed        int64         // records found not released at Open
+	TruncatedBytes  int64         // bytes of torn records truncated at Open
+	DroppedFull     int64         // records dropped by DropOldest
+	CorruptSegments int64         // segments found damaged and set aside
+}
+
+type segment struct {
+	seq     uint64
+	size    int64 // bytes written to the file (what the reader may read)
+	records int   // records in those bytes
+	firstMs int64 // append time of its first record
+}
+
+// Spool is an open spool. Append and Commit are for one writer goroutine,
+// Read for one reader goroutine; Release, Stats and Space may be called from
+// any goroutine.
+type Spool struct {
+	opts    Options
+	segSize int64
+	lock    *os.File
+
+	mu       sync.Mutex
+	segs     []*segment // in order; the last is the active one, being appended to
+	active   *os.File   // write handle of the active segment
+	wbuf     []byte     // appended bytes not yet written to active
+	wrecords int        // records in wbuf
+	wfirstMs int64      // append time of wbuf's first record
+	total    int64      // bytes of all segments plus wbuf
+	released Position
+	read     Position
+	unsynced bool // bytes written to active since its last fsync
+	dirDirty bool // entries created or removed since the directory's last fsync
+	cursorAt Position
+	ready    chan struct{} // closed at the next Commit that adds records
+	space    chan struct{} // closed at the next release of space
+	closed   bool
+	stats    Stats
+
+	rmu  sync.Mutex // the reader's state below
+	rseq uint64
+	rf   *os.File
+	rbuf []byte
+	roff int64 // segment offset of rbuf[0]
+
+	stop chan struct{}
+	done chan struct{}
+}
+
+// Open opens (or creates) the spool in opts.Dir, waiting for the lock while
+// another process holds it (until ctx is done), and checks every segment as
+// the package comment says.
+func Open(ctx context.Context, opts Options) (*Spool, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("spool: no directory")
+	}
+	if opts.MaxSize == 0 {
+		opts.MaxSize = DefaultMaxSize
+	}
+	if opts.MaxSize < MinMaxSize {
+		return nil, fmt.Errorf("spool_max_size %d bytes is below the minimum of %d", opts.MaxSize, MinMaxSize)
+	}
+	if opts.SyncInterval < 0 {
+		return nil, fmt.Errorf("spool_sync_interval %s must not be negative", opts.SyncInterval)
+	}
+	switch opts.Full {
+	case "":
+		opts.Full = Backpressure
+	case Backpressure, DropOldest:
+	default:
+		return nil, fmt.Errorf("spool_full %q must be %q or %q", opts.Full, Backpressure, DropOldest)
+	}
+	if opts.Log == nil {
+		return nil, errors.New("spool: no logger")
+	}
+	s := &Spool{opts: opts, segSize: opts.SegmentSize}
+	if s.segSize <= 0 {
+		s.segSize = min(opts.MaxSize/8, maxSegmentSize)
+	}
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating the spool directory: %w", err)
+	}
+	if err := statedir.CheckPrivate(opts.Dir); err != nil {
+		return nil, fmt.Errorf("spool directory: %w", err)
+	}
+	lock, err := acquireLock(ctx, filepath.Join(opts.Dir, "lock"), opts.Log)
+	if err != nil {
+		return nil, err
+	}
+	s.lock = lock
+	if err := s.recover(); err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	s.ready = make(chan struct{})
+	s.space = make(chan struct{})
+	s.stop = make(chan struct{})
+	s.done = make(chan struct{})
+	go s.syncLoop()
+	return s, nil
+}
+
+// acquireLock takes the exclusive flock of path, waiting while another
+// process holds it. The holder's process ID is in the file, for the message.
+func acquireLock(ctx context.Context, path string, log telegraf.Logger) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("opening the spool lock: %w", err)
+	}
+	warned := false
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("locking the spool: %w", err)
+		}
+		if !warned {
+			holder, _ := os.ReadFile(path)
+			log.Warnf("Spool %s is locked by another process (pid %s), likely a previous instance still stopping: waiting for it to exit before replaying. "+
+				"If two outputs of the same gateway run at once, give them different aliases or spool_dir",
+				filepath.Dir(path), strings.TrimSpace(string(holder)))
+			warned = true
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("waiting for the spool lock: %w", ctx.Err())
+		}
+	}
+	if warned {
+		log.Info("Spool lock acquired")
+	}
+	if err := f.Truncate(0); err == nil {
+		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	}
+	return f, nil
+}
+
+func segmentName(seq uint64) string { return fmt.Sprintf("%020d.seg", seq) }
+
+// recover reads the cursor and every segment, repairs what is damaged and
+// starts a new active segment.
+func (s *Spool) recover() error {
+	dir := s.opts.Dir
+	cursor, cursorOK := s.readCursor()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("reading the spool directory: %w", err)
+	}
+	var seqs []uint64
+	for _, e := range entries {
+		name := e.Name()
+		if strings.HasSuffix(name, ".tmp") {
+			_ = os.Remove(filepath.Join(dir, name)) // an unfinished rewrite
+			continue
+		}
+		num, ok := strings.CutSuffix(name, ".seg")
+		if !ok {
+			continue
+		}
+		seq, err := strconv.ParseUint(num, 10, 64)
+		if err != nil || e.Type()&fs.ModeType != 0 {
+			s.opts.Log.Warnf("Ignoring %s in the spool directory: not a segment file", name)
+			continue
+		}
+		seqs = append(seqs, seq)
+	}
+	sort.Slice(seqs, func(i, j int) bool { return seqs[i] < seqs[j] })
+
+	var lastSeq uint64
+	if len(seqs) > 0 {
+		lastSeq = seqs[len(seqs)-1]
+	}
+	for i, seq := range seqs {
+		path := filepath.Join(dir, segmentName(seq))
+		if cursorOK && seq < cursor.Seq {
+			// Released before the last stop: only its deletion was lost.
+			if err := os.Remove(path); err != nil {
+				return fmt.Errorf("removing released segment: %w", err)
+			}
+			continue
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("reading spool segment: %w", err)
+		}
+		seg, err := s.checkSegment(path, seq, data, i == len(seqs)-1)
+		if err != nil {
+			return err
+		}
+		if seg == nil {
+			continue
+		}
+		s.segs = append(s.segs, seg)
+		s.total += seg.size
+	}
+
+	// The release position: the cursor when its segment is still there,
+	// else the start of the first segment (everything there is unreleased).
+	if len(s.segs) > 0 {
+		s.released = Position{Seq: s.segs[0].seq, Off: int64(headerSize)}
+		if cursorOK && cursor.Seq == s.segs[0].seq {
+			data, err := os.ReadFile(filepath.Join(dir, segmentName(cursor.Seq)))
+			if err != nil {
+				return fmt.Errorf("reading spool segment: %w", err)
+			}
+			s.released = boundaryAt(data[:s.segs[0].size], cursor.Seq, cursor.Off)
+		}
+	}
+	s.read = s.released
+	for _, seg := range s.segs {
+		s.stats.Replayed += int64(seg.records)
+	}
+	s.stats.Replayed -= int64(s.released.Index)
+
+	// A new active segment after everything, and after the cursor.
+	next := max(lastSeq, cursor.Seq) + 1
+	if err := s.startSegment(next); err != nil {
+		return err
+	}
+	if len(s.segs) == 1 {
+		s.released = Position{Seq: next, Off: int64(headerSize)}
+		s.read = s.released
+	}
+	if _, err := s.deleteReleasedLocked(); err != nil {
+		return err
+	}
+	s.cursorAt = Position{Seq: ^uint64(0)} // unknown: written at the first persist
+	return s.syncDir()
+}
+
+// boundaryAt is the position of the first record boundary at or after off
+// in the segment bytes data (valid records only).
+func boundaryAt(data []byte, seq uint64, off int64) Position {
+	p := Position{Seq: seq, Off: int64(headerSize)}
+	for p.Off < off && p.Off < int64(len(data)) {
+		_, _, size, err := decodeRecord(data[p.Off:])
+		if err != nil {
+			break
+		}
+		p.Off += int64(size)
+		p.Index++
+	}
+	return p
+}
+
+// checkSegment checks one segment's bytes and repairs it: a torn tail of the
+// last segment is truncated, any other damage sets the file aside and keeps
+// its undamaged prefix. It returns nil when nothing of the segment is left.
+func (s *Spool) checkSegment(path string, seq uint64, data []byte, last bool) (*segment, error) {
+	log := s.opts.Log
+	r := scanSegment(data)
+	switch {
+	case r.problem == "":
+	case len(data) == 0 || (r.torn && r.valid == 0):
+		// Created but never written: a stop right after a rotation.
+		if len(data) > 0 {
+			log.Warnf("Spool segment %s has a torn header: removed it, dropping %d bytes", filepath.Base(path), len(data))
+			s.stats.TruncatedBytes += int64(len(data))
+		} else {
+			log.Infof("Removed the empty spool segment %s", filepath.Base(path))
+		}
+		s.dirDirty = true
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("removing empty spool segment: %w", err)
+		}
+		return nil, nil
+	case r.torn && last:
+		dropped := int64(len(data)) - r.valid
+		log.Warnf("Spool segment %s ends with a torn record (an append cut short by a crash or power loss): truncated it, dropping %d bytes; its %d records before are kept",
+			filepath.Base(path), dropped, r.records)
+		s.stats.TruncatedBytes += dropped
+		if err := os.Truncate(path, r.valid); err != nil {
+			return nil, fmt.Errorf("truncating torn spool segment: %w", err)
+		}
+	default:
+		aside := path + ".corrupt"
+		log.Errorf("Spool segment %s is damaged (%s): set it aside as %s; replaying its %d records before the damage and the segments after it, %d bytes after the damage are not replayed",
+			filepath.Base(path), r.problem, filepath.Base(aside), r.records, int64(len(data))-r.valid)
+		s.stats.CorruptSegments++
+		s.dirDirty = true
+		if err := os.Rename(path, aside); err != nil {
+			return nil, fmt.Errorf("setting damaged spool segment aside: %w", err)
+		}
+		if r.records == 0 {
+			return nil, nil
+		}
+		if err := writeFileSync(path, data[:r.valid]); err != nil {
+			return nil, fmt.Errorf("rewriting damaged spool segment: %w", err)
+		}
+	}
+	return &segment{seq: seq, size: r.valid, records: r.records, firstMs: r.firstMs}, nil
+}
+
+// writeFileSync writes data to path through a temporary file, fsync'ed
+// before it is renamed into place.
+func writeFileSync(path string, data []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// startSegment creates segment seq and makes it the active one. The caller
+// holds mu (or is recover).
+func (s *Spool) startSegment(seq uint64) error {
+	path := filepath.Join(s.opts.Dir, segmentName(seq))
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating spool segment: %w", err)
+	}
+	if _, err := f.Write([]byte(segmentMagic)); err != nil {
+		f.Close()
+		return fmt.Errorf("writing spool segment: %w", err)
+	}
+	s.active = f
+	s.segs = append(s.segs, &segment{seq: seq, size: int64(headerSize)})
+	s.total += int64(headerSize)
+	s.unsynced = true
+	s.dirDirty = true
+	return nil
+}
+
+const cursorSize = 20
+
+// readCursor reads the persisted release position; ok is false when there
+// is none or it is damaged (then every segment replays).
+func (s *Spool) readCursor() (Position, bool) {
+	b, err := os.ReadFile(filepath.Join(s.opts.Dir, "cursor"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return Position{}, false
+	}
+	if err != nil || len(b) != cursorSize || crc32.Checksum(b[:16], castagnoli) != binary.LittleEndian.Uint32(b[16:]) {
+		s.opts.Log.Warnf("The spool's release cursor is damaged or unreadable: replaying every segment (metrics already delivered may be sent again)")
+		return Position{}, false
+	}
+	return Position{Seq: binary.LittleEndian.Uint64(b[0:8]), Off: int64(binary.LittleEndian.Uint64(b[8:16]))}, true
+}
+
+// persistCursor writes the release position when it changed. A cursor that
+// is older than the truth only replays records again (duplicates), never
+// loses any, so it is renamed into place without an fsync of its own.
+func (s *Spool) persistCursor() error {
+	s.mu.Lock()
+	p := s.released
+	s.mu.Unlock()
+	if p == s.cursorAt {
+		return nil
+	}
+	var b [cursorSize]byte
+	binary.LittleEndian.PutUint64(b[0:8], p.Seq)
+	binary.LittleEndian.PutUint64(b[8:16], uint64(p.Off))
+	binary.LittleEndian.PutUint32(b[16:], crc32.Checksum(b[:16], castagnoli))
+	path := filepath.Join(s.opts.Dir, "cursor")
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b[:], 0o600); err != nil {
+		return fmt.Errorf("writing the spool cursor: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("writing the spool cursor: %w", err)
+	}
+	s.cursorAt = p
+	return nil
+}
+
+// Append adds one record. It is held in memory until Commit (or until
+// enough bytes are appended) and is durable after the next fsync.
+func (s *Spool) Append(payload []byte) error {
+	size := int64(recordHeader + len(payload))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	if len(payload) > MaxRecord || size > s.opts.MaxSize-s.segSize-int64(headerSize) {
+		return fmt.Errorf("%w: %d bytes", ErrTooLarge, len(payload))
+	}
+	act := s.segs[len(s.segs)-1]
+	if act.size+int64(len(s.wbuf))+size > s.segSize && act.size+int64(len(s.wbuf)) > int64(headerSize) {
+		// Sealed first, so that a full spool can always free the segment
+		// the record does not fit in.
+		if err := s.rotateLocked(); err != nil {
+			return err
+		}
+	}
+	for s.total+size > s.opts.MaxSize {
+		if s.opts.Full == Backpressure || len(s.segs) < 2 {
+			if err := s.writeLocked(); err != nil {
+				return err
+			}
+			return ErrFull
+		}
+		if err := s.dropOldestLocked(); err != nil {
+			return err
+		}
+	}
+	ms := time.Now().UnixMilli()
+	if s.wrecords == 0 {
+		s.wfirstMs = ms
+	}
+	s.wbuf = appendRecord(s.wbuf, ms, payload)
+	s.wrecords++
+	s.total += size
+	if len(s.wbuf) >= writeBuffer {
+		return s.writeLocked()
+	}
+	return nil
+}
+
+// writeLocked writes wbuf to the active segment and wakes the reader.
+func (s *Spool) writeLocked() error {
+	if len(s.wbuf) == 0 {
+		return nil
+	}
+	act := s.segs[len(s.segs)-1]
+	n, err := s.active.Write(s.wbuf)
+	if err != nil {
+		// Keep the file at a record boundary: what was written of wbuf is
+		// cut off again, and wbuf stays for the next attempt.
+		if n > 0 {
+			_ = s.active.Truncate(act.size)
+		}
+		return fmt.Errorf("writing the spool: %w", err)
+	}
+	if act.records == 0 {
+		act.firstMs = s.wfirstMs
+	}
+	act.size += int64(len(s.wbuf))
+	act.records += s.wrecords
+	s.wbuf = s.wbuf[:0]
+	s.wrecords = 0
+	s.unsynced = true
+	close(s.ready)
+	s.ready = make(chan struct{})
+	return nil
+}
+
+// rotateLocked seals the active segment (written and fsync'ed) and starts
+// the next.
+func (s *Spool) rotateLocked() error {
+	if err := s.writeLocked(); err != nil {
+		return err
+	}
+	err := s.active.Sync()
+	if cerr := s.active.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("sealing spool segment: %w", err)
+	}
+	return s.startSegment(s.segs[len(s.segs)-1].seq + 1)
+}
+
+// dropOldestLocked deletes the oldest segment (never the active one),
+// counting its records that were not read yet as dropped.
+func (s *Spool) dropOldestLocked() error {
+	seg := s.segs[0]
+	dropped := seg.records
+	if s.read.Seq == seg.seq {
+		dropped -= s.read.Index
+	} else if s.read.Seq > seg.seq {
+		dropped = 0 // read already: those in flight are delivered from memory
+	}
+	if err := os.Remove(filepath.Join(s.opts.Dir, segmentName(seg.seq))); err != nil {
+		return fmt.Errorf("dropping the oldest spool segment: %w", err)
+	}
+	s.stats.DroppedFull += int64(dropped)
+	s.total -= seg.size
+	s.segs = s.segs[1:]
+	s.dirDirty = true
+	first := Position{Seq: s.segs[0].seq, Off: int64(headerSize)}
+	if s.released.before(first) {
+		s.released = first
+	}
+	if s.read.before(first) {
+		s.read = first
+	}
+	return nil
+}
+
+// Commit writes the records appended so far to the active segment, where
+// the reader finds them, and fsyncs them when SyncInterval is 0.
+func (s *Spool) Commit() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	err := s.writeLocked()
+	s.mu.Unlock()
+	if err != nil || s.opts.SyncInterval > 0 {
+		return err
+	}
+	return s.syncActive()
+}
+
+// syncActive fsyncs the active segment when it has unsynced bytes.
+func (s *Spool) syncActive() error {
+	s.mu.Lock()
+	f, dirty := s.active, s.unsynced
+	s.unsynced = false
+	s.mu.Unlock()
+	if !dirty {
+		return nil
+	}
+	if err := f.Sync(); err != nil {
+		if errors.Is(err, os.ErrClosed) {
+			return nil // sealed meanwhile, and fsync'ed by the rotation
+		}
+		s.mu.Lock()
+		s.unsynced = true
+		s.mu.Unlock()
+		return fmt.Errorf("fsync of the spool: %w", err)
+	}
+	return nil
+}
+
+func (s *Spool) syncDir() error {
+	s.mu.Lock()
+	dirty := s.dirDirty
+	s.dirDirty = false
+	s.mu.Unlock()
+	if !dirty {
+		return nil
+	}
+	d, err := os.Open(s.opts.Dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// syncLoop is the group commit: every SyncInterval it writes what was
+// appended, fsyncs the active segment and the directory, and persists the
+// release position.
+func (s *Spool) syncLoop() {
+	defer close(s.done)
+	interval := s.opts.SyncInterval
+	if interval == 0 {
+		interval = cursorPersistInterval
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-tick.C:
+		}
+		if err := s.flush(s.opts.SyncInterval > 0); err != nil {
+			s.opts.Log.Errorf("Spool: %v", err)
+		}
+	}
+}
+
+// flush writes and (when data) fsyncs pending appends, then syncs the
+// directory and persists the cursor.
+func (s *Spool) flush(data bool) error {
+	if data {
+		s.mu.Lock()
+		err := s.writeLocked()
+		s.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		if err := s.syncActive(); err != nil {
+			return err
+		}
+	}
+	if err := s.syncDir(); err != nil {
+		return fmt.Errorf("fsync of the spool directory: %w", err)
+	}
+	return s.persistCursor()
+}
+
+// Ready returns a channel closed when records are next committed: take it
+// before a Read that found nothing, then wait on it.
+func (s *Spool) Ready() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ready
+}
+
+// Space returns a channel closed when space is next released: take it
+// before an Append that failed with ErrFull, then wait on it.
+func (s *Spool) Space() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.space
+}
+
+// Read returns up to max committed records after the read cursor, in order,
+// and moves the cursor past them; none when there are none yet. A record
+// found damaged is reported and the rest of its segment skipped.
+func (s *Spool) Read(max int) ([]Record, error) {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	var out []Record
+	for len(out) < max {
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			return out, ErrClosed
+		}
+		i := s.findLocked(s.read.Seq)
+		if i < 0 {
+			// Deleted under the cursor (drop_oldest): go on from the first.
+			s.read = Position{Seq: s.segs[0].seq, Off: int64(headerSize)}
+			i = 0
+		}
+		pos, limit, last := s.read, s.segs[i].size, i == len(s.segs)-1
+		var next uint64
+		if !last {
+			next = s.segs[i+1].seq
+		}
+		s.mu.Unlock()
+
+		if pos.Off >= limit {
+			if last {
+				break
+			}
+			s.advance(pos, Position{Seq: next, Off: int64(headerSize)})
+			continue
+		}
+		payload, ms, size, err := s.recordAt(pos, limit)
+		if err != nil {
+			s.opts.Log.Errorf("Spool segment %s is damaged at offset %d (%v): skipping the rest of it (%d bytes)",
+				segmentName(pos.Seq), pos.Off, err, limit-pos.Off)
+			s.mu.Lock()
+			s.stats.CorruptSegments++
+			s.mu.Unlock()
+			s.advance(pos, Position{Seq: pos.Seq, Off: limit, Index: pos.Index})
+			continue
+		}
+		end := Position{Seq: pos.Seq, Off: pos.Off + int64(size), Index: pos.Index + 1}
+		if s.advance(pos, end) {
+			out = append(out, Record{Payload: append([]byte(nil), payload...), Appended: time.UnixMilli(ms), End: end})
+		}
+	}
+	return out, nil
+}
+
+// advance moves the read cursor from pos to to, unless it was moved meanwhile
+// (by a drop); it reports whether it did.
+func (s *Spool) advance(pos, to Position) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.read != pos {
+		return false
+	}
+	s.read = to
+	return true
+}
+
+func (s *Spool) findLocked(seq uint64) int {
+	i := sort.Search(len(s.segs), func(i int) bool { return s.segs[i].seq >= seq })
+	if i < len(s.segs) && s.segs[i].seq == seq {
+		return i
+	}
+	return -1
+}
+
+// recordAt decodes the record at pos, reading the segment in chunks of
+// readChunk bytes, never past limit (what was written).
+func (s *Spool) recordAt(pos Position, limit int64) ([]byte, int64, int, error) {
+	if s.rf == nil || s.rseq != pos.Seq {
+		if s.rf != nil {
+			s.rf.Close()
+			s.rf = nil
+		}
+		f, err := os.Open(filepath.Join(s.opts.Dir, segmentName(pos.Seq)))
+		if err != nil {
+			return nil, 0, 0, err
+		}
+		s.rf, s.rseq, s.rbuf = f, pos.Seq, s.rbuf[:0]
+	}
+	need := recordHeader
+	for {
+		start := pos.Off - s.roff
+		if pos.Off >= s.roff && start+int64(need) <= int64(len(s.rbuf)) {
+			payload, ms, size, err := decodeRecord(s.rbuf[start:])
+			if errors.Is(err, errShort) {
+				need = recordHeader + int(binary.LittleEndian.Uint32(s.rbuf[start:]))
+				if pos.Off+int64(need) > limit {
+					return nil, 0, 0, errors.New("record runs past the written end")
+				}
+				continue
+			}
+			return payload, ms, size, err
+		}
+		n := min(max(int64(need), readChunk), limit-pos.Off)
+		if n < int64(need) {
+			return nil, 0, 0, errors.New("record runs past the written end")
+		}
+		if int64(cap(s.rbuf)) < n {
+			s.rbuf = make([]byte, n)
+		}
+		s.rbuf = s.rbuf[:n]
+		if _, err := s.rf.ReadAt(s.rbuf, pos.Off); err != nil && !errors.Is(err, io.EOF) {
+			s.rbuf = s.rbuf[:0]
+			return nil, 0, 0, err
+		}
+		s.roff = pos.Off
+	}
+}
+
+// Release marks every record up to p as delivered: fully released segments
+// are deleted, and the position is persisted within SyncInterval (100 ms
+// when 0).
+func (s *Spool) Release(p Position) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.released.before(p) {
+		return nil
+	}
+	s.released = p
+	freed, err := s.deleteReleasedLocked()
+	if freed {
+		close(s.space)
+		s.space = make(chan struct{})
+	}
+	return err
+}
+
+// deleteReleasedLocked deletes the segments before the active one whose
+// records are all released, and reports whether it deleted any.
+func (s *Spool) deleteReleasedLocked() (bool, error) {
+	p := s.released
+	freed := false
+	for len(s.segs) > 1 {
+		seg := s.segs[0]
+		if seg.seq > p.Seq || (seg.seq == p.Seq && p.Off < seg.size) {
+			break
+		}
+		if err := os.Remove(filepath.Join(s.opts.Dir, segmentName(seg.seq))); err != nil {
+			return freed, fmt.Errorf("deleting a released spool segment: %w", err)
+		}
+		s.total -= seg.size
+		s.segs = s.segs[1:]
+		s.dirDirty = true
+		freed = true
+	}
+	if first := (Position{Seq: s.segs[0].seq, Off: int64(headerSize)}); s.released.before(first) {
+		s.released = first
+	}
+	if s.read.before(s.released) {
+		s.read = s.released
+	}
+	return freed, nil
+}
+
+// Stats returns the spool's figures now.
+func (s *Spool) Stats() Stats {
+	s.mu.Lock()
+	st := s.stats
+	st.Bytes = s.total
+	st.Segments = len(s.segs)
+	var records int64
+	for _, seg := range s.segs {
+		records += int64(seg.records)
+	}
+	records += int64(s.wrecords)
+	p := s.released
+	var oldestMs int64
+	if i := s.findLocked(p.Seq); i >= 0 {
+		records -= int64(p.Index)
+		if p.Off >= s.segs[i].size {
+			// The next record is in a later segment (or not written yet).
+			if i+1 < len(s.segs) && s.segs[i+1].records > 0 {
+				oldestMs = s.segs[i+1].firstMs
+			} else if s.wrecords > 0 {
+				oldestMs = s.wfirstMs
+			}
+			p = Position{}
+		}
+	}
+	st.Records = records
+	s.mu.Unlock()
+	if oldestMs == 0 && p.Seq != 0 && records > 0 {
+		oldestMs = s.appendTimeAt(p)
+	}
+	if oldestMs > 0 {
+		st.OldestAge = max(0, time.Since(time.UnixMilli(oldestMs)))
+	}
+	return st
+}
+
+// appendTimeAt reads the append time of the record at p (0 when it cannot).
+func (s *Spool) appendTimeAt(p Position) int64 {
+	f, err := os.Open(filepath.Join(s.opts.Dir, segmentName(p.Seq)))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	var h [recordHeader]byte
+	if _, err := f.ReadAt(h[:], p.Off); err != nil {
+		return 0
+	}
+	return int64(binary.LittleEndian.Uint64(h[8:16]))
+}
+
+// Close writes and fsyncs what was appended, persists the release position
+// and releases the lock.
+func (s *Spool) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.mu.Unlock()
+	close(s.stop)
+	<-s.done
+	err := s.flush(true)
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.rmu.Lock()
+	if s.rf != nil {
+		s.rf.Close()
+		s.rf = nil
+	}
+	s.rmu.Unlock()
+	s.closeFiles()
+	return err
+}
+
+func (s *Spool) closeFiles() {
+	if s.active != nil {
+		s.active.Close()
+	}
+	if s.lock != nil {
+		s.lock.Close() // releases the flock
+	}
+}
