@@ -31,8 +31,11 @@ import (
 	"github.com/influxdata/telegraf/logger"
 	"github.com/influxdata/telegraf/models"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/spool"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/outputs/omnicore"
 )
 
 // telegrafVersion is the Telegraf release whose plugin API, config loader and
@@ -200,8 +203,12 @@ func run(args []string, env environment) (status int) {
 			p.id(), programVersion(), f.batchSize, f.batchTimeout)
 		stop, cancel := stopOnSignal()
 		defer cancel()
-		r := newOutputRunner(p.output, plog, f.batchSize, f.batchTimeout)
-		if err := r.run(env.stdin, stop); err != nil {
+		runner, err := newRunner(p, plog, f)
+		if err != nil {
+			log.Errorf("Starting %s: %v", p.id(), err)
+			return 1
+		}
+		if err := runner.run(env.stdin, stop); err != nil {
 			log.Errorf("Stopping %s: %v", p.id(), err)
 			return 1
 		}
@@ -238,6 +245,44 @@ func installSharing(pluginFile string, log telegraf.Logger) (*atomic.Bool, error
 		log.Warnf("%s=off: this process connects on its own; another process connecting as the same gateway would kick it off", share.EnvSharing)
 	}
 	return conflicted, nil
+}
+
+// spoolingOutput is an output that has a spool when run by this program
+// (outputs.omnicore).
+type spoolingOutput interface {
+	SpoolSettings(output string) (omnicore.SpoolSettings, error)
+	GatewayConn() gateway.Conn
+}
+
+// outputLoop is what runs an output from stdin.
+type outputLoop interface {
+	run(stdin io.Reader, stop <-chan struct{}) error
+}
+
+// newRunner returns the spooled runner when the output has its spool on,
+// else the direct one.
+func newRunner(p *loadedPlugin, plog telegraf.Logger, f *flags) (outputLoop, error) {
+	so, ok := p.output.(spoolingOutput)
+	if !ok {
+		return newOutputRunner(p.output, plog, f.batchSize, f.batchTimeout), nil
+	}
+	st, err := so.SpoolSettings(p.alias)
+	if err != nil {
+		return nil, err
+	}
+	if !st.Enabled {
+		plog.Debug("spool = false: reading standard input one batch at a time")
+		return newOutputRunner(p.output, plog, f.batchSize, f.batchTimeout), nil
+	}
+	r := newSpooledRunner(p.output, plog, f.batchSize, f.batchTimeout, spool.Options{
+		Dir:          st.Dir,
+		MaxSize:      st.MaxSize,
+		SyncInterval: st.SyncInterval,
+		Full:         st.Full,
+	})
+	r.conn = so.GatewayConn
+	r.source = "spool " + st.Dir
+	return r, nil
 }
 
 // stopOnSignal returns a channel closed on the first SIGINT or SIGTERM.

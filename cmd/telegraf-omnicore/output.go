@@ -7,16 +7,17 @@ import (
 	"time"
 
 	"github.com/influxdata/telegraf"
-	"github.com/influxdata/telegraf/plugins/parsers/influx"
 )
 
 // outputRunner feeds an output plugin from stdin, where outputs.execd writes
-// line protocol. It replaces the shim's output loop, which has three traps: a
+// line protocol, without a spool (spool = false; spooledRunner is the
+// default). It replaces the shim's output loop, which has three traps: a
 // partial batch waits for the next full batch, a line over 64 KiB silently
 // ends the process, and a failed Write drops the batch.
 //
-//   - stdin is read with Telegraf's streaming influx parser: no line limit;
-//     a line that does not parse is logged with its number and skipped.
+//   - stdin is read with Telegraf's streaming influx parser (metricReader):
+//     no line limit; a line that does not parse is logged with its number
+//     and skipped.
 //   - A batch is written when it holds batchSize metrics or batchTimeout
 //     after its first metric arrived, whichever comes first.
 //   - A Write that fails is retried with the same batch (the same metrics, so
@@ -127,17 +128,12 @@ func (r *outputRunner) connect(stop <-chan struct{}) bool {
 // is busy writing, read blocks and so stops reading stdin.
 func (r *outputRunner) read(stdin io.Reader, metrics chan<- telegraf.Metric, done <-chan struct{}) {
 	defer close(metrics)
-	parser := influx.NewStreamParser(stdin)
+	mr := newMetricReader(stdin, r.log, nil)
 	for {
-		m, err := parser.Next()
+		m, err := mr.Next()
 		if err != nil {
-			if errors.Is(err, influx.EOF) {
+			if errors.Is(err, io.EOF) {
 				return
-			}
-			var perr *influx.ParseError
-			if errors.As(err, &perr) {
-				r.log.Errorf("Skipping line %d of standard input, it is not valid line protocol: %v", perr.LineNumber, err)
-				continue
 			}
 			select {
 			case <-done: // the run loop is gone: nothing to report

@@ -865,6 +865,9 @@ func (s *Spool) recordAt(pos Position, limit int64) ([]byte, int64, int, error) 
 func (s *Spool) Release(p Position) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
 	if !s.released.before(p) {
 		return nil
 	}

@@ -26,6 +26,7 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/spool"
 )
 
 //go:embed sample.conf
@@ -97,7 +98,15 @@ type OmniCore struct {
 	StateMetrics  []string        `toml:"state_metrics"`
 	StateTag      string          `toml:"state_tag"`
 	WriteTimeout  config.Duration `toml:"write_timeout"`
-	Log           telegraf.Logger `toml:"-"`
+
+	// The spool options apply to the execd program only (see SpoolSettings).
+	Spool             bool            `toml:"spool"`
+	SpoolDir          string          `toml:"spool_dir"`
+	SpoolMaxSize      config.Size     `toml:"spool_max_size"`
+	SpoolSyncInterval config.Duration `toml:"spool_sync_interval"`
+	SpoolFull         string          `toml:"spool_full"`
+
+	Log telegraf.Logger `toml:"-"`
 
 	serializer  telegraf.Serializer
 	cfg         *gateway.Config
@@ -159,6 +168,9 @@ func (o *OmniCore) Init() error {
 	}
 	if o.WriteTimeout <= 0 {
 		return fmt.Errorf("write_timeout %s must be positive", time.Duration(o.WriteTimeout))
+	}
+	if err := o.checkSpoolOptions(); err != nil {
+		return err
 	}
 	for _, d := range o.Devices {
 		if err := omnicore.ValidateID(d); err != nil {
@@ -811,6 +823,11 @@ func init() {
 			QoS:           1,
 			Layout:        layoutNonBatch,
 			WriteTimeout:  config.Duration(defaultWriteTimeout),
+
+			Spool:             true,
+			SpoolMaxSize:      config.Size(spool.DefaultMaxSize),
+			SpoolSyncInterval: config.Duration(spool.DefaultSyncInterval),
+			SpoolFull:         string(spool.Backpressure),
 		}
 	})
 }
