@@ -81,11 +81,15 @@ func newSetup(t *testing.T, opts ...emulator.Option) *setup {
 	rt, err := os.MkdirTemp("", "oc")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(rt) })
+	dir := t.TempDir()
+	// The output's spool goes in the test's own state directory.
+	state := filepath.Join(dir, "state")
+	require.NoError(t, os.Mkdir(state, 0o700))
 	return &setup{
 		t:          t,
 		srv:        srv,
-		dir:        t.TempDir(),
-		env:        []string{"TELEGRAF_OMNICORE_RUNTIME_DIR=" + rt},
+		dir:        dir,
+		env:        []string{"TELEGRAF_OMNICORE_RUNTIME_DIR=" + rt, "STATE_DIRECTORY=" + state},
 		runtimeDir: rt,
 	}
 }

@@ -230,9 +230,26 @@ type Telegraf struct {
 // StartTelegraf runs bin with configPath; env is added to this process's
 // environment; tee, when not nil, also gets the log.
 func StartTelegraf(bin, configPath string, env []string, tee io.Writer) (*Telegraf, error) {
+	return startTelegraf(bin, configPath, env, tee, false)
+}
+
+// StartTelegrafGroup is StartTelegraf with Telegraf leading a process group
+// of its own, which holds its execd children: KillGroup kills them all at
+// once, as a power cut would.
+func StartTelegrafGroup(bin, configPath string, env []string, tee io.Writer) (*Telegraf, error) {
+	return startTelegraf(bin, configPath, env, tee, true)
+}
+
+func startTelegraf(bin, configPath string, env []string, tee io.Writer, group bool) (*Telegraf, error) {
 	cmd := exec.Command(bin, "--config", configPath)
 	cmd.Env = append(os.Environ(), env...)
 	DieWithParent(cmd)
+	if group {
+		if cmd.SysProcAttr == nil {
+			cmd.SysProcAttr = &syscall.SysProcAttr{}
+		}
+		cmd.SysProcAttr.Setpgid = true
+	}
 	t := &Telegraf{cmd: cmd, log: &SyncBuffer{}, done: make(chan struct{})}
 	var w io.Writer = t.log
 	if tee != nil {
@@ -276,6 +293,14 @@ func (t *Telegraf) Stop(timeout time.Duration) (time.Duration, error) {
 		<-t.done
 		return time.Since(start), fmt.Errorf("telegraf did not exit within %s of SIGTERM; killed", timeout)
 	}
+}
+
+// KillGroup sends SIGKILL to Telegraf's process group (see
+// StartTelegrafGroup) and waits for Telegraf's exit.
+func (t *Telegraf) KillGroup() error {
+	err := syscall.Kill(-t.cmd.Process.Pid, syscall.SIGKILL)
+	<-t.done
+	return err
 }
 
 // Kill ends the process at once (cleanup).

@@ -216,7 +216,36 @@ func TestFaults(t *testing.T) {
 			},
 		},
 		{
-			name: "output killed (SIGKILL)",
+			name: "output killed (SIGKILL), spool",
+			inject: func(w *world, r *run) string {
+				kills := scale(1, 5)
+				for i := range kills {
+					w.progress(r, float64(i+1)/float64(kills+2))
+					// With the bridge away the output spools what it reads.
+					w.srv.Stop()
+					time.Sleep(time.Second) // the fault: metrics arrive while the bridge is away
+					pid := w.outputChild()
+					require.NotZero(w.t, pid, "no telegraf-omnicore output child")
+					require.NoError(w.t, syscall.Kill(pid, syscall.SIGKILL))
+					w.waitFor(10*time.Second, "the killed child's death", func() bool { return !e2e.Alive(pid) })
+					r.kills = append(r.kills, time.Now())
+					require.NoError(w.t, w.srv.Restart())
+					w.waitFor(30*time.Second, "outputs.execd restarting the child", func() bool {
+						c := w.outputChild()
+						return c != 0 && c != pid
+					})
+				}
+				return fmt.Sprintf("output child killed %d× with SIGKILL 1 s into a bridge outage, restarted by outputs.execd after 1 s; it replays its spool", kills)
+			},
+			killed: true,
+			check: func(t *testing.T, w *world, r *run, logf LogFigures) {
+				require.GreaterOrEqual(t, logf.Restarts, scale(1, 5))
+				require.Contains(t, w.tg.Log(), "Replaying", "the restarted child replays its spool")
+			},
+		},
+		{
+			name:   "output killed (SIGKILL), no spool",
+			output: []string{"spool = false"},
 			inject: func(w *world, r *run) string {
 				kills := scale(1, 5)
 				for i := range kills {
@@ -407,7 +436,9 @@ func runScenario(t *testing.T, sc *scenario) Figures {
 
 // maxHeldByProcess bounds what a SIGKILLed output takes with it: the metrics
 // it read (one batch, -batch_size 1000) plus what fits in the pipe Telegraf
-// writes into (64 KiB on Linux, lines of at least 100 bytes here).
+// writes into (64 KiB on Linux, lines of at least 100 bytes here). With the
+// spool it holds far less: what it read but did not write to the spool yet
+// (one 64 KiB read) and the pipe.
 const maxHeldByProcess = 1000 + 64<<10/100
 
 // requireLossOnlyToKills checks the metrics lost in a run with SIGKILLs:

@@ -46,8 +46,9 @@ const (
 
 // GenSpec is what the generator writes.
 type GenSpec struct {
-	// Count metrics numbered 0..Count-1 (field n), at Rate per second, for
-	// Devices in turn (metric n is for Devices[n % len(Devices)]).
+	// Count metrics numbered First..First+Count-1 (field n), at Rate per
+	// second, for Devices in turn (metric n is for Devices[n % len(Devices)]).
+	First   int      `json:"first"`
 	Count   int      `json:"count"`
 	Rate    float64  `json:"rate"`
 	Devices []string `json:"devices"`
@@ -120,9 +121,9 @@ func generate(spec GenSpec, out *bufio.Writer) error {
 	start := time.Now()
 	ticker := time.NewTicker(tick)
 	defer ticker.Stop()
-	n := 0
-	for n < spec.Count {
-		due := min(spec.Count, int(time.Since(start).Seconds()*spec.Rate)+1)
+	n := spec.First
+	for n < spec.First+spec.Count {
+		due := spec.First + min(spec.Count, int(time.Since(start).Seconds()*spec.Rate)+1)
 		for ; n < due; n++ {
 			name := MeasurementEvent
 			if spec.StateEvery > 0 && n%spec.StateEvery == spec.StateEvery-1 {

@@ -82,6 +82,8 @@ type world struct {
 	dir   string
 	env   []string
 	tg    *e2e.Telegraf
+	// state is the STATE_DIRECTORY of Telegraf's children.
+	state string
 	// proxy is a slow link between the output and the emulator, when set.
 	proxy *latencyproxy.Proxy
 }
@@ -99,7 +101,10 @@ func newWorld(t *testing.T, opts ...emulator.Option) *world {
 	rt, err := os.MkdirTemp("", "och")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(rt) })
-	w.env = []string{"TELEGRAF_OMNICORE_RUNTIME_DIR=" + rt}
+	// The state directory (the output's spool) is the test's own.
+	w.state = filepath.Join(w.dir, "state")
+	require.NoError(t, os.Mkdir(w.state, 0o700))
+	w.env = []string{"TELEGRAF_OMNICORE_RUNTIME_DIR=" + rt, "STATE_DIRECTORY=" + w.state}
 	return w
 }
 

@@ -168,7 +168,12 @@ func run(ctx context.Context, duration time.Duration, keep bool) error {
 	// The plugins' processes meet in a private directory to share the
 	// gateway's connection; keep it in the demo's directory when the socket
 	// path stays short enough.
-	var env []string
+	// The output's spool goes in the demo's own state directory.
+	state := filepath.Join(dir, "state")
+	if err := os.MkdirAll(state, 0o700); err != nil {
+		return err
+	}
+	env := []string{"STATE_DIRECTORY=" + state}
 	if rt := filepath.Join(dir, "rt"); len(rt) < 64 {
 		env = append(env, "TELEGRAF_OMNICORE_RUNTIME_DIR="+rt)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"os"
 )
 
 // The on-disk format. There is no library for this: Telegraf's own disk
@@ -136,4 +137,25 @@ func allZero(b []byte) bool {
 		}
 	}
 	return true
+}
+
+// SegmentRecords returns the payloads of the segment file at path, up to its
+// first damaged or torn record (a diagnostic: tests and tools use it to see
+// what a spool holds without opening it).
+func SegmentRecords(path string) ([][]byte, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	r := scanSegment(data)
+	out := make([][]byte, 0, r.records)
+	for off := int64(headerSize); off < r.valid; {
+		p, _, size, err := decodeRecord(data[off:])
+		if err != nil {
+			break
+		}
+		out = append(out, p)
+		off += int64(size)
+	}
+	return out, nil
 }
