@@ -216,7 +216,7 @@ func TestFaults(t *testing.T) {
 			},
 		},
 		{
-			name: "output killed (SIGKILL), spool",
+			name: "output killed (SIGKILL) with spool",
 			inject: func(w *world, r *run) string {
 				kills := scale(1, 5)
 				for i := range kills {
@@ -244,7 +244,7 @@ func TestFaults(t *testing.T) {
 			},
 		},
 		{
-			name:   "output killed (SIGKILL), no spool",
+			name:   "output killed (SIGKILL) without spool",
 			output: []string{"spool = false"},
 			inject: func(w *world, r *run) string {
 				kills := scale(1, 5)
