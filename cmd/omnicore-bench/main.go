@@ -83,7 +83,7 @@ func main() {
 	}
 }
 
-var allBenchmarks = []string{"1", "1b", "2", "3", "4", "5", "6"}
+var allBenchmarks = []string{"1", "1b", "2", "3", "4", "5", "6", "7"}
 
 func parseOptions(args []string) (*options, error) {
 	o := &options{}
@@ -165,6 +165,7 @@ type sizes struct {
 	pub, pubRTT            publishSizes
 	nagleMetrics           int // ours and bare on mosquitto with Nagle on
 	e2eMetrics, e2eDevices int
+	drainMetrics           int   // spooled metrics drained by benchmark 7
 	attach                 []int // device counts of the loopback attach storm
 	attachRTT              int   // pipelined attaches over the RTT link
 	attachRTTSeq           int   // sequential attaches over the RTT link
@@ -186,6 +187,7 @@ func sizesFor(quick bool) sizes {
 			pubRTT:          publishSizes{devices: 100, metrics: 2000, mqttMetrics: 30, warmMQTT: 5, batch: 1000, window: 100},
 			nagleMetrics:    5000,
 			e2eMetrics:      5000,
+			drainMetrics:    20000,
 			e2eDevices:      100,
 			attach:          []int{1000},
 			attachRTT:       1000,
@@ -206,6 +208,7 @@ func sizesFor(quick bool) sizes {
 		pubRTT:          publishSizes{devices: 1000, metrics: 30000, mqttMetrics: 300, warmMQTT: 20, batch: 1000, window: 100},
 		nagleMetrics:    50000,
 		e2eMetrics:      200000,
+		drainMetrics:    1000000,
 		e2eDevices:      1000,
 		attach:          []int{1000, 10000},
 		attachRTT:       10000,
@@ -336,6 +339,7 @@ func run(ctx context.Context, opts *options, stdout io.Writer) error {
 		{"4", b.benchMemory},
 		{"5", b.benchRateLimit},
 		{"6", b.benchInbound},
+		{"7", b.benchSpool},
 	}
 	for _, s := range steps {
 		if s.id == "1" && !opts.wants("1") && !opts.wants("1b") {
