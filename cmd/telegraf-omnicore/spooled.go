@@ -156,7 +156,11 @@ func (r *spooledRunner) run(stdin io.Reader, stop <-chan struct{}) error {
 	case writing = <-published:
 	case <-t.C:
 		close(abandon)
-		writing = <-published
+		select {
+		case writing = <-published:
+		case <-time.After(50 * time.Millisecond):
+			writing = true // stuck in Connect: treat it as a running Write
+		}
 	}
 	t.Stop()
 	close(stopReports)
