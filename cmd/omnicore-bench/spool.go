@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
 )
 
 // benchSpool is benchmark 7: the cost of the output's spool (store and
@@ -166,7 +166,7 @@ func spoolTelegrafRun(ctx context.Context, emu *emulator.Server, telegrafBin, cf
 	defer logf.Close()
 	cmd := exec.Command(telegrafBin, "--config", cfgPath)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Env = append(os.Environ(), gateway.EnvRuntimeDir+"="+filepath.Join(stateDir, "rt"), "STATE_DIRECTORY="+stateDir)
+	cmd.Env = append(os.Environ(), share.EnvRuntimeDir+"="+filepath.Join(stateDir, "rt"), "STATE_DIRECTORY="+stateDir)
 	if err := cmd.Start(); err != nil {
 		return 0, err
 	}
@@ -214,7 +214,7 @@ func (b *bench) drainRun(ctx context.Context, emu *emulator.Server, ourBin, metr
 	if err := os.WriteFile(pluginConf, []byte(b.pluginFile(emu.URL, "")), 0o600); err != nil {
 		return 0, 0, err
 	}
-	env := append(os.Environ(), gateway.EnvRuntimeDir+"="+filepath.Join(state, "rt"), "STATE_DIRECTORY="+state)
+	env := append(os.Environ(), share.EnvRuntimeDir+"="+filepath.Join(state, "rt"), "STATE_DIRECTORY="+state)
 
 	// 1. The bridge is down: everything goes to the spool, then EOF.
 	emu.Stop()
