@@ -120,6 +120,9 @@ func outage(t *testing.T, stop func(w *world) time.Duration) (w *world, lost []i
 	w.waitEmulator(time.Minute, "100 messages accepted", func() bool { return w.srv.Stats().MessagesAccepted >= 100 })
 	w.srv.Stop() // the bridge goes away mid-stream
 	w.generated(first.Record, first)
+	// Every metric is past Telegraf (written into the output's pipe): what
+	// is lost from here on is the output's.
+	w.waitFor(time.Minute, "every metric written to the output", func() bool { return ParseLog(w.tg.Log()).Acked >= first.Count })
 	stopTook = stop(w)
 
 	second := GenSpec{First: first.Count, Count: 400, Rate: 200, Devices: devices, Pad: 64, Record: filepath.Join(w.dir, "record-2.txt")}

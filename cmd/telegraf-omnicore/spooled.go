@@ -151,7 +151,7 @@ func (r *spooledRunner) run(stdin io.Reader, stop <-chan struct{}) error {
 	// The publisher writes what is left while the budget lasts.
 	close(draining)
 	writing := false
-	t := time.NewTimer(time.Until(deadline) * 6 / 10)
+	t := time.NewTimer(time.Until(deadline) * 8 / 10)
 	select {
 	case writing = <-published:
 	case <-t.C:
