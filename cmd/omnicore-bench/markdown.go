@@ -174,5 +174,6 @@ rate between the first and the last message the emulator accepted. 7c runs teleg
 alone: first with the file on stdin while the emulator is stopped (everything goes to the spool;
 the peer column is that spooling rate), then, with the emulator back, a new process that replays
 the spool: the drain rate counts from that process's start (spool checks, connect, attach) to
-the last message accepted.
+the last message accepted. Benchmark 2 runs ` + "`spool = false`" + `: ` + "`telegraf --once`" + ` stops the output
+at the end, and with the spool what is not acknowledged within a second waits for the next start.
 `
