@@ -164,13 +164,13 @@ previous one's metric arrived, from the call to the metric; p50 and p99.
 
 ### 7. Store and forward (the output's spool)
 
-7a and 7b run a real Telegraf (not ` + "`--once`" + `: with the spool, a stop leaves what the bridge did not
+The first two rows run a real Telegraf (not ` + "`--once`" + `: with the spool, a stop leaves what the bridge did not
 acknowledge on disk for the next start) with ` + "`inputs.execd`" + ` running ` + "`cat`" + ` on the line-protocol file
 once, into ` + "`[[outputs.execd]]`" + ` running telegraf-omnicore, each run with a fresh ` + "`STATE_DIRECTORY`" + `.
-7a compares the default (every metric appended to the spool, published from it, released after
-its PUBACK) with ` + "`spool = false`" + `; 7b the fsync of every batch read from the pipe
+The first compares the default (every metric appended to the spool, published from it, released after
+its PUBACK) with ` + "`spool = false`" + `; the second the fsync of every batch read from the pipe
 (` + "`spool_sync_interval = \"0s\"`" + `) with the default group commit every 100 ms. The figure is the
-rate between the first and the last message the emulator accepted. 7c runs telegraf-omnicore
+rate between the first and the last message the emulator accepted. The third runs telegraf-omnicore
 alone: first with the file on stdin while the emulator is stopped (everything goes to the spool;
 the peer column is that spooling rate), then, with the emulator back, a new process that replays
 the spool: the drain rate counts from that process's start (spool checks, connect, attach) to

@@ -19,12 +19,12 @@ import (
 // spooled backlog drains once the bridge is back.
 func (b *bench) benchSpool(ctx context.Context) error {
 	n := b.sz.e2eMetrics
-	rowSpool := &row{id: "7a", name: fmt.Sprintf("store and forward through Telegraf: inputs.execd (cat), %s metrics, %s devices -> emulator",
+	rowSpool := &row{id: "7", name: fmt.Sprintf("store and forward through Telegraf: inputs.execd (cat), %s metrics, %s devices -> emulator",
 		groupThousands(int64(n)), groupThousands(int64(b.sz.e2eDevices))),
 		unit: "metrics/s", oursLabel: "spool (default)", peerLabel: "spool = false"}
-	rowSync := &row{id: "7b", name: "the spool's fsync: spool_sync_interval \"0s\" (fsync every batch read) against \"100ms\" (default)",
+	rowSync := &row{id: "7", name: "the spool's fsync: spool_sync_interval \"0s\" (fsync every batch read) against \"100ms\" (default)",
 		unit: "metrics/s", oursLabel: "0s", peerLabel: "100ms", neutral: true}
-	rowDrain := &row{id: "7c", name: fmt.Sprintf("drain %s spooled metrics once the bridge is back (telegraf-omnicore alone), %s devices",
+	rowDrain := &row{id: "7", name: fmt.Sprintf("drain %s spooled metrics once the bridge is back (telegraf-omnicore alone), %s devices",
 		groupThousands(int64(b.sz.drainMetrics)), groupThousands(int64(b.sz.e2eDevices))),
 		unit: "metrics/s", oursLabel: "drain", peerLabel: "spooling (bridge down)", neutral: true}
 	b.rows = append(b.rows, rowSpool, rowSync, rowDrain)
@@ -95,7 +95,7 @@ func (b *bench) benchSpool(ctx context.Context) error {
 	}
 	rowSpool.note = "real Telegraf processes (not --once: with the spool a stop leaves the unacknowledged metrics on disk for the next start), metric_batch_size 1000, QoS 1; rate between the first and the last message the emulator accepted"
 	rowSpool.slowerWhy = "every metric is serialized to line protocol again, appended to the spool and read back and parsed before it is published"
-	rowSync.note = "same setup as 7a; an fsync per batch read from the pipe against the group commit"
+	rowSync.note = "same setup as the spool row; an fsync per batch read from the pipe against the group commit"
 
 	for run := 0; run < b.opts.runs; run++ {
 		progress("  run %d/%d: drain of %s spooled metrics", run+1, b.opts.runs, groupThousands(int64(b.sz.drainMetrics)))
