@@ -1,10 +1,13 @@
 package emulator
 
 import (
+	"bufio"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"strconv"
 	"time"
@@ -21,9 +24,17 @@ const maxAdminBody = omnicore.MaxTelemetryBytes
 //	PUT|POST /v1/registries/{reg}/devices/{dev}/config    body = config payload
 //	POST     /v1/registries/{reg}/devices/{dev}/commands  body = command payload, ?subfolder=a/b
 //	GET      /v1/devices | /v1/attachments | /v1/connections | /v1/errors | /v1/stats
-//	GET      /v1/telemetry?since=N
+//	GET      /v1/telemetry?since=N&limit=M
 //	POST     /v1/kick[?client_id=...]
-func (s *Server) AdminHandler() http.Handler {
+//
+// It refuses what a web page could send (see adminGuard): a Host or Origin
+// that is not loopback (or an AdminHost), and a POST or PUT without
+// Content-Type: application/json. AdminToken adds a bearer token.
+func (s *Server) AdminHandler(opts ...AdminOption) http.Handler {
+	g := &adminGuard{}
+	for _, o := range opts {
+		o(g)
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("PUT /v1/registries/{reg}/devices/{dev}/config", s.adminConfig)
 	mux.HandleFunc("POST /v1/registries/{reg}/devices/{dev}/config", s.adminConfig)
@@ -49,7 +60,8 @@ func (s *Server) AdminHandler() http.Handler {
 		s.KickAll()
 		writeJSON(w, http.StatusOK, map[string]int{"kicked": n})
 	})
-	return mux
+	g.next = mux
+	return g
 }
 
 func (s *Server) adminConfig(w http.ResponseWriter, r *http.Request) {
@@ -96,32 +108,76 @@ type TelemetryMessage struct {
 	PayloadBase64 string        `json:"payload_base64"`
 }
 
-// TelemetryPage is the GET /v1/telemetry answer; pass Next as since.
+// TelemetryPage is the GET /v1/telemetry answer; pass Next as since for
+// the following page.
 type TelemetryPage struct {
 	Next     int                `json:"next"`
+	More     bool               `json:"more"`    // messages from Next on are already stored
+	Dropped  int                `json:"dropped"` // messages from since on no longer stored (memory budgets)
 	Messages []TelemetryMessage `json:"messages"`
 }
 
+// Telemetry page sizes: limit defaults to defaultPageLimit, at most maxPageLimit.
+const (
+	defaultPageLimit = 1000
+	maxPageLimit     = 10000
+)
+
 func (s *Server) adminTelemetry(w http.ResponseWriter, r *http.Request) {
-	since := 0
-	if v := r.URL.Query().Get("since"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 0 {
-			writeError(w, http.StatusBadRequest, "since must be a non-negative integer")
-			return
+	q := r.URL.Query()
+	since, err := queryInt(q.Get("since"), 0, 0, math.MaxInt)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "since must be a non-negative integer")
+		return
+	}
+	limit, err := queryInt(q.Get("limit"), defaultPageLimit, 1, maxPageLimit)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "limit must be an integer from 1 to "+strconv.Itoa(maxPageLimit))
+		return
+	}
+	page := s.ReceivedPageSince(since, limit)
+
+	// The page is written message by message: a whole page encoded at once
+	// would hold every payload several times over (text, base64, the
+	// encoder's buffer).
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	bw := bufio.NewWriterSize(w, 64<<10)
+	fmt.Fprintf(bw, `{"next":%d,"more":%t,"dropped":%d,"messages":[`, page.Next, page.More, page.Dropped)
+	enc := json.NewEncoder(bw)
+	for i, m := range page.Messages {
+		if i > 0 {
+			_ = bw.WriteByte(',')
 		}
-		since = n
+		if err := enc.Encode(telemetryMessage(m)); err != nil {
+			return // the client went away
+		}
 	}
-	msgs, next := s.ReceivedSince(since)
-	page := TelemetryPage{Next: next, Messages: make([]TelemetryMessage, 0, len(msgs))}
-	for _, m := range msgs {
-		page.Messages = append(page.Messages, TelemetryMessage{
-			Index: m.Index, Time: m.Time, ClientID: m.ClientID, Registry: m.Registry, Device: m.Device,
-			Kind: m.Kind, Subfolder: m.Subfolder, Topic: m.Topic, QoS: m.QoS, PacketID: m.PacketID,
-			Size: len(m.Payload), Payload: string(m.Payload), PayloadBase64: base64.StdEncoding.EncodeToString(m.Payload),
-		})
+	_, _ = bw.WriteString("]}\n")
+	_ = bw.Flush()
+}
+
+func telemetryMessage(m Message) TelemetryMessage {
+	return TelemetryMessage{
+		Index: m.Index, Time: m.Time, ClientID: m.ClientID, Registry: m.Registry, Device: m.Device,
+		Kind: m.Kind, Subfolder: m.Subfolder, Topic: m.Topic, QoS: m.QoS, PacketID: m.PacketID,
+		Size: len(m.Payload), Payload: string(m.Payload), PayloadBase64: base64.StdEncoding.EncodeToString(m.Payload),
 	}
-	writeJSON(w, http.StatusOK, page)
+}
+
+// queryInt parses an optional integer query parameter within [lo, hi].
+func queryInt(v string, def, lo, hi int) (int, error) {
+	if v == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		return 0, err
+	}
+	if n < lo || n > hi {
+		return 0, errors.New("out of range")
+	}
+	return n, nil
 }
 
 func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {

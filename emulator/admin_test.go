@@ -22,6 +22,9 @@ func httpDo(t *testing.T, method, url, body string) (int, []byte) {
 	t.Helper()
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	require.NoError(t, err)
+	if method != http.MethodGet {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	cl := &http.Client{Timeout: wait}
 	resp, err := cl.Do(req)
 	require.NoError(t, err)
@@ -100,7 +103,20 @@ func TestAdminAPI(t *testing.T) {
 				require.Equal(t, 1, page.Messages[0].Index)
 			}},
 		{name: "telemetry since the end", method: "GET", path: "/v1/telemetry?since=2", wantStatus: 200,
-			check: func(t *testing.T, body []byte) { require.JSONEq(t, `{"next":2,"messages":[]}`, string(body)) }},
+			check: func(t *testing.T, body []byte) {
+				require.JSONEq(t, `{"next":2,"more":false,"dropped":0,"messages":[]}`, string(body))
+			}},
+		{name: "telemetry one at a time", method: "GET", path: "/v1/telemetry?limit=1", wantStatus: 200,
+			check: func(t *testing.T, body []byte) {
+				var page emulator.TelemetryPage
+				require.NoError(t, json.Unmarshal(body, &page))
+				require.Len(t, page.Messages, 1)
+				require.Equal(t, 0, page.Messages[0].Index)
+				require.Equal(t, 1, page.Next)
+				require.True(t, page.More)
+			}},
+		{name: "telemetry with a zero limit", method: "GET", path: "/v1/telemetry?limit=0", wantStatus: 400},
+		{name: "telemetry with a limit too large", method: "GET", path: "/v1/telemetry?limit=10001", wantStatus: 400},
 		{name: "telemetry with a bad since", method: "GET", path: "/v1/telemetry?since=-1", wantStatus: 400},
 		{name: "devices", method: "GET", path: "/v1/devices", wantStatus: 200,
 			check: func(t *testing.T, body []byte) {

@@ -77,20 +77,38 @@ func (s *Server) deliverConfigHeld(c *conn, deviceID string, force bool) {
 	qos := byte(min(ds.config, 1))
 	s.mu.Unlock()
 
-	id, err := c.publish(omnicore.Topic(c.registry, deviceID, omnicore.KindConfig, ""), cfg.payload, qos)
-	if err != nil {
-		return
+	topic := omnicore.Topic(c.registry, deviceID, omnicore.KindConfig, "")
+	var id uint16
+	if qos == 1 {
+		var err error
+		if id, err = c.nextPacketID(); err != nil {
+			return
+		}
 	}
+	// The delivery is registered and counted before the packet is written:
+	// the client's PUBACK can come back (and be read on the connection's
+	// goroutine) before the write returns, and a PUBACK that finds nothing is
+	// ignored.
 	s.mu.Lock()
-	s.stats.ConfigsDelivered++
 	if qos == 1 && cfg.version > 0 {
 		if len(c.outstanding) > 1024 { // a client that never acknowledges
 			clear(c.outstanding)
 		}
 		c.outstanding[id] = configAck{device: deviceID, version: cfg.version}
 	}
+	s.stats.ConfigsDelivered++
 	s.notifyLocked()
 	s.mu.Unlock()
+
+	if err := c.publishID(topic, cfg.payload, qos, id); err != nil {
+		// The failed write closed the connection: nothing was delivered.
+		s.mu.Lock()
+		if qos == 1 {
+			delete(c.outstanding, id)
+		}
+		s.stats.ConfigsDelivered--
+		s.mu.Unlock()
+	}
 }
 
 // configAcked records a client's PUBACK of a config delivery, like the
@@ -148,10 +166,19 @@ func (s *Server) SendCommand(registryID, deviceID, subfolder string, payload []b
 	delivered := 0
 	var lastErr error
 	for _, t := range targets {
+		// Counted before the write, like every delivery: a client that has
+		// the command never finds Stats().CommandsDelivered behind.
+		s.mu.Lock()
+		s.stats.CommandsDelivered++
+		s.notifyLocked()
+		s.mu.Unlock()
 		t.c.writeMu.Lock()
 		_, err := t.c.publish(topic, slices.Clone(payload), t.qos)
 		t.c.writeMu.Unlock()
 		if err != nil {
+			s.mu.Lock()
+			s.stats.CommandsDelivered--
+			s.mu.Unlock()
 			lastErr = err
 			continue
 		}
@@ -160,9 +187,5 @@ func (s *Server) SendCommand(registryID, deviceID, subfolder string, payload []b
 	if delivered == 0 {
 		return fmt.Errorf("%w: %v", ErrNotSubscribed, lastErr)
 	}
-	s.mu.Lock()
-	s.stats.CommandsDelivered += delivered
-	s.notifyLocked()
-	s.mu.Unlock()
 	return nil
 }

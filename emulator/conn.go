@@ -438,11 +438,7 @@ func (c *conn) handleData(pk packets.Packet, pt omnicore.ParsedTopic, r *Rules) 
 		QoS: pk.FixedHeader.Qos, PacketID: pk.PacketID, Dup: pk.FixedHeader.Dup,
 	}
 	s.recvTotal++
-	if s.maxReceived > 0 && len(s.received) >= s.maxReceived {
-		// Drop the older half at once so trimming stays amortised O(1).
-		s.received = slices.Delete(s.received, 0, len(s.received)-s.maxReceived/2)
-	}
-	s.received = append(s.received, msg)
+	s.storeLocked(msg)
 	s.stats.MessagesAccepted++
 	s.stats.BytesAccepted += int64(len(pk.Payload))
 	if pt.Kind == omnicore.KindState {
@@ -675,28 +671,45 @@ func (c *conn) ackSender() {
 	}
 }
 
+// writeAck counts the PUBACK before writing it, so that a client that has
+// it never finds Stats().Pubacks behind.
 func (c *conn) writeAck(id uint16) {
-	err := c.write(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: id})
-	if err == nil {
-		c.s.pubacks.Add(1)
+	c.s.pubacks.Add(1)
+	if err := c.write(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: id}); err != nil {
+		c.s.pubacks.Add(-1)
 	}
 }
 
-// publish sends a server-to-client PUBLISH to this connection only.
+// publish sends a server-to-client PUBLISH to this connection only, with a
+// fresh packet ID at QoS 1.
 func (c *conn) publish(topic string, payload []byte, qos byte) (uint16, error) {
-	pk := packets.Packet{
+	var id uint16
+	if qos > 0 {
+		var err error
+		if id, err = c.nextPacketID(); err != nil {
+			return 0, err
+		}
+	}
+	return id, c.publishID(topic, payload, qos, id)
+}
+
+// nextPacketID picks the packet ID of a QoS 1 PUBLISH, so that a caller can
+// register what it waits for before the packet is written (see publishID).
+func (c *conn) nextPacketID() (uint16, error) {
+	id, err := c.cl.NextPacketID()
+	return uint16(id), err
+}
+
+// publishID writes a PUBLISH with a packet ID from nextPacketID (0 at QoS 0).
+// Whatever tracks the PUBACK must be registered before: the PUBACK can be
+// read before this returns.
+func (c *conn) publishID(topic string, payload []byte, qos byte, id uint16) error {
+	return c.write(packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos},
 		TopicName:   topic,
 		Payload:     payload,
-	}
-	if qos > 0 {
-		id, err := c.cl.NextPacketID()
-		if err != nil {
-			return 0, err
-		}
-		pk.PacketID = uint16(id)
-	}
-	return pk.PacketID, c.write(pk)
+		PacketID:    id,
+	})
 }
 
 // write writes one packet synchronously (every write has a deadline, see

@@ -94,6 +94,8 @@ func FuzzAdminAPI(f *testing.F) {
 		{"GET", "/v1/telemetry", "since=-1", ""},
 		{"GET", "/v1/telemetry", "since=99999999999999999999", ""},
 		{"GET", "/v1/telemetry", "since=abc", ""},
+		{"GET", "/v1/telemetry", "since=0&limit=1", ""},
+		{"GET", "/v1/telemetry", "limit=-5", ""},
 		{"GET", "/v1/devices", "", ""},
 		{"GET", "/v1/attachments", "", ""},
 		{"GET", "/v1/connections", "", ""},
@@ -119,7 +121,7 @@ func FuzzAdminAPI(f *testing.F) {
 	if err := srv.AddDevice("r", emulator.Device{ID: "d"}); err != nil {
 		f.Fatal(err)
 	}
-	api := srv.AdminHandler()
+	api := srv.AdminHandler(emulator.AdminHost("admin"))
 	allowed := map[int]bool{200: true, 301: true, 307: true, 308: true, 400: true, 404: true, 405: true, 409: true, 413: true}
 	f.Fuzz(func(t *testing.T, method, path, query string, body []byte) {
 		target := path
@@ -130,6 +132,7 @@ func FuzzAdminAPI(f *testing.F) {
 		if err != nil || req.URL.Path == "" || req.URL.Host != "admin" {
 			return
 		}
+		req.Header.Set("Content-Type", "application/json")
 		rec := httptest.NewRecorder()
 		api.ServeHTTP(rec, req)
 		if !allowed[rec.Code] {

@@ -58,6 +58,7 @@ type config struct {
 	logger         *slog.Logger
 	onReceive      func(Message)
 	maxReceived    int
+	maxRecvBytes   int64
 	caCertPEM      []byte
 	caKeyPEM       []byte
 	certHosts      []string
@@ -94,6 +95,11 @@ func WithOnReceive(fn func(Message)) Option { return func(c *config) { c.onRecei
 // consistent. Use it for long benchmarks and the command.
 func WithMaxReceived(n int) Option { return func(c *config) { c.maxReceived = n } }
 
+// WithMaxReceivedBytes bounds the payload bytes of the accepted messages kept
+// in memory (default 0: no bound); it works like WithMaxReceived and
+// together with it: whichever budget is reached first drops the older half.
+func WithMaxReceivedBytes(n int64) Option { return func(c *config) { c.maxRecvBytes = n } }
+
 // WithCA uses the given CA (PEM certificate and private key, e.g. from
 // GenerateCA) instead of a fresh in-memory one.
 func WithCA(certPEM, keyPEM []byte) Option {
@@ -124,9 +130,11 @@ type Server struct {
 	log          *slog.Logger
 	onReceive    func(Message)
 	maxReceived  int
-	ca           *certAuthority
-	broker       *mqtt.Server
-	listeners    []*listener
+	// maxReceivedBytes bounds the payload bytes in received (0: none).
+	maxReceivedBytes int64
+	ca               *certAuthority
+	broker           *mqtt.Server
+	listeners        []*listener
 
 	rulesMu     sync.Mutex // serialises SetRules
 	rules       atomic.Pointer[Rules]
@@ -137,23 +145,24 @@ type Server struct {
 	// without taking mu; conns (under mu) is the same set for iteration.
 	live sync.Map // *mqtt.Client -> *conn
 
-	mu          sync.Mutex
-	registries  map[string]*registry
-	pending     map[*mqtt.Client]*conn // admitted at CONNECT, not live yet
-	conns       map[*mqtt.Client]*conn // live
-	byNet       map[net.Conn]*conn     // pending and live, by the socket mochi was given
-	byClientID  map[string]*conn
-	history     []*ConnectionRecord
-	nextConnID  int
-	received    []Message
-	recvTotal   int // messages ever accepted; received holds the last len(received)
-	errorsSent  []SentError
-	stats       Stats
-	withhold    int
-	refuseCount int
-	refuseUntil time.Time
-	changed     chan struct{} // closed and dropped on every state change
-	closed      bool
+	mu            sync.Mutex
+	registries    map[string]*registry
+	pending       map[*mqtt.Client]*conn // admitted at CONNECT, not live yet
+	conns         map[*mqtt.Client]*conn // live
+	byNet         map[net.Conn]*conn     // pending and live, by the socket mochi was given
+	byClientID    map[string]*conn
+	history       []*ConnectionRecord
+	nextConnID    int
+	received      []Message
+	recvTotal     int   // messages ever accepted; received holds the last len(received)
+	receivedBytes int64 // payload bytes in received
+	errorsSent    []SentError
+	stats         Stats
+	withhold      int
+	refuseCount   int
+	refuseUntil   time.Time
+	changed       chan struct{} // closed and dropped on every state change
+	closed        bool
 }
 
 // NewServer starts an emulator on loopback and panics if it cannot, as
@@ -190,15 +199,16 @@ func Start(opts ...Option) (*Server, error) {
 	}
 
 	s := &Server{
-		subscription: cfg.subscription,
-		log:          cfg.logger,
-		onReceive:    cfg.onReceive,
-		maxReceived:  cfg.maxReceived,
-		registries:   map[string]*registry{},
-		pending:      map[*mqtt.Client]*conn{},
-		conns:        map[*mqtt.Client]*conn{},
-		byNet:        map[net.Conn]*conn{},
-		byClientID:   map[string]*conn{},
+		subscription:     cfg.subscription,
+		log:              cfg.logger,
+		onReceive:        cfg.onReceive,
+		maxReceived:      cfg.maxReceived,
+		maxReceivedBytes: cfg.maxRecvBytes,
+		registries:       map[string]*registry{},
+		pending:          map[*mqtt.Client]*conn{},
+		conns:            map[*mqtt.Client]*conn{},
+		byNet:            map[net.Conn]*conn{},
+		byClientID:       map[string]*conn{},
 	}
 	rules := cfg.rules
 	s.rules.Store(&rules)

@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -27,11 +26,17 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/influxdata/telegraf/config"
+
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
-const shutdownTimeout = 5 * time.Second
+const (
+	shutdownTimeout         = 5 * time.Second
+	defaultMaxReceivedBytes = 256 << 20
+	minMaxReceivedBytes     = 1 << 20
+)
 
 // version is set at build time with -ldflags "-X main.version=..." (make dist).
 var version = ""
@@ -78,13 +83,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		stateDir     = fs.String("state-dir", "omnicore-emulator-state", "directory for ca.pem, the CA key and generated device keys")
 		certHosts    = fs.String("cert-hosts", "", "comma-separated extra DNS names or IPs for the server certificate")
 		logReceived  = fs.Bool("log-received", false, "print one line per accepted events/state message on stdout")
-		maxReceived  = fs.Int("max-received", 100000, "messages kept for GET /v1/telemetry (older ones are dropped)")
+		maxReceived  = fs.Int("max-received", 100000, "messages kept for GET /v1/telemetry (older ones are dropped; 0: no limit)")
+		tokenFile    = fs.String("admin-token-file", "", "file holding a bearer token every admin API request must carry (required when -admin is not on loopback)")
 		verbose      = fs.Bool("v", false, "debug logging")
 		pubackDelay  = fs.Duration("puback-delay", 0, "delay every PUBACK by this much")
 		badCode      = fs.Uint("bad-credentials-code", 5, "CONNACK code for a bad JWT or blocked device: 5 (not authorized) or 4 (bad user name or password)")
 		rateAction   = fs.String("rate-action", string(emulator.RateThrottle), "above -max-message-rate: throttle or close")
 		showVersion  = fs.Bool("version", false, "print the version and exit")
 	)
+	maxReceivedBytes := config.Size(defaultMaxReceivedBytes)
+	fs.Var(sizeFlag{&maxReceivedBytes}, "max-received-bytes", "payload bytes kept for GET /v1/telemetry, e.g. 256MiB (older messages are dropped; 0: no limit)")
 	rules := emulator.DefaultRules()
 	fs.DurationVar(&rules.ClockSkew, "clock-skew", rules.ClockSkew, "allowed JWT clock skew; the connection closes at exp + skew")
 	fs.DurationVar(&rules.MaxTokenLifetime, "max-token-lifetime", rules.MaxTokenLifetime, "longest allowed JWT lifetime (exp - iat)")
@@ -116,6 +124,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("-bad-credentials-code must be 4 or 5, not %d", *badCode)
 	case *rateAction != string(emulator.RateThrottle) && *rateAction != string(emulator.RateClose):
 		return fmt.Errorf("-rate-action must be %q or %q", emulator.RateThrottle, emulator.RateClose)
+	case *maxReceived < 0:
+		return fmt.Errorf("-max-received must not be negative, not %d", *maxReceived)
+	case maxReceivedBytes < 0:
+		return fmt.Errorf("-max-received-bytes must not be negative, not %d", maxReceivedBytes)
+	case maxReceivedBytes > 0 && maxReceivedBytes < minMaxReceivedBytes:
+		return fmt.Errorf("-max-received-bytes %d is below 1MiB: a single message can be 256 KB", maxReceivedBytes)
+	}
+	adminToken := ""
+	if *tokenFile != "" {
+		var err error
+		if adminToken, err = readTokenFile(*tokenFile); err != nil {
+			return err
+		}
 	}
 	rules.BadCredentialsCode = byte(*badCode)
 	rules.RateAction = emulator.RateAction(*rateAction)
@@ -146,6 +167,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		emulator.WithLogger(logger),
 		emulator.WithCA(caCert, caKey),
 		emulator.WithMaxReceived(*maxReceived),
+		emulator.WithMaxReceivedBytes(int64(maxReceivedBytes)),
 	}
 	if *certHosts != "" {
 		opts = append(opts, emulator.WithCertHosts(strings.Split(*certHosts, ",")...))
@@ -171,12 +193,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	adminURL := ""
 	var admin *http.Server
 	if *adminAddr != "" {
-		ln, err := net.Listen("tcp", *adminAddr)
+		ln, guard, err := listenAdmin(*adminAddr, adminToken)
 		if err != nil {
-			return fmt.Errorf("admin listener: %w", err)
+			return err
 		}
 		admin = &http.Server{
-			Handler:           srv.AdminHandler(),
+			Handler:           srv.AdminHandler(guard...),
 			ReadHeaderTimeout: 5 * time.Second,
 			ReadTimeout:       30 * time.Second,
 			WriteTimeout:      30 * time.Second,
@@ -189,6 +211,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				logger.Error("admin API stopped", "error", err)
 			}
 		}()
+	} else if adminToken != "" {
+		return errors.New("-admin-token-file is set but -admin is empty")
 	}
 
 	out.println("subscription: " + rf.Subscription)
@@ -239,17 +263,11 @@ func loadOrCreateCA(dir string) (certPEM, keyPEM []byte, err error) {
 	return certPEM, keyPEM, nil
 }
 
-// formatReceived is the -log-received line: time, client, topic, QoS, size
-// and the first bytes of the payload, quoted.
+// formatReceived is the -log-received line: time, client, topic, kind,
+// QoS and size. Never payload bytes: payloads can hold secrets.
 func formatReceived(m emulator.Message) string {
-	const head = 64
-	p := m.Payload
-	more := ""
-	if len(p) > head {
-		p, more = p[:head], "..."
-	}
-	return fmt.Sprintf("%s received client=%s topic=%s qos=%d size=%d payload=%q%s",
-		m.Time.UTC().Format("2006-01-02T15:04:05.000Z"), m.ClientID, m.Topic, m.QoS, len(m.Payload), p, more)
+	return fmt.Sprintf("%s received client=%s topic=%s kind=%s qos=%d size=%d",
+		m.Time.UTC().Format("2006-01-02T15:04:05.000Z"), m.ClientID, m.Topic, m.Kind, m.QoS, len(m.Payload))
 }
 
 // lockedWriter serialises lines written from connection goroutines.

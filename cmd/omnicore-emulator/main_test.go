@@ -38,6 +38,7 @@ type instance struct {
 	lines  chan string       // stdout after the banner
 	done   chan error
 	cancel context.CancelFunc
+	token  string // the admin token api sends, if any
 
 	stopOnce sync.Once
 	stopErr  error
@@ -115,6 +116,12 @@ func api(t *testing.T, in *instance, method, path, body string) (int, []byte) {
 	t.Helper()
 	req, err := http.NewRequest(method, in.info["admin"]+path, strings.NewReader(body))
 	require.NoError(t, err)
+	if method != http.MethodGet {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if tok := in.token; tok != "" {
+		req.Header.Set("Authorization", "Bearer "+tok)
+	}
 	resp, err := (&http.Client{Timeout: wait}).Do(req)
 	require.NoError(t, err)
 	defer resp.Body.Close()
