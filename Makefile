@@ -5,7 +5,7 @@ BUILD_DIR ?= $(HOME)/.cache/telegraf-omnicore
 export BUILD_DIR
 GO ?= go
 
-.PHONY: all build test test-short vet demo telegraf telegraf-builtin bench fuzz soak emulator clean-build dist
+.PHONY: all build test test-short stress-test vet demo telegraf telegraf-builtin bench fuzz soak emulator clean-build dist
 
 all: build
 
@@ -25,6 +25,12 @@ test:
 ## test-short skips the end-to-end and long tests.
 test-short:
 	$(GO) test -short -count=1 -timeout 10m ./...
+
+## stress-test runs the whole suite STRESS_RUNS times (default 5) while a busy loop keeps every
+## core busy, and prints passed/failed runs per package (about 15-30 minutes on 2 cores).
+## STRESS_PKGS narrows it (e.g. ./emulator/...), STRESS_FLAGS adds go test flags.
+stress-test:
+	./scripts/stress-test.sh
 
 ## telegraf builds (or finds cached in BUILD_DIR) the custom Telegraf v1.37.2 the demo and end-to-end tests run.
 telegraf:

@@ -230,12 +230,15 @@ func TestGatewaySession(t *testing.T) {
 	require.Contains(t, string(body), "GATEWAY_ATTACHMENT_ERROR")
 
 	// -log-received: one readable line per message, no token anywhere.
-	for i, want := range []string{"topic=/demo-registry/sensor-01/events qos=1 size=13", "topic=/demo-registry/sensor-01/state", "topic=/demo-registry/demo-gateway/events/health"} {
+	for i, want := range []string{"topic=/demo-registry/sensor-01/events kind=events qos=1 size=13", "topic=/demo-registry/sensor-01/state kind=state qos=1 size=11", "topic=/demo-registry/demo-gateway/events/health"} {
 		select {
 		case line := <-in.lines:
 			require.Contains(t, line, want, "line %d", i)
 			require.Contains(t, line, "client=subscriptions/demo-sub/registries/demo-registry/devices/demo-gateway")
 			require.NotContains(t, line, jwt)
+			for _, payload := range []string{"payload", `{"`, "temp", "true"} {
+				require.NotContains(t, line, payload, "no payload bytes")
+			}
 		case <-time.After(wait):
 			t.Fatal("no -log-received line")
 		}
@@ -309,6 +312,17 @@ func TestRunFlagErrors(t *testing.T) {
 		{"extra argument", []string{"-registry", registryFile, "extra"}, "unexpected arguments"},
 		{"bad admin address", []string{"-registry", registryFile, "-mqtt", "127.0.0.1:0", "-mqtts", "", "-admin", "bad address"}, "admin listener"},
 		{"MQTT port in use", []string{"-registry", registryFile, "-mqtt", busy.Addr().String(), "-mqtts", ""}, "MQTT listener"},
+		{"negative max received", []string{"-registry", registryFile, "-max-received", "-1"}, "-max-received must not be negative"},
+		{"bad max received bytes", []string{"-registry", registryFile, "-max-received-bytes", "lots"}, "invalid value"},
+		{"negative max received bytes", []string{"-registry", registryFile, "-max-received-bytes", "-1"}, "must not be negative"},
+		{"max received bytes below a message", []string{"-registry", registryFile, "-max-received-bytes", "100KiB"}, "below 1MiB"},
+		{"admin on every interface without a token", []string{"-registry", registryFile, "-mqtt", "127.0.0.1:0", "-mqtts", "", "-admin", "0.0.0.0:0"}, "not on loopback"},
+		{"admin on an unspecified host without a token", []string{"-registry", registryFile, "-mqtt", "127.0.0.1:0", "-mqtts", "", "-admin", ":0"}, "not on loopback"},
+		{"missing token file", []string{"-registry", registryFile, "-admin-token-file", "/nonexistent/token"}, "no such file"},
+		{"token file for no admin API", []string{"-registry", registryFile, "-mqtt", "127.0.0.1:0", "-mqtts", "", "-admin", "", "-admin-token-file", tokenFile(t, "0123456789abcdef", 0o600)}, "-admin is empty"},
+		{"token file readable by others", []string{"-registry", registryFile, "-admin-token-file", tokenFile(t, "0123456789abcdef", 0o644)}, "chmod 600"},
+		{"short token", []string{"-registry", registryFile, "-admin-token-file", tokenFile(t, "short\n", 0o600)}, "at least 16"},
+		{"token with a space", []string{"-registry", registryFile, "-admin-token-file", tokenFile(t, "0123456789 abcdef", 0o600)}, "without spaces"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -339,6 +353,77 @@ func TestVersion(t *testing.T) {
 			require.True(t, strings.HasPrefix(out.String(), tc.want), out.String())
 		})
 	}
+}
+
+func tokenFile(t *testing.T, token string, mode os.FileMode) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "admin-token")
+	require.NoError(t, os.WriteFile(path, []byte(token), 0o600))
+	require.NoError(t, os.Chmod(path, mode))
+	return path
+}
+
+// TestAdminToken runs the admin API on every interface, which needs a token:
+// requests without it, or with another, are refused; a loopback Host with
+// the token is served, a foreign Host is refused even with it.
+func TestAdminToken(t *testing.T) {
+	const secret = "4f3c2a1b0e9d8c7b6a5f4e3d2c1b0a99"
+	in := start(t, "-admin", "0.0.0.0:0", "-admin-token-file", tokenFile(t, secret+"\n", 0o600))
+	_, port, err := net.SplitHostPort(strings.TrimPrefix(in.info["admin"], "http://"))
+	require.NoError(t, err)
+	in.info["admin"] = "http://127.0.0.1:" + port
+
+	status, body := api(t, in, "GET", "/v1/stats", "")
+	require.Equal(t, 401, status, string(body))
+	in.token = "not-" + secret
+	status, _ = api(t, in, "POST", "/v1/kick", "")
+	require.Equal(t, 401, status)
+	in.token = secret
+	status, body = api(t, in, "GET", "/v1/stats", "")
+	require.Equal(t, 200, status, string(body))
+	status, body = api(t, in, "POST", "/v1/kick", "")
+	require.Equal(t, 200, status, string(body))
+
+	req, err := http.NewRequest("GET", in.info["admin"]+"/v1/stats", nil)
+	require.NoError(t, err)
+	req.Host = "attacker.example:" + port
+	req.Header.Set("Authorization", "Bearer "+secret)
+	resp, err := (&http.Client{Timeout: wait}).Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, 403, resp.StatusCode)
+}
+
+// TestIssue14Request is the request of issue 14, which any web page could
+// make: before, it set the gateway's config; now it is refused and the
+// config stays at version 1.
+func TestIssue14Request(t *testing.T) {
+	in := start(t)
+	// curl -X POST -H 'Host: attacker.example' -H 'Origin: http://attacker.example' -H 'Content-Type: text/plain'
+	//   --data-binary '{"evil":1}' http://127.0.0.1:8080/v1/registries/demo-registry/devices/demo-gateway/config
+	req, err := http.NewRequest("POST", in.info["admin"]+"/v1/registries/demo-registry/devices/demo-gateway/config", strings.NewReader(`{"evil":1}`))
+	require.NoError(t, err)
+	req.Host = "attacker.example"
+	req.Header.Set("Origin", "http://attacker.example")
+	req.Header.Set("Content-Type", "text/plain")
+	resp, err := (&http.Client{Timeout: wait}).Do(req)
+	require.NoError(t, err)
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.NoError(t, err)
+	require.Equal(t, 403, resp.StatusCode, string(body))
+
+	status, body := api(t, in, "GET", "/v1/devices", "")
+	require.Equal(t, 200, status)
+	var devs []emulator.DeviceStatus
+	require.NoError(t, json.Unmarshal(body, &devs))
+	for _, d := range devs {
+		if d.ID == "demo-gateway" {
+			require.Equal(t, 1, d.ConfigVersion, "the registry file's config, untouched")
+			return
+		}
+	}
+	t.Fatal("demo-gateway not listed")
 }
 
 func TestTokenCommand(t *testing.T) {

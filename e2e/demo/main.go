@@ -375,7 +375,9 @@ var httpClient = &http.Client{Timeout: 10 * time.Second}
 
 // post sends body to the admin API and shows the exchange.
 func (em *emulatorProc) post(path, body string) error {
-	resp, err := httpClient.Post(em.admin+path, "application/octet-stream", strings.NewReader(body))
+	// The admin API takes every body as the raw payload, but insists on
+	// application/json so that no web page can send it (see emulator/README.md).
+	resp, err := httpClient.Post(em.admin+path, "application/json", strings.NewReader(body))
 	if err != nil {
 		return err
 	}
@@ -528,18 +530,22 @@ func interesting(line string) bool {
 // summarize prints what the bridge got and checks that the demo showed what
 // it promises.
 func summarize(em *emulatorProc, metrics *metricLog, connections int) error {
-	var page struct {
-		Messages []struct {
-			ClientID string `json:"client_id"`
-			Device   string `json:"device"`
-		} `json:"messages"`
-	}
-	if err := getJSON(em.admin+"/v1/telemetry?since=0", &page); err != nil {
-		return err
-	}
 	perDevice := map[string]int{}
-	for _, m := range page.Messages {
-		perDevice[m.Device]++
+	for since, more := 0, true; more; {
+		var page struct {
+			Next     int  `json:"next"`
+			More     bool `json:"more"`
+			Messages []struct {
+				Device string `json:"device"`
+			} `json:"messages"`
+		}
+		if err := getJSON(fmt.Sprintf("%s/v1/telemetry?since=%d", em.admin, since), &page); err != nil {
+			return err
+		}
+		for _, m := range page.Messages {
+			perDevice[m.Device]++
+		}
+		since, more = page.Next, page.More
 	}
 	var errs []struct {
 		Error struct {
