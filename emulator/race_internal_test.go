@@ -17,7 +17,7 @@ import (
 // That happens for real when the writing goroutine is descheduled right after
 // the write; here it happens every time.
 type instantAckConn struct {
-	net.Conn // nil: only Write, Close and the addresses are used
+	net.Conn  // nil: only Write, Close and the addresses are used
 	onPublish func(id uint16)
 }
 

@@ -18,6 +18,7 @@ import (
 	"github.com/influxdata/telegraf"
 	"golang.org/x/time/rate"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/internal/redact"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -1503,7 +1504,12 @@ func (s *Session) handleBridgeError(cs *connection, payload []byte) {
 	var e omnicore.ErrorMessage
 	if err := json.Unmarshal(payload, &e); err != nil || e.ErrorType == "" {
 		s.countError("UNPARSEABLE")
-		s.log.Warnf("Unparseable message on the errors topic: %q", truncate(payload, 200))
+		why := "no error_type"
+		if err != nil {
+			why = redact.Error(err, payload)
+		}
+		// The size, never the bytes (no payload in any log).
+		s.log.Warnf("Unparseable message of %d bytes on the errors topic: %s", len(payload), why)
 		return
 	}
 	s.countError(e.ErrorType)
@@ -1742,13 +1748,6 @@ func (cs *connection) drain(ctx context.Context) {
 			return
 		}
 	}
-}
-
-func truncate(b []byte, n int) string {
-	if len(b) > n {
-		return string(b[:n]) + "..."
-	}
-	return string(b)
 }
 
 type discardLogger struct{}

@@ -22,6 +22,7 @@ import (
 	influxparser "github.com/influxdata/telegraf/plugins/parsers/influx"
 	influxserializer "github.com/influxdata/telegraf/plugins/serializers/influx"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/internal/redact"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
@@ -465,11 +466,13 @@ func (p *OmniCore) messageMetrics(in gateway.Inbound) []telegraf.Metric {
 			err = errors.New("the parser produced no metrics")
 		}
 		p.parseErrors.Add(1)
+		// The size, never the bytes: a config or command can hold secrets,
+		// and parsers quote what they choke on (see redact.Error).
 		if p.parseWarned.CompareAndSwap(false, true) {
-			p.Log.Warnf("Parsing a %s of device %q as %q failed: %v; it is emitted raw as %s (further parse errors are logged at debug level)",
-				kind, in.Device, p.DataFormat, err, name)
-		} else {
-			p.Log.Debugf("Parsing a %s of device %q as %q failed: %v; payload %q", kind, in.Device, p.DataFormat, err, truncate(in.Payload, 200))
+			p.Log.Warnf("Parsing a %s of device %q (%d bytes) as %q failed: %s; it is emitted raw as %s (further parse errors are logged at debug level)",
+				kind, in.Device, len(in.Payload), p.DataFormat, redact.Error(err, in.Payload), name)
+		} else if p.Log.Level().Includes(telegraf.Debug) {
+			p.Log.Debugf("Parsing a %s of device %q (%d bytes) as %q failed: %s", kind, in.Device, len(in.Payload), p.DataFormat, redact.Error(err, in.Payload))
 		}
 	}
 	return []telegraf.Metric{rawMetric(name, tags, in.Payload, in.Received)}
@@ -568,13 +571,6 @@ func rawMetric(name string, tags map[string]string, payload []byte, t time.Time)
 		fields["payload_base64"] = base64.StdEncoding.EncodeToString(payload)
 	}
 	return metric.New(name, tags, fields, t)
-}
-
-func truncate(b []byte, n int) string {
-	if len(b) > n {
-		return string(b[:n]) + "..."
-	}
-	return string(b)
 }
 
 func init() {

@@ -529,6 +529,49 @@ func TestParseErrorsWarnOnce(t *testing.T) {
 	require.Len(t, warnings, 1, "parse errors after the first are logged at debug level")
 }
 
+// TestParseErrorsLogNoPayload delivers configs and commands that hold a
+// secret and fail to parse, with the logger at debug level: the first parse
+// error is a warning and the next ones are debug lines, all of which say the
+// size, and none of which holds the secret (parsers quote the input they
+// choke on: Telegraf's influx parser quotes the whole line).
+func TestParseErrorsLogNoPayload(t *testing.T) {
+	const secret = "S3cr3t-Wifi-Key-0042"
+	tests := []struct {
+		format  string
+		payload string
+	}{
+		{"influx", "wifi,ssid=home psk=" + secret},
+		{"influx", "wifi psk=\"" + secret + "\" bad"},
+		{"json", `{"wifi_psk":` + secret + `}`},
+		{"value\"\n  data_type = \"float", secret},
+		{"csv\"\n  csv_header_row_count = 1\n  csv_column_types = [\"int\"]\n  csv_delimiter = \",", "psk\n" + secret + "\n"},
+	}
+	for _, tc := range tests {
+		t.Run(strings.SplitN(tc.format, `"`, 2)[0], func(t *testing.T) {
+			p, fake := loadPlugin(t, "  devices = [\"dev1\"]\n  data_format = \""+tc.format+"\"")
+			logger := &testutil.CaptureLogger{Name: "inputs.omnicore"}
+			p.Log = logger
+			require.Equal(t, telegraf.Trace, logger.Level(), "every level is captured")
+			var acc testutil.Accumulator
+			start(t, p, fake, &acc, 2)
+			fake.Deliver(configMsg("dev1", tc.payload))
+			fake.Deliver(commandMsg("dev1", "wifi", tc.payload))
+			fake.Deliver(commandMsg("dev1", "", tc.payload))
+			require.Len(t, acc.GetTelegrafMetrics(), 3)
+			require.Equal(t, uint64(3), p.parseErrors.Load(), "the payload must fail to parse, else this tests nothing")
+			var parseLines int
+			for _, e := range logger.Messages() {
+				require.NotContains(t, e.Text, secret[:8], "payload bytes in a log line")
+				if strings.Contains(e.Text, "Parsing a") {
+					parseLines++
+					require.Contains(t, e.Text, fmt.Sprintf("(%d bytes)", len(tc.payload)))
+				}
+			}
+			require.Equal(t, 3, parseLines, "one warning and two debug lines")
+		})
+	}
+}
+
 func TestParserPanicIsAParseError(t *testing.T) {
 	p, fake := newPlugin(t, func(p *OmniCore) {
 		p.DataFormat = "custom"
