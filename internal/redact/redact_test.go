@@ -22,28 +22,26 @@ const secret = "hunter2-Wifi-Key"
 func TestErrorFromRealParsers(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
-		name     string
-		parser   func() (interface{ Parse([]byte) ([]telegraf.Metric, error) }, error)
+		name   string
+		parser func() (interface {
+			Parse([]byte) ([]telegraf.Metric, error)
+		}, error)
 		payload  string
 		quoted   string // what the parser's error quotes of the payload
 		wantKeep string // a piece of the error text that must survive
 	}{
-		{name: "influx line", parser: func() (interface{ Parse([]byte) ([]telegraf.Metric, error) }, error) {
-			p := &influx.Parser{}
-			return p, p.Init()
-		}, payload: "wifi_psk=" + secret, quoted: secret, wantKeep: "at 1:"},
-		{name: "influx, a second bad line", parser: func() (interface{ Parse([]byte) ([]telegraf.Metric, error) }, error) {
-			p := &influx.Parser{}
-			return p, p.Init()
-		}, payload: "cfg value=1\nwifi psk=\"" + secret + "\" x", quoted: secret, wantKeep: "at 2:"},
-		{name: "json", parser: func() (interface{ Parse([]byte) ([]telegraf.Metric, error) }, error) {
-			p := &jsonparser.Parser{MetricName: "m"}
-			return p, p.Init()
-		}, payload: `{"wifi_psk":` + secret + `}`, quoted: "'h'", wantKeep: "invalid character"},
-		{name: "value float", parser: func() (interface{ Parse([]byte) ([]telegraf.Metric, error) }, error) {
-			p := &value.Parser{DataType: "float", MetricName: "m"}
-			return p, p.Init()
-		}, payload: secret, quoted: secret, wantKeep: "invalid syntax"},
+		{name: "influx line", parser: func() (interface {
+			Parse([]byte) ([]telegraf.Metric, error)
+		}, error) { p := &influx.Parser{}; return p, p.Init() }, payload: "wifi_psk=" + secret, quoted: secret, wantKeep: "at 1:"},
+		{name: "influx, a second bad line", parser: func() (interface {
+			Parse([]byte) ([]telegraf.Metric, error)
+		}, error) { p := &influx.Parser{}; return p, p.Init() }, payload: "cfg value=1\nwifi psk=\"" + secret + "\" x", quoted: secret, wantKeep: "at 2:"},
+		{name: "json", parser: func() (interface {
+			Parse([]byte) ([]telegraf.Metric, error)
+		}, error) { p := &jsonparser.Parser{MetricName: "m"}; return p, p.Init() }, payload: `{"wifi_psk":` + secret + `}`, quoted: "'h'", wantKeep: "invalid character"},
+		{name: "value float", parser: func() (interface {
+			Parse([]byte) ([]telegraf.Metric, error)
+		}, error) { p := &value.Parser{DataType: "float", MetricName: "m"}; return p, p.Init() }, payload: secret, quoted: secret, wantKeep: "invalid syntax"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
