@@ -64,13 +64,22 @@ type environment struct {
 }
 
 func main() {
-	os.Exit(run(os.Args[1:], environment{
+	code := run(os.Args[1:], environment{
 		stdin:   os.Stdin,
 		stdout:  os.Stdout,
 		stderr:  os.Stderr,
 		plugins: defaultPlugins,
-	}))
+	})
+	if code != 0 {
+		// Let Telegraf read the error before the exit closes its pipe.
+		waitStderrRead(os.Stderr, stderrReadTimeout)
+	}
+	os.Exit(code)
 }
+
+// stderrReadTimeout bounds how long a failing exit waits for Telegraf to
+// read the error from stderr (see waitStderrRead).
+const stderrReadTimeout = 3 * time.Second
 
 type flags struct {
 	config       string

@@ -1,0 +1,48 @@
+//go:build linux
+
+package main
+
+import (
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// waitStderrRead waits, at most d, until the reader of this process's
+// stderr pipe has read everything written to it, and reports whether it did.
+//
+// Telegraf's execd reads a child's stderr from a pipe that os/exec closes as
+// soon as the child exits (Cmd.Wait), so on a loaded machine the reader can
+// lose the last lines: the error that made the child exit. Waiting for the
+// pipe to be empty before exiting keeps that error in Telegraf's log. The
+// kernel has no event for "the reader consumed the pipe", hence the polling
+// of FIONREAD (bytes not yet read), bounded by d.
+func waitStderrRead(f *os.File, d time.Duration) bool {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return false
+	}
+	unread := func() (n int, ok bool) {
+		_ = rc.Control(func(fd uintptr) {
+			var st unix.Stat_t
+			if unix.Fstat(int(fd), &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
+				return // not a pipe (a file, a terminal): nothing is lost at exit
+			}
+			v, err := unix.IoctlGetInt(int(fd), unix.TIOCINQ) // TIOCINQ is FIONREAD
+			n, ok = v, err == nil
+		})
+		return n, ok
+	}
+	deadline := time.Now().Add(d)
+	for {
+		n, ok := unread()
+		if !ok || n == 0 {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
