@@ -40,7 +40,10 @@ trap 'exit 130' INT TERM
 
 # Build the tests (and the binaries the end-to-end tests build) before the
 # load starts, so that compiling is not what the load slows down.
-"$GO" test -count=1 -run '^$' "${flags[@]}" $pkgs >/dev/null
+if ! "$GO" test "${flags[@]}" -count=1 -run '^$' $pkgs >/dev/null; then
+	echo "stress-test: the tests do not build" >&2
+	exit 1
+fi
 
 for _ in $(seq "$load"); do
 	timeout "$limit" sh -c 'while :; do :; done' &
