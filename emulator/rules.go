@@ -18,7 +18,7 @@ const (
 )
 
 // Rules are the bridge behaviours the emulator enforces. Every behaviour the
-// protocol notes mark as unknown ([?] in SPEC section 2) is a field here, so a
+// bridge's documentation leaves unknown ([?] in docs/bridge.md) is a field here, so a
 // test can run the client against each plausible bridge.
 type Rules struct {
 	// ClockSkew is how far a JWT's iat may lie in the future and how long after
@@ -77,7 +77,7 @@ type Rules struct {
 	MaxStateBytes  int
 }
 
-// DefaultRules are the bridge as SPEC section 2 describes it, with the stated
+// DefaultRules are the bridge as docs/bridge.md describes it, with the stated
 // default for every unknown.
 func DefaultRules() Rules {
 	return Rules{

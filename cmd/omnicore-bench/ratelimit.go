@@ -12,7 +12,7 @@ import (
 )
 
 // bridgeRate is the bridge's per-connection message limit assumed by
-// benchmark 5 (SPEC section 2: about 100 messages/s).
+// benchmark 5 (docs/bridge.md: about 100 messages/s).
 const bridgeRate = 100
 
 // rateRun writes ms in Writes of 1000 with the given layout and

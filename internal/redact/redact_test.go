@@ -15,37 +15,41 @@ import (
 
 const secret = "hunter2-Wifi-Key"
 
+type parser interface {
+	Parse([]byte) ([]telegraf.Metric, error)
+}
+
 // TestErrorFromRealParsers feeds payloads holding a secret to Telegraf's
 // parsers and checks that what Error makes of the parse error never holds
 // the secret, nor any 6-byte run of the payload, and keeps what helps
 // (line and column, the kind of problem).
 func TestErrorFromRealParsers(t *testing.T) {
 	t.Parallel()
+	influxParser := func() (parser, error) {
+		p := &influx.Parser{}
+		return p, p.Init()
+	}
 	tests := []struct {
-		name   string
-		parser func() (interface {
-			Parse([]byte) ([]telegraf.Metric, error)
-		}, error)
-		payload  string
-		quoted   string // what the parser's error quotes of the payload
-		wantKeep string // a piece of the error text that must survive
+		name      string
+		newParser func() (parser, error)
+		payload   string
+		quoted    string // what the parser's error quotes of the payload
+		wantKeep  string // a piece of the error text that must survive
 	}{
-		{name: "influx line", parser: func() (interface {
-			Parse([]byte) ([]telegraf.Metric, error)
-		}, error) { p := &influx.Parser{}; return p, p.Init() }, payload: "wifi_psk=" + secret, quoted: secret, wantKeep: "at 1:"},
-		{name: "influx, a second bad line", parser: func() (interface {
-			Parse([]byte) ([]telegraf.Metric, error)
-		}, error) { p := &influx.Parser{}; return p, p.Init() }, payload: "cfg value=1\nwifi psk=\"" + secret + "\" x", quoted: secret, wantKeep: "at 2:"},
-		{name: "json", parser: func() (interface {
-			Parse([]byte) ([]telegraf.Metric, error)
-		}, error) { p := &jsonparser.Parser{MetricName: "m"}; return p, p.Init() }, payload: `{"wifi_psk":` + secret + `}`, quoted: "'h'", wantKeep: "invalid character"},
-		{name: "value float", parser: func() (interface {
-			Parse([]byte) ([]telegraf.Metric, error)
-		}, error) { p := &value.Parser{DataType: "float", MetricName: "m"}; return p, p.Init() }, payload: secret, quoted: secret, wantKeep: "invalid syntax"},
+		{name: "influx line", newParser: influxParser, payload: "wifi_psk=" + secret, quoted: secret, wantKeep: "at 1:"},
+		{name: "influx, a second bad line", newParser: influxParser, payload: "cfg value=1\nwifi psk=\"" + secret + "\" x", quoted: secret, wantKeep: "at 2:"},
+		{name: "json", newParser: func() (parser, error) {
+			p := &jsonparser.Parser{MetricName: "m"}
+			return p, p.Init()
+		}, payload: `{"wifi_psk":` + secret + `}`, quoted: "'h'", wantKeep: "invalid character"},
+		{name: "value float", newParser: func() (parser, error) {
+			p := &value.Parser{DataType: "float", MetricName: "m"}
+			return p, p.Init()
+		}, payload: secret, quoted: secret, wantKeep: "invalid syntax"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			p, err := tc.parser()
+			p, err := tc.newParser()
 			require.NoError(t, err)
 			_, perr := p.Parse([]byte(tc.payload))
 			require.Error(t, perr)

@@ -22,7 +22,7 @@ import (
 )
 
 // Options are the connection options both plugins share, with the TOML names
-// of the public contract (SPEC section 4) and outputs.mqtt's habits for the
+// of the public contract (they keep their names) and outputs.mqtt's habits for the
 // rest. Plugins embed it.
 type Options struct {
 	Servers              []string        `toml:"servers"`

@@ -23,7 +23,7 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
-// Security of the gateway session (SPEC section 6): TLS verifies by default
+// Security of the gateway session: TLS verifies by default
 // and a certificate problem is loud, weakening it is warned about, private
 // keys with loose permissions are warned about, and neither tokens nor key
 // material ever reach a log line. The cross-process socket's uid check is

@@ -13,7 +13,7 @@ import (
 	"unicode/utf8"
 )
 
-// Limits of the bridge (SPEC section 2).
+// Limits of the bridge (docs/bridge.md).
 const (
 	MaxIDLength        = 256        // bytes, device and registry IDs
 	MaxTelemetryBytes  = 256 * 1024 // events payload

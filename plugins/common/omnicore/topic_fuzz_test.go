@@ -14,7 +14,8 @@ import (
 // fuzzKinds are the kinds a topic can have; the fuzzer picks one by index.
 var fuzzKinds = []Kind{KindEvents, KindState, KindConfig, KindCommands, KindAttach, KindDetach, KindErrors}
 
-// hostileIDs are the device tags SPEC section 6 names, plus a few more.
+// hostileIDs are device tags to try: wildcards, separators, path tricks,
+// control bytes, lengths, and a few valid ones.
 var hostileIDs = []string{
 	"", "/", "a/b", "+", "a+b", "#", "a#", "..", "a..b", "../x", ".", "a/../b",
 	strings.Repeat("a", 300), strings.Repeat("a", MaxIDLength), "a\xff", "\xff", "a\x00b", "a b",
