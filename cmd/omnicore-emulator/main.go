@@ -130,6 +130,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("-max-received-bytes must not be negative, not %d", maxReceivedBytes)
 	case maxReceivedBytes > 0 && maxReceivedBytes < minMaxReceivedBytes:
 		return fmt.Errorf("-max-received-bytes %d is below 1MiB: a single message can be 256 KB", maxReceivedBytes)
+	case *tokenFile != "" && *adminAddr == "":
+		return errors.New("-admin-token-file is set but -admin is empty")
 	}
 	adminToken := ""
 	if *tokenFile != "" {
@@ -211,8 +213,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				logger.Error("admin API stopped", "error", err)
 			}
 		}()
-	} else if adminToken != "" {
-		return errors.New("-admin-token-file is set but -admin is empty")
 	}
 
 	out.println("subscription: " + rf.Subscription)
