@@ -322,6 +322,11 @@ func TestShareWrongKeyOwnerHandsOver(t *testing.T) {
 		}
 		return false
 	}), "the bridge refuses the wrong key")
+	// The bridge records a refusal before it writes the CONNACK: wait until
+	// the helper has read it (it logs it after noting it), or the client can
+	// reach an owner that does not know yet that it is refused, and that
+	// turns it away as a conflict instead of handing over.
+	require.Eventually(t, func() bool { return strings.Contains(helper.stderr.String(), "not Authorized") }, 30*time.Second, 10*time.Millisecond)
 
 	client, _ := b.acquire(t, b.config(t, "output"))
 	for i := range 20 {
