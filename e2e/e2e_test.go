@@ -637,7 +637,10 @@ func TestOutputChildSIGTERM(t *testing.T) {
 	elapsed := time.Since(start)
 	t.Logf("the output child exited %s after SIGTERM", elapsed)
 	require.Less(t, elapsed, 5*time.Second)
-	require.Contains(t, tg.Log(), "Stopped outputs.omnicore")
+	// The child waits for Telegraf to read its last lines before it exits,
+	// but Telegraf logs them from its own goroutine: wait for the line.
+	require.Eventually(t, func() bool { return strings.Contains(tg.Log(), "Stopped outputs.omnicore") }, 30*time.Second, 10*time.Millisecond,
+		"the child's last line in Telegraf's log")
 
 	// execd restarts the child, which connects again; telemetry goes on.
 	n := len(s.srv.Received())

@@ -70,15 +70,14 @@ func main() {
 		stderr:  os.Stderr,
 		plugins: defaultPlugins,
 	})
-	if code != 0 {
-		// Let Telegraf read the error before the exit closes its pipe.
-		waitStderrRead(os.Stderr, stderrReadTimeout)
-	}
+	// Let Telegraf read the last lines (the error, "Stopped ...") before
+	// the exit closes its pipe.
+	waitStderrRead(os.Stderr, stderrReadTimeout)
 	os.Exit(code)
 }
 
-// stderrReadTimeout bounds how long a failing exit waits for Telegraf to
-// read the error from stderr (see waitStderrRead).
+// stderrReadTimeout bounds how long an exit waits for Telegraf to read the
+// last lines from stderr (see waitStderrRead).
 const stderrReadTimeout = 3 * time.Second
 
 type flags struct {

@@ -23,22 +23,32 @@ func waitStderrRead(f *os.File, d time.Duration) bool {
 	if err != nil {
 		return false
 	}
-	unread := func() (n int, ok bool) {
+	// unread is the number of bytes not read yet; reader is false when
+	// nobody reads the pipe any more (its read end is closed: POLLERR).
+	unread := func() (n int, pipe, reader bool) {
 		_ = rc.Control(func(fd uintptr) {
 			var st unix.Stat_t
 			if unix.Fstat(int(fd), &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFIFO {
 				return // not a pipe (a file, a terminal): nothing is lost at exit
 			}
 			v, err := unix.IoctlGetInt(int(fd), unix.TIOCINQ) // TIOCINQ is FIONREAD
-			n, ok = v, err == nil
+			if err != nil {
+				return
+			}
+			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+			_, _ = unix.Poll(pfd, 0)
+			n, pipe, reader = v, true, pfd[0].Revents&unix.POLLERR == 0
 		})
-		return n, ok
+		return n, pipe, reader
 	}
 	deadline := time.Now().Add(d)
 	for {
-		n, ok := unread()
-		if !ok || n == 0 {
+		n, pipe, reader := unread()
+		if !pipe || n == 0 {
 			return true
+		}
+		if !reader {
+			return false // nobody will read it
 		}
 		if time.Now().After(deadline) {
 			return false

@@ -13,8 +13,9 @@ import (
 )
 
 // TestWaitStderrRead: with bytes still in the pipe the wait ends at its
-// bound and says so; once the reader has read them it ends at once. A
-// stderr that is not a pipe is never waited on.
+// bound and says so; once the reader has read them it ends at once, and
+// when the reader is gone too. A stderr that is not a pipe is never waited
+// on.
 func TestWaitStderrRead(t *testing.T) {
 	r, w, err := os.Pipe()
 	require.NoError(t, err)
@@ -32,6 +33,14 @@ func TestWaitStderrRead(t *testing.T) {
 	start := time.Now()
 	require.True(t, waitStderrRead(w, time.Hour), "the pipe is empty")
 	require.Less(t, time.Since(start), time.Minute, "an empty pipe is not waited on")
+
+	// A reader that went away (Telegraf killed) is not waited for.
+	_, err = w.WriteString("E! a last line\n")
+	require.NoError(t, err)
+	require.NoError(t, r.Close())
+	start = time.Now()
+	require.False(t, waitStderrRead(w, time.Hour))
+	require.Less(t, time.Since(start), time.Minute, "a pipe nobody reads is not waited on")
 
 	f, err := os.Create(filepath.Join(t.TempDir(), "stderr"))
 	require.NoError(t, err)
