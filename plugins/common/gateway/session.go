@@ -699,7 +699,7 @@ func (s *Session) Publish(ctx context.Context, msg Message) error {
 			s.markDetached(cs, msg.Device)
 			continue
 		}
-		if ctx.Err() != nil || errors.Is(err, ErrClosed) {
+		if ctx.Err() != nil || errors.Is(err, ErrClosed) || errors.Is(err, context.DeadlineExceeded) {
 			return err
 		}
 		if !errors.Is(err, errConnLost) && !errors.Is(err, errAckTimeout) {
@@ -802,7 +802,9 @@ func (s *Session) sendKeep(ctx context.Context, cs *connection, topic string, qo
 	defer func() { <-s.window }()
 	if s.limiter != nil {
 		if err := s.limiter.Wait(ctx); err != nil {
-			return err
+			// The limiter says so as soon as the wait would outlast ctx,
+			// before ctx ends: a deadline, not a wedged connection.
+			return fmt.Errorf("%w: waiting for max_message_rate: %v", context.DeadlineExceeded, err)
 		}
 	}
 	cs.inflight.Add(1)
