@@ -1,5 +1,5 @@
 // Package share shares one gateway connection between the processes of a
-// host (SPEC decision 3). Under Telegraf's execd every plugin is its own
+// host. Under Telegraf's execd every plugin is its own
 // process, and the bridge allows one connection per client ID: an output and
 // an input configured for the same gateway would kick each other off
 // forever. cmd/telegraf-omnicore calls Install at start, which makes
