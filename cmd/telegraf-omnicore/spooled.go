@@ -76,9 +76,13 @@ func newSpooledRunner(output telegraf.Output, log telegraf.Logger, batchSize int
 		batchTimeout: batchTimeout,
 		opts:         opts,
 		minBackoff:   time.Second,
-		maxBackoff:   30 * time.Second,
-		exitTimeout:  900 * time.Millisecond, // a second with the process's own exit
-		reportEvery:  gateway.GaugeTTL / 6,
+		// A retry is cheap (a Write to a disconnected gateway gives up after
+		// a second, and the metrics wait on disk, not in Telegraf), while a
+		// long back-off is paid in full after the bridge comes back: so the
+		// cap stays short.
+		maxBackoff:  5 * time.Second,
+		exitTimeout: 900 * time.Millisecond, // a second with the process's own exit
+		reportEvery: gateway.GaugeTTL / 6,
 	}
 }
 
