@@ -10,44 +10,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
 )
-
-// receiveClock records when the emulator accepted events messages.
-type receiveClock struct {
-	mu          sync.Mutex
-	count       atomic.Int64
-	first, last time.Time
-}
-
-func (c *receiveClock) reset() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.count.Store(0)
-	c.first, c.last = time.Time{}, time.Time{}
-}
-
-func (c *receiveClock) observe(m emulator.Message) {
-	now := time.Now()
-	c.mu.Lock()
-	if c.first.IsZero() {
-		c.first = now
-	}
-	c.last = now
-	c.mu.Unlock()
-	c.count.Add(1)
-}
-
-func (c *receiveClock) span() (time.Time, time.Time) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.first, c.last
-}
 
 // repoRoot finds the directory of this module's go.mod, from the working
 // directory up.
@@ -156,6 +125,16 @@ func writeLineProtocol(path string, n, devices int) error {
 	return f.Close()
 }
 
+// lineProtocolTimes are the metric times of a file of n metrics written by
+// writeLineProtocol, as the receiver counts them.
+func lineProtocolTimes(n int) []int64 {
+	want := make([]int64, n)
+	for i := range want {
+		want[i] = time.Unix(1_700_000_000, 0).Add(time.Duration(i) * time.Millisecond).UnixNano()
+	}
+	return want
+}
+
 func tomlString(s string) string { return fmt.Sprintf("%q", s) }
 
 // telegrafConfig is the Telegraf side: inputs.file reading the file once
@@ -163,6 +142,9 @@ func tomlString(s string) string { return fmt.Sprintf("%q", s) }
 func (b *bench) telegrafConfig(path, metricsFile string, n int, output string) error {
 	agent := fmt.Sprintf(`[agent]
   interval = "10s"
+  # Keep every metric's own timestamp: the receiver knows a metric by it
+  # (the default rounds to the interval, to seconds here).
+  precision = "1ns"
   round_interval = false
   metric_batch_size = 1000
   metric_buffer_limit = %d
@@ -179,16 +161,26 @@ func (b *bench) telegrafConfig(path, metricsFile string, n int, output string) e
 	return os.WriteFile(path, []byte(agent+output), 0o600)
 }
 
-// e2eRun runs Telegraf once with cfgPath and returns metrics/s at the
-// emulator from the first to the last accepted message, and the wall time
-// from Telegraf's start to the last one.
-func e2eRun(ctx context.Context, emu *emulator.Server, telegrafBin, cfgPath, logPath, runtimeDir string, clock *receiveClock, n int) (float64, time.Duration, error) {
-	clock.reset()
+// e2eResult is one Telegraf run as the receiver and the OS saw it.
+type e2eResult struct {
+	rate  float64       // metrics/s between the first and the last delivery
+	wall  time.Duration // Telegraf's start to the last delivery
+	first time.Duration // Telegraf's start to the first delivery
+	cpu   float64       // µs of CPU per metric, Telegraf and its children
+	rss   int64         // peak of the summed RSS of Telegraf and its children
+	tally tally
+}
+
+// e2eRun runs Telegraf once with cfgPath and counts at rcv what arrived of
+// want (the metric timestamps of the input file).
+func e2eRun(ctx context.Context, telegrafBin, cfgPath, logPath, runtimeDir string, rcv *receiver, want []int64) (e2eResult, error) {
+	rcv.reset(false)
+	n := len(want)
 	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
 	defer cancel()
 	logf, err := os.Create(logPath)
 	if err != nil {
-		return 0, 0, err
+		return e2eResult{}, err
 	}
 	defer logf.Close()
 	cmd := exec.CommandContext(ctx, telegrafBin, "--config", cfgPath, "--once")
@@ -197,24 +189,42 @@ func e2eRun(ctx context.Context, emu *emulator.Server, telegrafBin, cfgPath, log
 	cmd.WaitDelay = 10 * time.Second
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
-		return 0, 0, err
+		return e2eResult{}, err
 	}
 	var exitErr error
 	exited := make(chan struct{})
+	var peakRSS atomic.Int64
+	go func() {
+		// Sample the memory of Telegraf and the plugin process it runs
+		// until Telegraf exits; the peak is reported.
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			if rss := treeRSS(cmd.Process.Pid); rss > peakRSS.Load() {
+				peakRSS.Store(rss)
+			}
+			select {
+			case <-exited:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
 	go func() { exitErr = cmd.Wait(); close(exited) }()
-	// Wait until everything arrived, or Telegraf exited without it.
+	// Wait until everything arrived, or Telegraf exited and nothing more
+	// came for a while.
 	wctx, wcancel := context.WithCancel(ctx)
 	go func() {
 		select {
 		case <-exited:
+			rcv.waitFor(wctx, n, receiverQuiet)
 			wcancel()
 		case <-wctx.Done():
 		}
 	}()
-	_ = emu.WaitFor(wctx, func() bool { return clock.count.Load() >= int64(n) })
+	rcv.waitFor(wctx, n, clientTimeout)
 	wcancel()
-	got := clock.count.Load()
-	first, last := clock.span()
+	first, last := rcv.span()
 	select {
 	case <-exited:
 	case <-time.After(30 * time.Second):
@@ -222,48 +232,108 @@ func e2eRun(ctx context.Context, emu *emulator.Server, telegrafBin, cfgPath, log
 		<-exited
 	}
 	logf.Close()
-	if got < int64(n) {
+	res := e2eResult{tally: rcv.count(want), rss: peakRSS.Load()}
+	if st := cmd.ProcessState; st != nil {
+		// wait4 reports the CPU of Telegraf and of the children it
+		// waited for (the execd plugin process).
+		if ru, ok := st.SysUsage().(*syscall.Rusage); ok {
+			res.cpu = float64(time.Duration(ru.Utime.Nano()+ru.Stime.Nano()).Microseconds()) / float64(n)
+		}
+	}
+	if !res.tally.ok() {
 		out, _ := os.ReadFile(logPath)
-		return 0, 0, fmt.Errorf("the emulator accepted %d of %d metrics (telegraf: %v; log: %s)", got, n, exitErr, lastLines(string(out), 4))
+		return res, fmt.Errorf("at the receiver %s (telegraf: %v; log: %s)", res.tally, exitErr, lastLines(string(out), 4))
 	}
 	if exitErr != nil {
 		out, _ := os.ReadFile(logPath)
-		return 0, 0, fmt.Errorf("telegraf --once failed after delivering everything: %v: %s", exitErr, lastLines(string(out), 4))
+		return res, fmt.Errorf("telegraf --once failed after delivering everything: %v: %s", exitErr, lastLines(string(out), 4))
 	}
 	if !last.After(first) {
-		return 0, 0, errors.New("no time between the first and the last message")
+		return res, errors.New("no time between the first and the last message")
 	}
-	return float64(n-1) / last.Sub(first).Seconds(), last.Sub(start), nil
+	res.rate = float64(n-1) / last.Sub(first).Seconds()
+	res.wall = last.Sub(start)
+	res.first = first.Sub(start)
+	return res, nil
 }
 
-// benchEndToEnd is benchmark 2.
+// e2eBroker is one receiving end of benchmark 2.
+type e2eBroker struct {
+	name, url string
+	emu       bool
+	rcv       *receiver
+}
+
+// benchEndToEnd is benchmark 2: through a real Telegraf, into the emulator
+// and into a mosquitto with its default settings.
 func (b *bench) benchEndToEnd(ctx context.Context) error {
-	r := &row{id: "2", name: fmt.Sprintf("end to end through Telegraf --once: inputs.file, %s metrics, %s devices -> emulator",
-		groupThousands(int64(b.sz.e2eMetrics)), groupThousands(int64(b.sz.e2eDevices))),
-		unit: "metrics/s", oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "outputs.mqtt"}
-	b.rows = append(b.rows, r)
+	n, devices := b.sz.e2eMetrics, b.sz.e2eDevices
+	if b.opts.e2eMetrics > 0 {
+		n = b.opts.e2eMetrics
+	}
 	telegrafBin, ourBin, skip := b.prepareBinaries(ctx)
 	if skip != "" {
-		r.skipped = skip
+		b.rows = append(b.rows, &row{id: "2", name: "end to end through Telegraf", skipped: skip})
 		b.hdr.telegraf = "not available: " + skip
 		return nil
 	}
 	b.hdr.telegraf = telegrafBin + " " + telegrafVersion(ctx, telegrafBin)
 
-	clock := &receiveClock{}
-	emu, err := startEmulator(b.pub, b.sz.e2eDevices, emulator.WithOnReceive(clock.observe))
-	if err != nil {
-		return err
+	var brokers []e2eBroker
+	if b.opts.brokers == nil || b.opts.brokers["emulator"] {
+		rcv := newReceiver()
+		emu, err := startEmulator(b.pub, devices, emulator.WithOnReceive(rcv.observeEmulator))
+		if err != nil {
+			return err
+		}
+		defer emu.Close()
+		brokers = append(brokers, e2eBroker{name: "emulator", url: emu.URL, emu: true, rcv: rcv})
 	}
-	defer emu.Close()
-	n := b.sz.e2eMetrics
+	if b.opts.brokers == nil || b.opts.brokers["mosquitto"] {
+		if b.mosqNagle == nil {
+			b.rows = append(b.rows, &row{id: "2", name: "end to end through Telegraf -> mosquitto with its defaults", skipped: b.hdr.mosquitto})
+		} else {
+			rcv := newReceiver()
+			sub, err := subscribe(b.mosqNagle.url, rcv)
+			if err != nil {
+				return err
+			}
+			defer sub.Disconnect(250)
+			brokers = append(brokers, e2eBroker{name: "mosquitto with its defaults (Nagle on)", url: b.mosqNagle.url, rcv: rcv})
+		}
+	}
+
 	metricsFile := filepath.Join(b.dir, "e2e-metrics.lp")
-	if err := writeLineProtocol(metricsFile, n, b.sz.e2eDevices); err != nil {
+	if err := writeLineProtocol(metricsFile, n, devices); err != nil {
 		return err
 	}
 	defer os.Remove(metricsFile)
+	want := lineProtocolTimes(n)
+	for _, br := range brokers {
+		if err := b.endToEndOn(ctx, br, telegrafBin, ourBin, metricsFile, want, devices); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
-	pluginConf := filepath.Join(b.dir, "omnicore-output.conf")
+func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBin, metricsFile string, want []int64, devices int) error {
+	n := len(want)
+	slug := strings.Fields(br.name)[0]
+	r := &row{id: "2", name: fmt.Sprintf("end to end through Telegraf --once: inputs.file, %s metrics, %s devices -> %s",
+		groupThousands(int64(n)), groupThousands(int64(devices)), br.name),
+		unit: "metrics/s", oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "outputs.mqtt"}
+	cpuRow := &row{id: "2", name: fmt.Sprintf("CPU per metric of Telegraf and its children, same runs (-> %s)", br.name),
+		unit: "µs/metric", lowerIsBetter: true, oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "outputs.mqtt",
+		note:      "user + system time of the whole process tree (wait4 of Telegraf, which waits for the execd child), divided by the metrics; goal ours <= 0.5x",
+		slowerWhy: "outputs.execd serializes every metric to line protocol and our process parses it again: two processes do the work of one"}
+	rssRow := &row{id: "2", name: fmt.Sprintf("peak memory (RSS) of Telegraf plus the plugin process, same runs (-> %s)", br.name),
+		unit: "MiB", lowerIsBetter: true, oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "outputs.mqtt",
+		note:      "VmRSS of Telegraf and every descendant summed, sampled every 50 ms, peak; metric_buffer_limit holds the whole input in both",
+		slowerWhy: "a second Go process (the execd plugin) has its own runtime and buffers"}
+	b.rows = append(b.rows, r, cpuRow, rssRow)
+
+	pluginConf := filepath.Join(b.dir, "omnicore-output-"+slug+".conf")
 	plugin := fmt.Sprintf(`[[outputs.omnicore]]
   servers = [%s]
   subscription_id = %s
@@ -276,11 +346,11 @@ func (b *bench) benchEndToEnd(ctx context.Context) error {
   ## leave what is not acknowledged on disk for the next run (benchmark 7
   ## measures the spool).
   spool = false
-`, tomlString(emu.URL), tomlString(b.id.subscription), tomlString(registryID), tomlString(gatewayID), tomlString(b.id.key), tomlString(keyAlg))
+`, tomlString(br.url), tomlString(b.id.subscription), tomlString(registryID), tomlString(gatewayID), tomlString(b.id.key), tomlString(keyAlg))
 	if err := os.WriteFile(pluginConf, []byte(plugin), 0o600); err != nil {
 		return err
 	}
-	oursConf := filepath.Join(b.dir, "telegraf-execd.conf")
+	oursConf := filepath.Join(b.dir, "telegraf-execd-"+slug+".conf")
 	if err := b.telegrafConfig(oursConf, metricsFile, n, fmt.Sprintf(`[[outputs.execd]]
   command = [%s, "-config", %s]
   restart_delay = "10s"
@@ -292,7 +362,7 @@ func (b *bench) benchEndToEnd(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	peerConf := filepath.Join(b.dir, "telegraf-mqtt.conf")
+	peerConf := filepath.Join(b.dir, "telegraf-mqtt-"+slug+".conf")
 	if err := b.telegrafConfig(peerConf, metricsFile, n, fmt.Sprintf(`[[outputs.mqtt]]
   servers = [%s]
   topic = '%s'
@@ -302,11 +372,12 @@ func (b *bench) benchEndToEnd(ctx context.Context) error {
   password = %s
   layout = "non-batch"
   data_format = "influx"
-`, tomlString(emu.URL), mqttTopic(broker{isEmu: true}), tomlString(b.id.clientID()), tomlString(tok))); err != nil {
+`, tomlString(br.url), mqttTopic(broker{isEmu: br.emu}), tomlString(b.id.clientID()), tomlString(tok))); err != nil {
 		return err
 	}
 
-	var wallOurs, wallPeer []float64
+	var wallOurs, wallPeer, firstOurs, firstPeer []float64
+	var sumOurs, sumPeer tally
 	for run := 0; run < b.opts.runs; run++ {
 		order := []bool{true, false}
 		if run%2 == 1 {
@@ -317,26 +388,49 @@ func (b *bench) benchEndToEnd(ctx context.Context) error {
 			if !ours {
 				name, conf = "outputs.mqtt", peerConf
 			}
-			progress("  run %d/%d: telegraf --once with %s", run+1, b.opts.runs, name)
-			logPath := filepath.Join(b.dir, fmt.Sprintf("telegraf-%d-%t.log", run, ours))
-			v, wall, err := e2eRun(ctx, emu, telegrafBin, conf, logPath, filepath.Join(b.dir, "runtime-e2e"), clock, n)
+			progress("  run %d/%d: telegraf --once with %s -> %s", run+1, b.opts.runs, name, br.name)
+			logPath := filepath.Join(b.dir, fmt.Sprintf("telegraf-%s-%d-%t.log", slug, run, ours))
+			res, err := e2eRun(ctx, telegrafBin, conf, logPath, filepath.Join(b.dir, "runtime-e2e"), br.rcv, want)
+			if ours {
+				sumOurs.add(res.tally)
+			} else {
+				sumPeer.add(res.tally)
+			}
 			if err != nil {
-				r.addProblem("%s: %v", name, err)
+				for _, rr := range []*row{r, cpuRow, rssRow} {
+					rr.addProblem("%s: %v", name, err)
+					rr.leftOut++
+				}
 				continue
 			}
+			rss := float64(res.rss) / (1 << 20)
 			if ours {
-				r.ours = append(r.ours, v)
-				wallOurs = append(wallOurs, float64(n)/wall.Seconds())
+				r.ours = append(r.ours, res.rate)
+				cpuRow.ours = append(cpuRow.ours, res.cpu)
+				rssRow.ours = append(rssRow.ours, rss)
+				wallOurs = append(wallOurs, float64(n)/res.wall.Seconds())
+				firstOurs = append(firstOurs, res.first.Seconds()*1000)
 			} else {
-				r.peer = append(r.peer, v)
-				wallPeer = append(wallPeer, float64(n)/wall.Seconds())
+				r.peer = append(r.peer, res.rate)
+				cpuRow.peer = append(cpuRow.peer, res.cpu)
+				rssRow.peer = append(rssRow.peer, rss)
+				wallPeer = append(wallPeer, float64(n)/res.wall.Seconds())
+				firstPeer = append(firstPeer, res.first.Seconds()*1000)
 			}
-			progress("    %s between the first and the last message; %s from Telegraf's start (%s)",
-				formatValue(v, "metrics/s"), formatValue(float64(n)/wall.Seconds(), "metrics/s"), wall.Round(time.Millisecond))
+			progress("    %s between the first and the last delivery; %s from Telegraf's start (%s); first delivery after %s; %.1f µs CPU/metric (process tree); peak RSS %.1f MiB",
+				formatValue(res.rate, "metrics/s"), formatValue(float64(n)/res.wall.Seconds(), "metrics/s"), res.wall.Round(time.Millisecond),
+				res.first.Round(time.Millisecond), res.cpu, rss)
 		}
 	}
-	r.note = fmt.Sprintf("real Telegraf %s processes, metric_batch_size 1000, QoS 1 both; rate between the first and the last message the emulator accepted; counting from Telegraf's start (startup, connect and attach included) ours %s, outputs.mqtt %s; outputs.mqtt publishes to the gateway's own events/{device} subfolders (it cannot attach)",
-		telegrafVersion(ctx, telegrafBin), formatValue(median(wallOurs), "metrics/s"), formatValue(median(wallPeer), "metrics/s"))
+	where := "the emulator's accepted events"
+	topics := "outputs.mqtt publishes to the gateway's own events/{device} subfolders (it cannot attach)"
+	if !br.emu {
+		where = "a QoS 1 subscriber of mosquitto"
+		topics = "both publish to the per-device topics /{registry}/{device}/events"
+	}
+	r.note = fmt.Sprintf("real Telegraf %s processes, metric_batch_size 1000, QoS 1 both; rate between the first and the last delivery; counting from Telegraf's start (startup, connect and attach included) ours %s, outputs.mqtt %s; time from Telegraf's start to the first delivery ours %s, outputs.mqtt %s; %s; counted at the receiver (%s), all runs: ours %s; outputs.mqtt %s",
+		telegrafVersion(ctx, telegrafBin), formatValue(median(wallOurs), "metrics/s"), formatValue(median(wallPeer), "metrics/s"),
+		formatValue(median(firstOurs), "ms"), formatValue(median(firstPeer), "ms"), topics, where, sumOurs, sumPeer)
 	r.slowerWhy = "outputs.execd serializes every metric to line protocol and our binary parses it again, and outputs.execd gives no acknowledgement, so the pipe is the only back-pressure"
 	return nil
 }

@@ -59,6 +59,7 @@ type options struct {
 	quiet       bool
 	cpuProfile  string
 	metrics     int
+	e2eMetrics  int
 	clients     map[string]bool
 	brokers     map[string]bool
 }
@@ -101,9 +102,10 @@ func parseOptions(args []string) (*options, error) {
 	fs.BoolVar(&o.quiet, "q", false, "no progress lines on stderr")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of this process to the file")
 	fs.IntVar(&o.metrics, "metrics", 0, "override the number of metrics of benchmark 1 (ours, outputs.mqtt and bare alike)")
+	fs.IntVar(&o.e2eMetrics, "e2e-metrics", 0, "override the number of metrics of benchmark 2")
 	var clients, brokers string
 	fs.StringVar(&clients, "clients", "", "benchmarks 1 and 1b: only these clients (ours,mqtt,bare), e.g. to profile one of them")
-	fs.StringVar(&brokers, "brokers", "", "benchmarks 1 and 1b: only these brokers (mosquitto,emulator)")
+	fs.StringVar(&brokers, "brokers", "", "benchmarks 1, 1b and 2: only these brokers (mosquitto,emulator)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -309,7 +311,7 @@ func run(ctx context.Context, opts *options, stdout io.Writer) error {
 		progress("%s", l)
 	}
 
-	if opts.wants("1") || opts.wants("1b") {
+	if opts.wants("1") || opts.wants("1b") || opts.wants("2") {
 		b.hdr.mosquitto = "not found: the mosquitto rows are skipped (install it with: apt-get install -y mosquitto)"
 		if bin := findMosquitto(opts.mosquitto); bin != "" {
 			m, err := startMosquitto(ctx, bin, dir, true)
@@ -318,8 +320,8 @@ func run(ctx context.Context, opts *options, stdout io.Writer) error {
 			} else {
 				defer m.stop()
 				b.mosq = m
-				b.hdr.mosquitto = bin + " " + mosquittoVersion(bin) + ", set_tcp_nodelay true (a second instance with its default false for one row)"
-				if opts.wants("1") {
+				b.hdr.mosquitto = bin + " " + mosquittoVersion(bin) + ", set_tcp_nodelay true (a second instance with its default false for the rows that say so)"
+				if opts.wants("1") || opts.wants("2") {
 					if m2, err := startMosquitto(ctx, bin, dir, false); err == nil {
 						defer m2.stop()
 						b.mosqNagle = m2

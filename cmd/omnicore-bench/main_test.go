@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"math"
 	"os"
 	"strings"
@@ -229,4 +230,48 @@ func TestQuickRun(t *testing.T) {
 		require.Contains(t, text, "\n| "+id+" | ", "no row for benchmark %s", id)
 	}
 	require.NotContains(t, text, "PROBLEM")
+}
+
+func TestReceiverCounts(t *testing.T) {
+	lp := func(ts ...int64) []byte {
+		var b bytes.Buffer
+		for _, x := range ts {
+			fmt.Fprintf(&b, "sensor temperature=1 %d\n", x)
+		}
+		return b.Bytes()
+	}
+	tests := []struct {
+		name     string
+		payloads [][]byte
+		want     []int64
+		tally    tally
+	}{
+		{name: "all once", payloads: [][]byte{lp(1), lp(2, 3)}, want: []int64{1, 2, 3},
+			tally: tally{sent: 3, received: 3}},
+		{name: "one lost", payloads: [][]byte{lp(1, 3)}, want: []int64{1, 2, 3},
+			tally: tally{sent: 3, received: 2, missing: 1}},
+		{name: "a duplicate hides a loss from a plain count", payloads: [][]byte{lp(1, 1), lp(3)}, want: []int64{1, 2, 3},
+			tally: tally{sent: 3, received: 2, missing: 1, duplicates: 1}},
+		{name: "unexpected and malformed", payloads: [][]byte{lp(1, 9), []byte("no-timestamp\n")}, want: []int64{1},
+			tally: tally{sent: 1, received: 1, unexpected: 2}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := newReceiver()
+			r.observe(lp(42)) // from before the reset: forgotten
+			r.reset(false)
+			for _, p := range tt.payloads {
+				r.observe(p)
+			}
+			got := r.count(tt.want)
+			require.Equal(t, tt.tally, got)
+			require.Equal(t, tt.tally.missing == 0 && tt.tally.duplicates == 0 && tt.tally.unexpected == 0, got.ok())
+		})
+	}
+}
+
+func TestLeftOutRunsAreReported(t *testing.T) {
+	r := row{unit: "metrics/s", ours: []float64{2}, peer: []float64{1}, leftOut: 2}
+	_, _, _, note := r.cells()
+	require.Contains(t, note, "2 run(s) with a problem left out of the medians")
 }

@@ -54,7 +54,13 @@ peer says so and why.
 - **ratio**: ours / peer. For metrics/s, attaches/s and messages/s higher is better; for ms, MiB and
   B/device lower is better. A row where ours is more than 10% behind its peer says "SLOWER than
   the peer" (or "MORE memory than") with the reason.
-- **PROBLEM** in a note means a run failed or lost messages; that run's figure is not in the median.
+- **PROBLEM** in a note means a run failed, or the receiver missed, duplicated or did not expect a
+  metric; that run's figure is left out of the median, and the note says how many runs were.
+- **Counted at the receiver**: every delivery is counted where it arrives (the emulator's accepted
+  events, or a QoS 1 subscriber of mosquitto on every events topic), per metric: each metric of a
+  workload has its own timestamp, which ends its line-protocol line, so the receiver knows which
+  metrics arrived, which never did and which arrived twice, whatever the layout packed into one
+  message. A client's PUBACKs are not trusted as a count. Exact: a duplicate cannot hide a loss.
 
 ## Method
 
@@ -93,13 +99,16 @@ Clients of one comparison run back to back, in an order that rotates between run
   per-device topics ` + "`/{registry}/{device}/events`" + `. It runs with ` + "`set_tcp_nodelay true`" + `, because its
   default leaves Nagle's algorithm on, which delays the last PUBACKs of every Write until the
   client's delayed TCP ACK (about 40 ms): one extra row measures ours and bare paho on a second
-  instance with the default, to show that cost honestly.
+  instance with all its defaults (ours, outputs.mqtt and bare paho): the broker as users install it.
+  Both instances set ` + "`max_queued_messages 0`" + ` so that the counting subscriber loses nothing (the
+  default drops QoS 1 messages beyond 1,000 queued for a subscriber); that concerns only the
+  subscriber's side.
 - **emulator**: our bridge emulator (` + "`emulator/`" + `), which enforces the bridge's rules. outputs.mqtt
   connects as the gateway (client ID and a JWT minted with the gateway key as password) but cannot
   attach devices, so it publishes to the gateway's own subfolders ` + "`/{registry}/{gateway}/events/{device}`" + `,
   the only per-device topics the bridge lets it use; ours and bare paho attach and publish to
-  ` + "`/{registry}/{device}/events`" + `. The emulator's count of accepted messages is checked against
-  what each client sent.
+  ` + "`/{registry}/{device}/events`" + `. The emulator's accepted events are counted per metric
+  against what each client sent.
 - **1b** runs the same through ` + "`internal/latencyproxy`" + `, a TCP proxy on loopback that delays each
   direction by 10 ms (20 ms round trip), preserving order, with bounded buffers (4 MiB per
   direction, after which TCP pushes back). outputs.mqtt needs a full round trip per metric there,
@@ -116,7 +125,14 @@ its own batching of 1,000 and back-pressure on stdin), or ` + "`[[outputs.mqtt]]
 custom build and, with ` + "`--once`" + `, reads the file exactly once. The emulator timestamps every accepted
 message: the figure is the rate between the first and the last one (the pipeline's steady
 state, device attaches included); the note also gives the rate counted from Telegraf's start
-(process start, connect, attach). A run counts only if every metric reached the emulator.
+(process start, connect, attach) and the time from Telegraf's start to the first delivery.
+The same runs go to the emulator and to a mosquitto with its default settings (Nagle on; a QoS 1
+subscriber counts there). The agent sets ` + "`precision = \"1ns\"`" + ` so that each metric keeps the
+timestamp the receiver knows it by. A run counts only if every metric arrived exactly once.
+Two more rows per broker come from the same runs: the CPU of the whole process tree (user +
+system time that wait4 reports for Telegraf, which includes the execd child it waited for) per
+metric, and the peak memory: the VmRSS of Telegraf and every descendant, summed, sampled every
+50 ms.
 
 ### 3. Attach storm
 

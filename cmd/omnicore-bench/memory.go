@@ -45,8 +45,12 @@ type childResult struct {
 }
 
 // readRSS is VmRSS of this process from /proc/self/status.
-func readRSS() int64 {
-	f, err := os.Open("/proc/self/status")
+func readRSS() int64 { return readRSSOf("self") }
+
+// readRSSOf is VmRSS of /proc/<pid>, -1 when it cannot be read (the
+// process exited).
+func readRSSOf(pid string) int64 {
+	f, err := os.Open("/proc/" + pid + "/status")
 	if err != nil {
 		return -1
 	}
@@ -328,4 +332,32 @@ func (b *bench) benchMemory(ctx context.Context) error {
 	}
 	b.rows = append(b.rows, growth, vsMQTT)
 	return nil
+}
+
+// treeRSS is the sum of VmRSS of pid and every descendant (Telegraf and the
+// plugin processes it runs), from /proc/<pid>/task/*/children.
+func treeRSS(pid int) int64 {
+	var total int64
+	seen := map[string]bool{}
+	queue := []string{strconv.Itoa(pid)}
+	for len(queue) > 0 {
+		p := queue[0]
+		queue = queue[1:]
+		if seen[p] {
+			continue
+		}
+		seen[p] = true
+		if rss := readRSSOf(p); rss > 0 {
+			total += rss
+		}
+		tasks, _ := os.ReadDir("/proc/" + p + "/task")
+		for _, t := range tasks {
+			b, err := os.ReadFile("/proc/" + p + "/task/" + t.Name() + "/children")
+			if err != nil {
+				continue
+			}
+			queue = append(queue, strings.Fields(string(b))...)
+		}
+	}
+	return total
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -15,6 +16,7 @@ import (
 	mqttout "github.com/influxdata/telegraf/plugins/outputs/mqtt"
 	influxser "github.com/influxdata/telegraf/plugins/serializers/influx"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
 	"github.com/telegraf-omnicore/telegraf-omnicore/internal/latencyproxy"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	outomni "github.com/telegraf-omnicore/telegraf-omnicore/plugins/outputs/omnicore"
@@ -305,6 +307,29 @@ type publishCase struct {
 	// cases only), to tell the cost of Write boundaries from ours.
 	bareBatched []float64
 	problems    []string
+	// per client name: what the receiver counted over all runs, and the
+	// runs left out of the median for a problem
+	tallies map[string]tally
+	leftOut map[string]int
+}
+
+// receiverQuiet bounds the wait for the receiver after a client's last
+// PUBACK: counting stops when nothing arrived for this long.
+const receiverQuiet = 10 * time.Second
+
+// receiverNote is what the receiver counted for each client of a case.
+func (pc *publishCase) receiverNote() string {
+	where := "the emulator's accepted events"
+	if pc.b.emu == nil {
+		where = "a QoS 1 subscriber of mosquitto"
+	}
+	var parts []string
+	for _, name := range []string{"outputs.omnicore", "outputs.mqtt", "bare paho", "bare paho, batches"} {
+		if t, ok := pc.tallies[name]; ok {
+			parts = append(parts, name+" "+t.String())
+		}
+	}
+	return fmt.Sprintf("counted at the receiver (%s), all runs: %s", where, strings.Join(parts, "; "))
 }
 
 type publishSizes struct {
@@ -345,66 +370,63 @@ func runPublishCase(ctx context.Context, pc *publishCase, id identity, sz publis
 		return
 	}
 
-	accepted := func() int {
-		if pc.b.emu == nil {
-			return -1
-		}
-		return pc.b.emu.Stats().EventsAccepted
-	}
-	check := func(who string, before, want int) {
-		if before < 0 {
-			return
-		}
-		if got := accepted() - before; got < want {
-			pc.problems = append(pc.problems, fmt.Sprintf("%s: the emulator accepted %d of %d messages", who, got, want))
-		}
-	}
 	mqttWarm := warm[:min(len(warm), sz.warmMQTT)]
-	mqttWant := len(mqttWarm)
+	var mqttSent []telegraf.Metric
+	mqttSent = append(mqttSent, mqttWarm...)
 	for _, b := range mqttTimed {
-		mqttWant += len(b)
+		mqttSent = append(mqttSent, b...)
 	}
+	oursWant := append(timestampsOf(warm), timestampsOf(ms)...)
 	type client struct {
 		key  string
 		name string
 		run  func(ctx context.Context) (measurement, error)
 		dst  *[]float64
-		want int
+		want []int64 // the metrics it sends, as the receiver counts them
 		cpu  *[]float64
 	}
 	clients := []client{
 		{"ours", "outputs.omnicore", func(ctx context.Context) (measurement, error) {
 			return runOurs(ctx, server, id, warm, timed, nil)
-		}, &pc.ours, len(warm) + len(ms), &pc.oursCPU},
+		}, &pc.ours, oursWant, &pc.oursCPU},
 		{"mqtt", "outputs.mqtt", func(ctx context.Context) (measurement, error) {
 			return runMQTT(ctx, pc.b, server, id, mqttWarm, mqttTimed)
-		}, &pc.mqtt, mqttWant, &pc.mqttCPU},
+		}, &pc.mqtt, timestampsOf(mqttSent), &pc.mqttCPU},
 		{"bare", "bare paho", func(ctx context.Context) (measurement, error) {
 			return runBare(ctx, server, id, devices, bareWarm, bareTimed, sz.window, 0)
-		}, &pc.bare, len(bareWarm) + len(bareTimed), &pc.bareCPU},
+		}, &pc.bare, oursWant, &pc.bareCPU},
 	}
 	if pc.delay == 0 {
 		clients = append(clients, client{"bare", "bare paho, batches", func(ctx context.Context) (measurement, error) {
 			return runBare(ctx, server, id, devices, bareWarm, bareTimed, sz.window, sz.batch)
-		}, &pc.bareBatched, len(bareWarm) + len(bareTimed), nil})
-	}
-	if pc.nagle {
-		clients = slices.DeleteFunc(clients, func(c client) bool { return c.key == "mqtt" })
+		}, &pc.bareBatched, oursWant, nil})
 	}
 	if only != nil {
 		clients = slices.DeleteFunc(clients, func(c client) bool { return !only[c.key] })
 	}
 	for i := range clients {
 		c := clients[(i+run)%len(clients)]
-		before := accepted()
+		pc.b.rcv.reset(false)
 		cctx, cancel := context.WithTimeout(ctx, clientTimeout)
 		v, err := c.run(cctx)
 		cancel()
 		if err != nil {
 			pc.problems = append(pc.problems, fmt.Sprintf("%s: %v", c.name, err))
+			pc.leftOut[c.name]++
 			continue
 		}
-		check(c.name, before, c.want)
+		// Count at the receiver: a run that lost or duplicated a metric
+		// is reported and left out of the median.
+		pc.b.rcv.waitFor(ctx, len(c.want), receiverQuiet)
+		t := pc.b.rcv.count(c.want)
+		sum := pc.tallies[c.name]
+		sum.add(t)
+		pc.tallies[c.name] = sum
+		if !t.ok() {
+			pc.problems = append(pc.problems, fmt.Sprintf("%s: at the receiver %s", c.name, t))
+			pc.leftOut[c.name]++
+			continue
+		}
 		*c.dst = append(*c.dst, v.rate)
 		if c.cpu != nil {
 			*c.cpu = append(*c.cpu, v.cpu)
@@ -425,21 +447,11 @@ func publishRows(cases []*publishCase, sz, rttSz publishSizes) []*row {
 		if pc.delay > 0 {
 			id, link, s = "1b", fmt.Sprintf("%d ms RTT", 2*pc.delay.Milliseconds()), rttSz
 		}
-		if pc.nagle {
-			s.metrics = pc.metrics
-			r := &row{id: "1", unit: "metrics/s",
-				name:      fmt.Sprintf("publish QoS 1, %s devices, loopback, mosquitto with its default set_tcp_nodelay false (Nagle on) — vs bare paho", groupThousands(int64(s.devices))),
-				oursLabel: "outputs.omnicore", peerLabel: "bare paho", ours: pc.ours, peer: pc.bare,
-				note: fmt.Sprintf("%s metrics; shows what a broker with Nagle's algorithm on costs a client whose every Write waits for its last PUBACK; bare paho waiting for each batch of %d like a Write: %s",
-					groupThousands(int64(s.metrics)), s.batch, formatValue(median(pc.bareBatched), "metrics/s")),
-				slowerWhy: "with Nagle on at the broker, the last PUBACKs of each Write wait for the client's delayed TCP ACK (up to 40 ms on Linux) before they are sent; a continuous publisher never has a last message, and outputs.mqtt (one message at a time) never has two PUBACKs outstanding"}
-			for _, p := range pc.problems {
-				r.addProblem("%s", p)
-			}
-			rows = append(rows, r)
-			continue
-		}
 		what := fmt.Sprintf("publish QoS 1, %s devices, %s, %s", groupThousands(int64(s.devices)), link, pc.b.name)
+		if pc.nagle {
+			s.metrics, s.mqttMetrics = pc.metrics, pc.metrics
+			what = fmt.Sprintf("publish QoS 1, %s devices, loopback, mosquitto with its defaults (set_tcp_nodelay false: Nagle on)", groupThousands(int64(s.devices)))
+		}
 		ourNote := fmt.Sprintf("%s metrics in Writes of %d, layout non-batch, influx", groupThousands(int64(s.metrics)), s.batch)
 		mqttNote := "outputs.mqtt waits for each PUBACK before the next publish"
 		if s.mqttMetrics != s.metrics {
@@ -480,6 +492,17 @@ func publishRows(cases []*publishCase, sz, rttSz publishSizes) []*row {
 					formatValue(median(pc.bareBatched), "metrics/s"), median(pc.oursCPU), cpuWho, median(pc.bareCPU))
 			}
 		}
+		if pc.nagle {
+			vsMQTT.note += "; a broker with Nagle's algorithm on, as shipped"
+			vsBare.note += "; with Nagle on at the broker, the last PUBACKs of each Write wait for the client's delayed TCP ACK (up to 40 ms on Linux)"
+			vsMQTT.slowerWhy = "with Nagle on at the broker, the last PUBACKs of each Write wait for the client's delayed TCP ACK (up to 40 ms on Linux) before they are sent, while outputs.mqtt, one message at a time, never has two PUBACKs outstanding"
+			vsBare.slowerWhy = "with Nagle on at the broker, the last PUBACKs of each Write wait for the client's delayed TCP ACK (up to 40 ms on Linux) before they are sent; a continuous publisher never has a last message, and outputs.mqtt (one message at a time) never has two PUBACKs outstanding"
+		}
+		rn := pc.receiverNote()
+		vsMQTT.note += "; " + rn
+		vsBare.note += "; " + rn
+		vsMQTT.leftOut = pc.leftOut["outputs.omnicore"] + pc.leftOut["outputs.mqtt"]
+		vsBare.leftOut = pc.leftOut["outputs.omnicore"] + pc.leftOut["bare paho"]
 		for _, p := range pc.problems {
 			vsMQTT.addProblem("%s", p)
 			vsBare.addProblem("%s", p)
@@ -499,17 +522,34 @@ func caseLabel(pc *publishCase) string {
 // benchPublish runs benchmarks 1 and 1b: every client against every broker,
 // on loopback and through the 20 ms RTT proxy, opts.runs times.
 func (b *bench) benchPublish(ctx context.Context) error {
-	emu, err := startEmulator(b.pub, b.sz.pub.devices)
+	emuRcv := newReceiver()
+	emu, err := startEmulator(b.pub, b.sz.pub.devices, emulator.WithOnReceive(emuRcv.observeEmulator))
 	if err != nil {
 		return err
 	}
 	defer emu.Close()
 	brokers := []broker{}
+	var nagleBroker broker
 	if b.mosq != nil && (b.opts.brokers == nil || b.opts.brokers["mosquitto"]) {
-		brokers = append(brokers, broker{name: "mosquitto", url: b.mosq.url})
+		rcv := newReceiver()
+		sub, err := subscribe(b.mosq.url, rcv)
+		if err != nil {
+			return err
+		}
+		defer sub.Disconnect(250)
+		brokers = append(brokers, broker{name: "mosquitto", url: b.mosq.url, rcv: rcv})
+		if b.mosqNagle != nil {
+			rcv := newReceiver()
+			sub, err := subscribe(b.mosqNagle.url, rcv)
+			if err != nil {
+				return err
+			}
+			defer sub.Disconnect(250)
+			nagleBroker = broker{name: "mosquitto (defaults, Nagle on)", url: b.mosqNagle.url, rcv: rcv}
+		}
 	}
 	if b.opts.brokers == nil || b.opts.brokers["emulator"] {
-		brokers = append(brokers, broker{name: "emulator", url: emu.URL, emu: emu})
+		brokers = append(brokers, broker{name: "emulator", url: emu.URL, emu: emu, rcv: emuRcv})
 	}
 
 	var cases []*publishCase
@@ -518,10 +558,10 @@ func (b *bench) benchPublish(ctx context.Context) error {
 			continue
 		}
 		for _, br := range brokers {
-			cases = append(cases, &publishCase{b: br, delay: delay})
+			cases = append(cases, &publishCase{b: br, delay: delay, tallies: map[string]tally{}, leftOut: map[string]int{}})
 		}
-		if delay == 0 && b.mosqNagle != nil && (b.opts.brokers == nil || b.opts.brokers["mosquitto"]) {
-			cases = append(cases, &publishCase{b: broker{name: "mosquitto (Nagle on)", url: b.mosqNagle.url}, nagle: true, metrics: b.sz.nagleMetrics})
+		if delay == 0 && nagleBroker.rcv != nil {
+			cases = append(cases, &publishCase{b: nagleBroker, nagle: true, metrics: b.sz.nagleMetrics, tallies: map[string]tally{}, leftOut: map[string]int{}})
 		}
 	}
 	for run := 0; run < b.opts.runs; run++ {
@@ -534,7 +574,7 @@ func (b *bench) benchPublish(ctx context.Context) error {
 				sz = b.sz.pubRTT
 			}
 			if pc.nagle {
-				sz.metrics = pc.metrics
+				sz.metrics, sz.mqttMetrics = pc.metrics, pc.metrics
 			}
 			progress("  run %d/%d: %s", run+1, b.opts.runs, caseLabel(pc))
 			runPublishCase(ctx, pc, b.id, sz, run, b.opts.clients)

@@ -30,6 +30,9 @@ type row struct {
 	slowerWhy string
 	skipped   string // why the row was not measured
 	problems  []string
+	// leftOut counts the runs (of ours and of the peer) that had a
+	// problem and are not in the medians.
+	leftOut int
 }
 
 func median(v []float64) float64 {
@@ -141,6 +144,9 @@ func (r *row) cells() (ours, peer, ratio, note string) {
 	}
 	if len(r.problems) > 0 {
 		notes = append(notes, "PROBLEM: "+strings.Join(r.problems, "; "))
+	}
+	if r.leftOut > 0 {
+		notes = append(notes, fmt.Sprintf("%d run(s) with a problem left out of the medians", r.leftOut))
 	}
 	if n := len(r.ours); n > 1 {
 		notes = append(notes, fmt.Sprintf("median of %d runs (ours %s, peer %s)", n, spread(r.ours), spread(r.peer)))

@@ -47,6 +47,8 @@ type broker struct {
 	emu  *emulator.Server
 	// isEmu marks the emulator when emu is not at hand (child processes).
 	isEmu bool
+	// rcv counts what the broker delivered (benchmarks 1 and 1b).
+	rcv *receiver
 }
 
 func (b broker) hostPort() string {
@@ -164,6 +166,11 @@ func startMosquitto(ctx context.Context, bin, dir string, nodelay bool) (*mosqui
 			"log_type error",
 			"log_type warning",
 			"max_keepalive 600",
+			// The counting subscriber must lose nothing: mosquitto's
+			// default drops QoS 1 messages beyond 1,000 queued for a
+			// subscriber. This concerns only the subscriber's side; the
+			// publishers see the broker's defaults.
+			"max_queued_messages 0",
 			fmt.Sprintf("set_tcp_nodelay %t", nodelay),
 			"",
 		}, "\n")

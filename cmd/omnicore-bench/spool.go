@@ -34,8 +34,8 @@ func (b *bench) benchSpool(ctx context.Context) error {
 		return nil
 	}
 
-	clock := &receiveClock{}
-	emu, err := startEmulator(b.pub, b.sz.e2eDevices, emulator.WithOnReceive(clock.observe))
+	clock := newReceiver()
+	emu, err := startEmulator(b.pub, b.sz.e2eDevices, emulator.WithOnReceive(clock.observeEmulator))
 	if err != nil {
 		return err
 	}
@@ -83,6 +83,7 @@ func (b *bench) benchSpool(ctx context.Context) error {
 			rate, err := spoolTelegrafRun(ctx, emu, telegrafBin, cfg, filepath.Join(b.dir, fmt.Sprintf("spool-telegraf-%d-%d.log", run, i)), state, clock, n)
 			if err != nil {
 				v.row.addProblem("%s: %v", v.name, err)
+				v.row.leftOut++
 				continue
 			}
 			progress("    %s", formatValue(rate, "metrics/s"))
@@ -102,6 +103,7 @@ func (b *bench) benchSpool(ctx context.Context) error {
 		spooling, drain, err := b.drainRun(ctx, emu, ourBin, metricsFile, clock)
 		if err != nil {
 			rowDrain.addProblem("%v", err)
+			rowDrain.leftOut++
 			continue
 		}
 		progress("    spooled at %s with the bridge down, drained at %s", formatValue(spooling, "metrics/s"), formatValue(drain, "metrics/s"))
@@ -155,8 +157,8 @@ func spoolTelegrafConfig(metricsFile string, n int, ourBin, pluginConf string) s
 
 // spoolTelegrafRun runs Telegraf with cfgPath until the emulator accepted n
 // messages, stops it, and returns the rate between the first and the last.
-func spoolTelegrafRun(ctx context.Context, emu *emulator.Server, telegrafBin, cfgPath, logPath, stateDir string, clock *receiveClock, n int) (float64, error) {
-	clock.reset()
+func spoolTelegrafRun(ctx context.Context, emu *emulator.Server, telegrafBin, cfgPath, logPath, stateDir string, clock *receiver, n int) (float64, error) {
+	clock.reset(false)
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute+time.Duration(n/1000)*time.Second)
 	defer cancel()
 	logf, err := os.Create(logPath)
@@ -190,9 +192,9 @@ func spoolTelegrafRun(ctx context.Context, emu *emulator.Server, telegrafBin, cf
 		case <-wctx.Done():
 		}
 	}()
-	_ = emu.WaitFor(wctx, func() bool { return clock.count.Load() >= int64(n) })
-	if got := clock.count.Load(); got < int64(n) {
-		return 0, fmt.Errorf("the emulator accepted %d of %d metrics (log %s)", got, n, logPath)
+	clock.waitFor(wctx, n, clientTimeout)
+	if t := clock.count(lineProtocolTimes(n)); !t.ok() {
+		return 0, fmt.Errorf("at the receiver %s (log %s)", t, logPath)
 	}
 	first, last := clock.span()
 	if !last.After(first) {
@@ -203,7 +205,7 @@ func spoolTelegrafRun(ctx context.Context, emu *emulator.Server, telegrafBin, cf
 
 // drainRun spools the file with the emulator stopped, then drains it with
 // the emulator back. It returns both rates in metrics/s.
-func (b *bench) drainRun(ctx context.Context, emu *emulator.Server, ourBin, metricsFile string, clock *receiveClock) (spooling, drain float64, err error) {
+func (b *bench) drainRun(ctx context.Context, emu *emulator.Server, ourBin, metricsFile string, clock *receiver) (spooling, drain float64, err error) {
 	n := b.sz.drainMetrics
 	state, err := os.MkdirTemp(b.dir, "state-")
 	if err != nil {
@@ -238,7 +240,7 @@ func (b *bench) drainRun(ctx context.Context, emu *emulator.Server, ourBin, metr
 	}
 
 	// 2. The bridge is back: a new process replays the spool.
-	clock.reset()
+	clock.reset(false)
 	drainCmd := exec.CommandContext(cctx, ourBin, "-config", pluginConf)
 	drainCmd.Env = env
 	stdin, err := drainCmd.StdinPipe()
@@ -249,12 +251,12 @@ func (b *bench) drainRun(ctx context.Context, emu *emulator.Server, ourBin, metr
 	if err := drainCmd.Start(); err != nil {
 		return 0, 0, err
 	}
-	_ = emu.WaitFor(cctx, func() bool { return clock.count.Load() >= int64(n) })
+	clock.waitFor(cctx, n, clientTimeout)
 	_, last := clock.span()
 	stdin.Close()
 	_ = drainCmd.Wait()
-	if got := clock.count.Load(); got < int64(n) {
-		return 0, 0, fmt.Errorf("drained %d of %d spooled metrics", got, n)
+	if t := clock.count(lineProtocolTimes(n)); !t.ok() {
+		return 0, 0, fmt.Errorf("drained: at the receiver %s", t)
 	}
 	return spooling, float64(n) / last.Sub(start).Seconds(), nil
 }
