@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -95,6 +96,24 @@ func dialer(ctx context.Context, tlsCfg *tls.Config, timeout time.Duration, coun
 			return nil, err
 		}
 		opened(conn)
-		return &publishCountingConn{Conn: conn, publishes: counter}, nil
+		return &publishCountingConn{Conn: newBufferedConn(conn), publishes: counter}, nil
 	}
 }
+
+// bufferedConn reads through a buffer. paho reads each packet straight off
+// the connection in small pieces (the type byte, each byte of the length,
+// then the body: three reads for a 4-byte PUBACK), which on plain TCP is a
+// system call each; with a buffer one call takes every PUBACK that has
+// arrived. Only paho's single reader goroutine reads; writes, deadlines and
+// Close go to the connection itself. (A TLS connection already buffers
+// whole records; the buffer costs it only a copy.)
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func newBufferedConn(c net.Conn) *bufferedConn {
+	return &bufferedConn{Conn: c, r: bufio.NewReaderSize(c, 32<<10)}
+}
+
+func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }

@@ -89,6 +89,52 @@ type connection struct {
 
 	// raw is the network connection under paho, closed to abort a connect.
 	raw atomic.Pointer[net.Conn]
+
+	// publishes feeds the connection's publishers (see startPublishers).
+	publishes chan publishRequest
+}
+
+// publishRequest asks a publisher of a connection to hand a message to
+// paho; the token comes back on reply (buffered, so a publisher never waits
+// for a caller that gave up).
+type publishRequest struct {
+	topic   string
+	qos     byte
+	payload []byte
+	reply   chan mqtt.Token
+}
+
+// publishersPerConn is how many goroutines of a connection hand messages to
+// paho. paho takes one message at a time (its outbound channel is
+// unbuffered, read by its single writer), so a few suffice to keep it busy
+// while one of them prepares the next packet.
+const publishersPerConn = 2
+
+// replyChans recycles the reply channels of publishRequest: only those
+// whose token was received go back, so a recycled channel is always empty.
+var replyChans = sync.Pool{New: func() any { return make(chan mqtt.Token, 1) }}
+
+// startPublishers starts the goroutines that call paho's Publish for the
+// connection. paho's Publish blocks while its writer is stalled (until the
+// write timeout, even after the connection is gone); callers hand their
+// message over and wait on the reply or on lost, so a lost connection or
+// an ended context frees them at once. A few long-lived goroutines per
+// connection do what a goroutine per message did, without its cost. They
+// end with the connection (one stuck in paho ends when paho gives up).
+func (cs *connection) startPublishers() {
+	cs.publishes = make(chan publishRequest)
+	for range publishersPerConn {
+		go func() {
+			for {
+				select {
+				case r := <-cs.publishes:
+					r.reply <- cs.client.Publish(r.topic, r.qos, false, r.payload)
+				case <-cs.lost:
+					return
+				}
+			}
+		}()
+	}
 }
 
 // ackedMsg is an acknowledged message kept for ackedWindow.
@@ -427,6 +473,7 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 	if err := tok.Error(); err != nil {
 		return nil, explainConnectError(err)
 	}
+	cs.startPublishers()
 	return cs, nil
 }
 
@@ -812,15 +859,24 @@ func (s *Session) sendKeep(ctx context.Context, cs *connection, topic string, qo
 	if cs.isLost() {
 		return errConnLost
 	}
-	// paho's Publish blocks while its outbound queue is full (a stalled
-	// link) until its write timeout, even after the connection is gone; call
-	// it aside so that a lost connection or an ended context frees the caller
-	// and its window slot at once.
-	tokCh := make(chan mqtt.Token, 1)
-	go func() { tokCh <- cs.client.Publish(topic, qos, false, payload) }()
+	// paho's Publish blocks while its writer is stalled until its write
+	// timeout, even after the connection is gone: a publisher of the
+	// connection calls it, so that a lost connection or an ended context
+	// frees the caller and its window slot at once.
+	reply := replyChans.Get().(chan mqtt.Token)
+	select {
+	case cs.publishes <- publishRequest{topic: topic, qos: qos, payload: payload, reply: reply}:
+	case <-cs.lost:
+		replyChans.Put(reply) // never sent: still empty
+		return errConnLost
+	case <-ctx.Done():
+		replyChans.Put(reply)
+		return ctx.Err()
+	}
 	var tok mqtt.Token
 	select {
-	case tok = <-tokCh:
+	case tok = <-reply:
+		replyChans.Put(reply)
 	case <-cs.lost:
 		return errConnLost
 	case <-ctx.Done():

@@ -362,13 +362,14 @@ func TestIntegrationSessionRetriesAtOnceAfterConnectionLoss(t *testing.T) {
 	require.NoError(t, o.Write([]telegraf.Metric{m("cpu", tags, 0)}))
 
 	// The link stops carrying data: 25 MB of telemetry fill the socket
-	// buffers, paho's writer blocks and the other publishes queue in paho's
-	// Publish.
+	// buffers, paho's writer blocks, the session's publishers block in
+	// paho's Publish and the other publishes queue behind them.
 	proxy.pause()
 	batch := repeatSized(t, "big", tags, 250_000, 100)
 	done := make(chan error, 1)
 	go func() { done <- o.Write(batch) }()
-	waitForGoroutines(t, "paho%2emqtt%2egolang.(*client).Publish(", 30)
+	waitForGoroutines(t, "paho%2emqtt%2egolang.(*client).Publish(", 1)
+	waitForGoroutines(t, "gateway.(*Session).sendKeep(", 30)
 
 	// The connection drops and the bridge is reachable again at once.
 	proxy.cut()

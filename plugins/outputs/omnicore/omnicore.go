@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"text/template"
 	"time"
 
@@ -683,42 +684,54 @@ func (o *OmniCore) drop(st *writeStats, reason string, m telegraf.Metric) {
 // publish sends the messages concurrently and waits for all of them. It
 // returns how many were not acknowledged for a reason that may pass
 // (bridge unreachable until write_timeout) and the first such error.
+//
+// At most parallel long-lived workers take the messages in order, rather
+// than a goroutine per message.
 func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) (int, error) {
 	var (
-		g        errgroup.Group
+		wg       sync.WaitGroup
+		next     atomic.Int64
 		mu       sync.Mutex
 		failed   int
 		firstErr error
 	)
-	g.SetLimit(o.parallel)
-	for i := range msgs {
-		msg := &msgs[i]
-		g.Go(func() error {
-			err := o.publishOne(ctx, msg)
-			mu.Lock()
-			defer mu.Unlock()
-			reason := permanentReason(err)
-			switch {
-			case err == nil:
-				st.sent++
-				st.metricsSent += len(msg.metrics)
-			case reason == "":
-				failed++
-				if firstErr == nil {
-					firstErr = err
-				}
-				return nil
-			default:
-				st.dropped[reason] += len(msg.metrics)
-				o.warnings.warnf(reason, "Dropping %d metrics of device %q: %v", len(msg.metrics), msg.Device, err)
+	settle := func(msg *message, err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		reason := permanentReason(err)
+		switch {
+		case err == nil:
+			st.sent++
+			st.metricsSent += len(msg.metrics)
+		case reason == "":
+			failed++
+			if firstErr == nil {
+				firstErr = err
 			}
-			for _, m := range msg.metrics {
-				st.settled[m] = err == nil
-			}
-			return nil
-		})
+			return
+		default:
+			st.dropped[reason] += len(msg.metrics)
+			o.warnings.warnf(reason, "Dropping %d metrics of device %q: %v", len(msg.metrics), msg.Device, err)
+		}
+		for _, m := range msg.metrics {
+			st.settled[m] = err == nil
+		}
 	}
-	_ = g.Wait()
+	for range min(o.parallel, len(msgs)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(msgs) {
+					return
+				}
+				msg := &msgs[i]
+				settle(msg, o.publishOne(ctx, msg))
+			}
+		}()
+	}
+	wg.Wait()
 	return failed, firstErr
 }
 
