@@ -413,3 +413,42 @@ func countGoroutines(frame string) int {
 		buf = make([]byte, 2*len(buf))
 	}
 }
+
+// TestIntegrationLayoutAutoUnderTheRateCap runs layout auto against a bridge
+// that closes any connection above 100 messages/s: 4,000 metrics of 100
+// devices in one Write arrive exactly once, on one connection that was never
+// closed, in about one message per device.
+func TestIntegrationLayoutAutoUnderTheRateCap(t *testing.T) {
+	devices := deviceIDs(100)
+	srv := emulator.NewServer(emulator.WithRules(func(r *emulator.Rules) {
+		r.MaxMessageRate = 100
+		r.RateAction = emulator.RateClose
+	}))
+	t.Cleanup(srv.Close)
+	key := srv.AddTestGateway(t, itRegistry, itGateway, omnicore.ES256, devices...)
+	o := connectPlugin(t, srv, key, func(o *OmniCore) {
+		o.Devices = devices
+		o.Layout = layoutAuto
+		o.MaxMessageRate = 100
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	require.NoError(t, srv.WaitAttached(ctx, itRegistry, itGateway, devices...))
+
+	var all []telegraf.Metric
+	for round := range 40 {
+		for _, d := range devices {
+			all = append(all, m("sensor", map[string]string{"device_id": d}, round))
+		}
+	}
+	require.NoError(t, o.Write(all))
+
+	received := srv.Received()
+	got, dups := receivedKeys(t, received)
+	require.Zero(t, dups)
+	require.ElementsMatch(t, sentKeys(t, omnicore.KindEvents, all), got)
+	require.LessOrEqual(t, len(received), 100, "4,000 metrics fit in a second of the budget only packed")
+	conns := gatewayConnections(srv)
+	require.Len(t, conns, 1, "the bridge closed the connection for its rate")
+	require.True(t, conns[0].Open())
+}

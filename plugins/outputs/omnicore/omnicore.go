@@ -43,6 +43,7 @@ const (
 const (
 	layoutNonBatch = "non-batch"
 	layoutBatch    = "batch"
+	layoutAuto     = "auto"
 )
 
 // stateTagValue is the value of state_tag that routes a metric to state.
@@ -132,6 +133,10 @@ type OmniCore struct {
 	mu        sync.Mutex
 	nextState map[string]time.Time // device -> earliest time of its next state message
 
+	// serializing is held while a publish worker serializes a message of
+	// layout auto.
+	serializing sync.Mutex
+
 	// settled holds, under the execd binary, the metrics of failed Writes
 	// that were acknowledged or given up on, so that the binary's retry of
 	// the same batch sends only the rest. It is emptied by the next
@@ -163,9 +168,9 @@ func (o *OmniCore) Init() error {
 		return fmt.Errorf("qos %d must be 0 or 1 (the bridge does not support QoS 2)", o.QoS)
 	}
 	switch o.Layout {
-	case layoutNonBatch, layoutBatch:
+	case layoutNonBatch, layoutBatch, layoutAuto:
 	default:
-		return fmt.Errorf("layout %q must be %q or %q", o.Layout, layoutNonBatch, layoutBatch)
+		return fmt.Errorf("layout %q must be %q, %q or %q", o.Layout, layoutNonBatch, layoutBatch, layoutAuto)
 	}
 	if o.WriteTimeout <= 0 {
 		return fmt.Errorf("write_timeout %s must be positive", time.Duration(o.WriteTimeout))
@@ -326,6 +331,10 @@ type message struct {
 	gateway.Message
 	metrics   []telegraf.Metric
 	notBefore time.Time // state pacing
+	// pending are the metrics of a message of layout auto, serialized by
+	// the worker that sends it (see packAuto); Payload is empty until then.
+	pending []entry
+	dst     destination
 }
 
 // writeStats are the counts of one Write, for its debug line.
@@ -435,8 +444,12 @@ func (o *OmniCore) prepare(metrics []telegraf.Metric, st *writeStats) []message 
 	}
 
 	var msgs []message
-	for _, dst := range order {
-		msgs = o.serialize(msgs, dst, events[dst], st)
+	if o.Layout == layoutAuto {
+		msgs = o.packAuto(order, events)
+	} else {
+		for _, dst := range order {
+			msgs = o.serialize(msgs, dst, events[dst], st)
+		}
 	}
 	// State messages go last, those that have to wait for their device's
 	// interval sorted by the time they may go, so that a waiting state never
@@ -561,6 +574,68 @@ func (o *OmniCore) strip(m telegraf.Metric) telegraf.Metric {
 		c.RemoveTag(t)
 	}
 	return c
+}
+
+// autoHorizon is the time layout auto lets one Write's telemetry take
+// under max_message_rate before it packs: a Write whose metrics fit in
+// this much of the rate budget goes out one metric per message, a larger
+// one is packed just enough to fit (and no further than one message per
+// destination, split at the bridge's size limit).
+const autoHorizon = time.Second
+
+// packAuto groups the telemetry of a Write for layout auto: as many metrics
+// per message as the rate budget requires. Without max_message_rate there
+// is no budget to fit, and every metric is its own message. The groups are
+// serialized by the workers that send them (serializePending), so that the
+// first messages go out while the rest are still being packed.
+func (o *OmniCore) packAuto(order []destination, events map[destination][]entry) []message {
+	total := 0
+	for _, dst := range order {
+		total += len(events[dst])
+	}
+	budget := o.MaxMessageRate * autoHorizon.Seconds()
+	onePerMetric := o.MaxMessageRate <= 0 || float64(total) <= budget
+	var msgs []message
+	for _, dst := range order {
+		es := events[dst]
+		parts := len(es)
+		if !onePerMetric {
+			// This destination's share of the budget, at least one.
+			parts = max(1, int(float64(len(es))*budget/float64(total)))
+		}
+		size := (len(es) + parts - 1) / parts
+		for len(es) > 0 {
+			n := min(size, len(es))
+			msg := message{
+				Message: gateway.Message{Device: dst.device, Kind: dst.kind, Subfolder: dst.subfolder, QoS: byte(o.QoS)},
+				dst:     dst,
+				pending: es[:n:n],
+				metrics: make([]telegraf.Metric, n),
+			}
+			for i, e := range es[:n] {
+				msg.metrics[i] = e.orig
+			}
+			msgs = append(msgs, msg)
+			es = es[n:]
+		}
+	}
+	return msgs
+}
+
+// serializePending serializes a message of layout auto into the messages
+// that go out (more than one when the bridge's size limit splits it). The
+// serializer is not safe for concurrent use: the workers take turns.
+func (o *OmniCore) serializePending(msg *message, st *writeStats) []message {
+	o.serializing.Lock()
+	defer o.serializing.Unlock()
+	if len(msg.pending) == 1 {
+		payload, ok := o.serializeOne(msg.dst, msg.pending[0], st)
+		if !ok {
+			return nil
+		}
+		return []message{o.newMessage(msg.dst, payload, msg.pending[0])}
+	}
+	return o.serializeBatch(nil, msg.dst, msg.pending, st)
 }
 
 // limit is the bridge's payload limit for kind.
@@ -727,7 +802,26 @@ func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) 
 					return
 				}
 				msg := &msgs[i]
-				settle(msg, o.publishOne(ctx, msg))
+				if msg.pending == nil {
+					settle(msg, o.publishOne(ctx, msg))
+					continue
+				}
+				// Layout auto: serialize now, counting drops apart
+				// from the other workers.
+				local := &writeStats{dropped: make(map[string]int), settled: make(map[telegraf.Metric]bool)}
+				parts := o.serializePending(msg, local)
+				mu.Lock()
+				st.messages += len(parts) - 1
+				for r, n := range local.dropped {
+					st.dropped[r] += n
+				}
+				for m, ok := range local.settled {
+					st.settled[m] = ok
+				}
+				mu.Unlock()
+				for j := range parts {
+					settle(&parts[j], o.publishOne(ctx, &parts[j]))
+				}
 			}
 		}()
 	}

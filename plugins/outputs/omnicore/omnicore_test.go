@@ -890,3 +890,94 @@ func TestWriteBeforeConnect(t *testing.T) {
 	require.ErrorContains(t, o.Write([]telegraf.Metric{m("cpu", nil, 1)}), "not connected")
 	require.NoError(t, o.Write(nil))
 }
+
+// TestLayoutAuto checks how layout auto packs: one metric per message while
+// the Write fits in a second of max_message_rate (or there is no rate),
+// packed just enough to fit when it does not, never across destinations.
+func TestLayoutAuto(t *testing.T) {
+	dev := func(d string, sec int) telegraf.Metric { return m("cpu", map[string]string{"device_id": d}, sec) }
+	tests := []struct {
+		name     string
+		rate     float64
+		batch    []telegraf.Metric
+		expected []published
+	}{
+		{
+			name:  "no rate: one metric per message",
+			batch: []telegraf.Metric{dev("dev1", 1), dev("dev1", 2), dev("dev2", 1)},
+			expected: []published{
+				expect(t, "dev1", events, "", m("cpu", nil, 1)),
+				expect(t, "dev1", events, "", m("cpu", nil, 2)),
+				expect(t, "dev2", events, "", m("cpu", nil, 1)),
+			},
+		},
+		{
+			name:  "within a second of the budget: one metric per message",
+			rate:  3,
+			batch: []telegraf.Metric{dev("dev1", 1), dev("dev1", 2), dev("dev2", 1)},
+			expected: []published{
+				expect(t, "dev1", events, "", m("cpu", nil, 1)),
+				expect(t, "dev1", events, "", m("cpu", nil, 2)),
+				expect(t, "dev2", events, "", m("cpu", nil, 1)),
+			},
+		},
+		{
+			name: "over the budget: each destination packed to its share",
+			rate: 2,
+			batch: []telegraf.Metric{dev("dev1", 1), dev("dev1", 2), dev("dev1", 3), dev("dev1", 4),
+				dev("dev1", 5), dev("dev1", 6), dev("dev2", 1), dev("dev2", 2)},
+			expected: []published{
+				expect(t, "dev1", events, "", m("cpu", nil, 1), m("cpu", nil, 2), m("cpu", nil, 3), m("cpu", nil, 4), m("cpu", nil, 5), m("cpu", nil, 6)),
+				expect(t, "dev2", events, "", m("cpu", nil, 1), m("cpu", nil, 2)),
+			},
+		},
+		{
+			name: "a large share is split into parts: 4 messages for a budget of 4",
+			rate: 4,
+			batch: []telegraf.Metric{dev("dev1", 1), dev("dev1", 2), dev("dev1", 3), dev("dev1", 4),
+				dev("dev1", 5), dev("dev1", 6), dev("dev2", 1), dev("dev2", 2)},
+			expected: []published{
+				expect(t, "dev1", events, "", m("cpu", nil, 1), m("cpu", nil, 2)),
+				expect(t, "dev1", events, "", m("cpu", nil, 3), m("cpu", nil, 4)),
+				expect(t, "dev1", events, "", m("cpu", nil, 5), m("cpu", nil, 6)),
+				expect(t, "dev2", events, "", m("cpu", nil, 1), m("cpu", nil, 2)),
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			conn := gatewaytest.New("gw")
+			o := newPlugin(t, conn, func(o *OmniCore) {
+				o.Layout = layoutAuto
+				o.MaxMessageRate = tt.rate
+			})
+			require.NoError(t, o.Write(tt.batch))
+			// The workers send concurrently: compare as sets.
+			require.ElementsMatch(t, strs(tt.expected...), decode(t, conn.Published()))
+		})
+	}
+}
+
+// TestLayoutAutoSplitsAtTheLimit: a packed group larger than the bridge's
+// telemetry limit goes out in several messages, and every metric arrives.
+func TestLayoutAutoSplitsAtTheLimit(t *testing.T) {
+	conn := gatewaytest.New("gw")
+	o := newPlugin(t, conn, func(o *OmniCore) {
+		o.Layout = layoutAuto
+		o.MaxMessageRate = 1
+	})
+	tags := map[string]string{"device_id": "dev1"}
+	var batch []telegraf.Metric
+	for i := range 6 {
+		batch = append(batch, sized(t, "big", tags, 100_000, i))
+	}
+	require.NoError(t, o.Write(batch))
+	pub := conn.Published()
+	require.Len(t, pub, 3, "600 KB of one device in messages of at most 256 KB")
+	n := 0
+	for _, p := range pub {
+		require.LessOrEqual(t, len(p.Payload), omnicore.MaxTelemetryBytes)
+		n += len(parse(t, p.Payload))
+	}
+	require.Equal(t, len(batch), n)
+}
