@@ -17,7 +17,8 @@
 //	    telegraf-omnicore -> emulator, vs outputs.mqtt in the same Telegraf
 //	3   attach storm: 1,000 and 10,000 devices pipelined vs one at a time
 //	4   memory per attached device and over a long run, in a child process
-//	5   under the bridge's 100 messages/s limit: layout batch vs non-batch
+//	5   under the bridge's 100 messages/s cap (throttle and close), a flush
+//	    every 10 s: layout auto vs batch and non-batch, rate and latency
 //	6   inbound: commands and configs to metrics, rate and latency, vs
 //	    Telegraf's inputs.mqtt_consumer
 //
@@ -47,21 +48,22 @@ import (
 
 // options are the command-line settings.
 type options struct {
-	runs        int
-	quick       bool
-	only        map[string]bool
-	out         string
-	mosquitto   string
-	telegraf    string
-	omnicoreBin string
-	timeout     time.Duration
-	workDir     string
-	quiet       bool
-	cpuProfile  string
-	metrics     int
-	e2eMetrics  int
-	clients     map[string]bool
-	brokers     map[string]bool
+	runs          int
+	quick         bool
+	only          map[string]bool
+	out           string
+	mosquitto     string
+	telegraf      string
+	omnicoreBin   string
+	timeout       time.Duration
+	workDir       string
+	quiet         bool
+	cpuProfile    string
+	metrics       int
+	e2eMetrics    int
+	ratePerDevice int
+	clients       map[string]bool
+	brokers       map[string]bool
 }
 
 func main() {
@@ -103,6 +105,7 @@ func parseOptions(args []string) (*options, error) {
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of this process to the file")
 	fs.IntVar(&o.metrics, "metrics", 0, "override the number of metrics of benchmark 1 (ours, outputs.mqtt and bare alike)")
 	fs.IntVar(&o.e2eMetrics, "e2e-metrics", 0, "override the number of metrics of benchmark 2")
+	fs.IntVar(&o.ratePerDevice, "rate-per-device", 0, "override the metrics per device and flush of benchmark 5")
 	var clients, brokers string
 	fs.StringVar(&clients, "clients", "", "benchmarks 1 and 1b: only these clients (ours,mqtt,bare), e.g. to profile one of them")
 	fs.StringVar(&brokers, "brokers", "", "benchmarks 1, 1b and 2: only these brokers (mosquitto,emulator)")
@@ -175,8 +178,8 @@ type sizes struct {
 	longCycles             int
 	longDevices            int
 	rateDevices            int
-	rateNonBatch           int // metrics written with layout non-batch
-	rateBatchWrites        int // Writes of 1000 metrics with layout batch
+	ratePerDevice          int // metrics per device and flush (auto and batch)
+	rateFlushes            int
 	inDevices              int
 	inFlood                int // messages per flood
 	inLatency              int // messages sent one at a time for latency
@@ -185,45 +188,45 @@ type sizes struct {
 func sizesFor(quick bool) sizes {
 	if quick {
 		return sizes{
-			pub:             publishSizes{devices: 100, metrics: 10000, mqttMetrics: 2000, warmMQTT: 100, batch: 1000, window: 100},
-			pubRTT:          publishSizes{devices: 100, metrics: 2000, mqttMetrics: 30, warmMQTT: 5, batch: 1000, window: 100},
-			nagleMetrics:    5000,
-			e2eMetrics:      5000,
-			drainMetrics:    20000,
-			e2eDevices:      100,
-			attach:          []int{1000},
-			attachRTT:       1000,
-			attachRTTSeq:    20,
-			memDevices:      []int{100, 1000},
-			longCycles:      6,
-			longDevices:     100,
-			rateDevices:     20,
-			rateNonBatch:    200,
-			rateBatchWrites: 1,
-			inDevices:       10,
-			inFlood:         500,
-			inLatency:       50,
+			pub:           publishSizes{devices: 100, metrics: 10000, mqttMetrics: 2000, warmMQTT: 100, batch: 1000, window: 100},
+			pubRTT:        publishSizes{devices: 100, metrics: 2000, mqttMetrics: 30, warmMQTT: 5, batch: 1000, window: 100},
+			nagleMetrics:  5000,
+			e2eMetrics:    5000,
+			drainMetrics:  20000,
+			e2eDevices:    100,
+			attach:        []int{1000},
+			attachRTT:     1000,
+			attachRTTSeq:  20,
+			memDevices:    []int{100, 1000},
+			longCycles:    6,
+			longDevices:   100,
+			rateDevices:   20,
+			ratePerDevice: 50,
+			rateFlushes:   1,
+			inDevices:     10,
+			inFlood:       500,
+			inLatency:     50,
 		}
 	}
 	return sizes{
-		pub:             publishSizes{devices: 1000, metrics: 200000, mqttMetrics: 200000, warmMQTT: 1000, batch: 1000, window: 100},
-		pubRTT:          publishSizes{devices: 1000, metrics: 30000, mqttMetrics: 300, warmMQTT: 20, batch: 1000, window: 100},
-		nagleMetrics:    50000,
-		e2eMetrics:      200000,
-		drainMetrics:    1000000,
-		e2eDevices:      1000,
-		attach:          []int{1000, 10000},
-		attachRTT:       10000,
-		attachRTTSeq:    250,
-		memDevices:      []int{1000, 10000},
-		longCycles:      60,
-		longDevices:     1000,
-		rateDevices:     100,
-		rateNonBatch:    1000,
-		rateBatchWrites: 5,
-		inDevices:       100,
-		inFlood:         5000,
-		inLatency:       300,
+		pub:           publishSizes{devices: 1000, metrics: 200000, mqttMetrics: 200000, warmMQTT: 1000, batch: 1000, window: 100},
+		pubRTT:        publishSizes{devices: 1000, metrics: 30000, mqttMetrics: 300, warmMQTT: 20, batch: 1000, window: 100},
+		nagleMetrics:  50000,
+		e2eMetrics:    200000,
+		drainMetrics:  1000000,
+		e2eDevices:    1000,
+		attach:        []int{1000, 10000},
+		attachRTT:     10000,
+		attachRTTSeq:  250,
+		memDevices:    []int{1000, 10000},
+		longCycles:    60,
+		longDevices:   1000,
+		rateDevices:   1000,
+		ratePerDevice: 500,
+		rateFlushes:   2,
+		inDevices:     100,
+		inFlood:       5000,
+		inLatency:     300,
 	}
 }
 
@@ -279,6 +282,9 @@ func run(ctx context.Context, opts *options, stdout io.Writer) error {
 	b := &bench{opts: opts, sz: sizesFor(opts.quick), dir: dir, id: id, pub: pub}
 	if opts.metrics > 0 {
 		b.sz.pub.metrics, b.sz.pub.mqttMetrics = opts.metrics, opts.metrics
+	}
+	if opts.ratePerDevice > 0 {
+		b.sz.ratePerDevice = opts.ratePerDevice
 	}
 	if opts.cpuProfile != "" {
 		f, err := os.Create(opts.cpuProfile)

@@ -576,12 +576,14 @@ func (o *OmniCore) strip(m telegraf.Metric) telegraf.Metric {
 	return c
 }
 
-// autoHorizon is the time layout auto lets one Write's telemetry take
-// under max_message_rate before it packs: a Write whose metrics fit in
-// this much of the rate budget goes out one metric per message, a larger
-// one is packed just enough to fit (and no further than one message per
-// destination, split at the bridge's size limit).
-const autoHorizon = time.Second
+// autoHorizon is the share of max_message_rate that layout auto spends on
+// one Write without waiting: the session's limiter lets a tenth of a
+// second's worth go at once (its burst). A Write whose telemetry fits in
+// it goes out one metric per message; a larger one is packed just enough
+// to fit, and no further than one message per destination (as batch,
+// split at the bridge's size limit): under a cap, fewer messages finish
+// the Write sooner.
+const autoHorizon = 100 * time.Millisecond
 
 // packAuto groups the telemetry of a Write for layout auto: as many metrics
 // per message as the rate budget requires. Without max_message_rate there
@@ -593,7 +595,7 @@ func (o *OmniCore) packAuto(order []destination, events map[destination][]entry)
 	for _, dst := range order {
 		total += len(events[dst])
 	}
-	budget := o.MaxMessageRate * autoHorizon.Seconds()
+	budget := max(1, o.MaxMessageRate*autoHorizon.Seconds())
 	onePerMetric := o.MaxMessageRate <= 0 || float64(total) <= budget
 	var msgs []message
 	for _, dst := range order {

@@ -892,8 +892,9 @@ func TestWriteBeforeConnect(t *testing.T) {
 }
 
 // TestLayoutAuto checks how layout auto packs: one metric per message while
-// the Write fits in a second of max_message_rate (or there is no rate),
-// packed just enough to fit when it does not, never across destinations.
+// the Write fits in what max_message_rate lets go at once (a tenth of a
+// second's worth; always without a rate), packed just enough to fit when it
+// does not, never across destinations.
 func TestLayoutAuto(t *testing.T) {
 	dev := func(d string, sec int) telegraf.Metric { return m("cpu", map[string]string{"device_id": d}, sec) }
 	tests := []struct {
@@ -912,8 +913,8 @@ func TestLayoutAuto(t *testing.T) {
 			},
 		},
 		{
-			name:  "within a second of the budget: one metric per message",
-			rate:  3,
+			name:  "within the budget: one metric per message",
+			rate:  30,
 			batch: []telegraf.Metric{dev("dev1", 1), dev("dev1", 2), dev("dev2", 1)},
 			expected: []published{
 				expect(t, "dev1", events, "", m("cpu", nil, 1)),
@@ -923,7 +924,7 @@ func TestLayoutAuto(t *testing.T) {
 		},
 		{
 			name: "over the budget: each destination packed to its share",
-			rate: 2,
+			rate: 20,
 			batch: []telegraf.Metric{dev("dev1", 1), dev("dev1", 2), dev("dev1", 3), dev("dev1", 4),
 				dev("dev1", 5), dev("dev1", 6), dev("dev2", 1), dev("dev2", 2)},
 			expected: []published{
@@ -933,7 +934,7 @@ func TestLayoutAuto(t *testing.T) {
 		},
 		{
 			name: "a large share is split into parts: 4 messages for a budget of 4",
-			rate: 4,
+			rate: 40,
 			batch: []telegraf.Metric{dev("dev1", 1), dev("dev1", 2), dev("dev1", 3), dev("dev1", 4),
 				dev("dev1", 5), dev("dev1", 6), dev("dev2", 1), dev("dev2", 2)},
 			expected: []published{
