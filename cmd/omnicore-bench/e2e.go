@@ -173,7 +173,7 @@ type e2eResult struct {
 
 // e2eRun runs Telegraf once with cfgPath and counts at rcv what arrived of
 // want (the metric timestamps of the input file).
-func e2eRun(ctx context.Context, telegrafBin, cfgPath, logPath, runtimeDir string, rcv *receiver, want []int64) (e2eResult, error) {
+func e2eRun(ctx context.Context, cpus, telegrafBin, cfgPath, logPath, runtimeDir string, rcv *receiver, want []int64) (e2eResult, error) {
 	rcv.reset(false)
 	n := len(want)
 	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
@@ -184,6 +184,11 @@ func e2eRun(ctx context.Context, telegrafBin, cfgPath, logPath, runtimeDir strin
 	}
 	defer logf.Close()
 	cmd := exec.CommandContext(ctx, telegrafBin, "--config", cfgPath, "--once")
+	if cpus != "" {
+		// taskset execs Telegraf: the process (and the children it starts,
+		// which inherit the affinity) is Telegraf itself.
+		cmd = exec.CommandContext(ctx, "taskset", "-c", cpus, telegrafBin, "--config", cfgPath, "--once")
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), share.EnvRuntimeDir+"="+runtimeDir)
 	cmd.WaitDelay = 10 * time.Second
@@ -320,10 +325,14 @@ func (b *bench) benchEndToEnd(ctx context.Context) error {
 func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBin, metricsFile string, want []int64, devices int) error {
 	n := len(want)
 	slug := strings.Fields(br.name)[0]
-	r := &row{id: "2", name: fmt.Sprintf("end to end through Telegraf --once: inputs.file, %s metrics, %s devices -> %s",
-		groupThousands(int64(n)), groupThousands(int64(devices)), br.name),
+	where := ""
+	if b.opts.cpus != "" {
+		where = fmt.Sprintf(", Telegraf and the plugin on CPU %s only (taskset -c %s)", b.opts.cpus, b.opts.cpus)
+	}
+	r := &row{id: "2", name: fmt.Sprintf("end to end through Telegraf --once: inputs.file, %s metrics, %s devices -> %s%s",
+		groupThousands(int64(n)), groupThousands(int64(devices)), br.name, where),
 		unit: "metrics/s", oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "outputs.mqtt"}
-	cpuRow := &row{id: "2", name: fmt.Sprintf("CPU per metric of Telegraf and its children, same runs (-> %s)", br.name),
+	cpuRow := &row{id: "2", name: fmt.Sprintf("CPU per metric of Telegraf and its children, same runs (-> %s%s)", br.name, where),
 		unit: "µs/metric", lowerIsBetter: true, oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "outputs.mqtt",
 		note:      "user + system time of the whole process tree (wait4 of Telegraf, which waits for the execd child), divided by the metrics; goal ours <= 0.5x",
 		slowerWhy: "outputs.execd serializes every metric to line protocol and our process parses it again: two processes do the work of one"}
@@ -390,7 +399,7 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 			}
 			progress("  run %d/%d: telegraf --once with %s -> %s", run+1, b.opts.runs, name, br.name)
 			logPath := filepath.Join(b.dir, fmt.Sprintf("telegraf-%s-%d-%t.log", slug, run, ours))
-			res, err := e2eRun(ctx, telegrafBin, conf, logPath, filepath.Join(b.dir, "runtime-e2e"), br.rcv, want)
+			res, err := e2eRun(ctx, b.opts.cpus, telegrafBin, conf, logPath, filepath.Join(b.dir, "runtime-e2e"), br.rcv, want)
 			if ours {
 				sumOurs.add(res.tally)
 			} else {
@@ -422,7 +431,7 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 				res.first.Round(time.Millisecond), res.cpu, rss)
 		}
 	}
-	where := "the emulator's accepted events"
+	where = "the emulator's accepted events"
 	topics := "outputs.mqtt publishes to the gateway's own events/{device} subfolders (it cannot attach)"
 	if !br.emu {
 		where = "a QoS 1 subscriber of mosquitto"

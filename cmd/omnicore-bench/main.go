@@ -62,6 +62,7 @@ type options struct {
 	metrics       int
 	e2eMetrics    int
 	ratePerDevice int
+	cpus          string
 	clients       map[string]bool
 	brokers       map[string]bool
 }
@@ -105,6 +106,7 @@ func parseOptions(args []string) (*options, error) {
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of this process to the file")
 	fs.IntVar(&o.metrics, "metrics", 0, "override the number of metrics of benchmark 1 (ours, outputs.mqtt and bare alike)")
 	fs.IntVar(&o.e2eMetrics, "e2e-metrics", 0, "override the number of metrics of benchmark 2")
+	fs.StringVar(&o.cpus, "cpus", "", "benchmark 2: run Telegraf (and the plugin process it starts) on these CPUs only (taskset -c), e.g. 0 to stand in for a one-core gateway")
 	fs.IntVar(&o.ratePerDevice, "rate-per-device", 0, "override the metrics per device and flush of benchmark 5")
 	var clients, brokers string
 	fs.StringVar(&clients, "clients", "", "benchmarks 1 and 1b: only these clients (ours,mqtt,bare), e.g. to profile one of them")
