@@ -224,7 +224,7 @@ func sizesFor(quick bool) sizes {
 		longCycles:    60,
 		longDevices:   1000,
 		rateDevices:   1000,
-		ratePerDevice: 500,
+		ratePerDevice: 600,
 		rateFlushes:   2,
 		inDevices:     100,
 		inFlood:       5000,
