@@ -106,9 +106,10 @@ type publishRequest struct {
 
 // publishersPerConn is how many goroutines of a connection hand messages to
 // paho. paho takes one message at a time (its outbound channel is
-// unbuffered, read by its single writer), so a few suffice to keep it busy
-// while one of them prepares the next packet.
-const publishersPerConn = 2
+// unbuffered, read by its single writer); several keep a message ready for
+// the writer even when the machine is busy and a woken publisher waits to
+// be scheduled.
+const publishersPerConn = 8
 
 // replyChans recycles the reply channels of publishRequest: only those
 // whose token was received go back, so a recycled channel is always empty.
