@@ -434,7 +434,7 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 	where = "the emulator's accepted events"
 	topics := "outputs.mqtt publishes to the gateway's own events/{device} subfolders (it cannot attach)"
 	if !br.emu {
-		where = "a QoS 1 subscriber of mosquitto"
+		where = "a subscriber of mosquitto"
 		topics = "both publish to the per-device topics /{registry}/{device}/events"
 	}
 	r.note = fmt.Sprintf("real Telegraf %s processes, metric_batch_size 1000, QoS 1 both; rate between the first and the last delivery; counting from Telegraf's start (startup, connect and attach included) ours %s, outputs.mqtt %s; time from Telegraf's start to the first delivery ours %s, outputs.mqtt %s; %s; counted at the receiver (%s), all runs: ours %s; outputs.mqtt %s",

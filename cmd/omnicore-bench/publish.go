@@ -321,7 +321,7 @@ const receiverQuiet = 10 * time.Second
 func (pc *publishCase) receiverNote() string {
 	where := "the emulator's accepted events"
 	if pc.b.emu == nil {
-		where = "a QoS 1 subscriber of mosquitto"
+		where = "a subscriber of mosquitto"
 	}
 	var parts []string
 	for _, name := range []string{"outputs.omnicore", "outputs.mqtt", "bare paho", "bare paho, batches"} {

@@ -166,10 +166,11 @@ func startMosquitto(ctx context.Context, bin, dir string, nodelay bool) (*mosqui
 			"log_type error",
 			"log_type warning",
 			"max_keepalive 600",
-			// The counting subscriber must lose nothing: mosquitto's
-			// default drops QoS 1 messages beyond 1,000 queued for a
-			// subscriber. This concerns only the subscriber's side; the
-			// publishers see the broker's defaults.
+			// The counting subscriber (QoS 0) must lose nothing: no
+			// limit on what mosquitto queues for it (the default
+			// bounds a subscriber's queue at 1,000 messages). This
+			// concerns only the subscriber's side; the publishers see
+			// the broker's defaults.
 			"max_queued_messages 0",
 			fmt.Sprintf("set_tcp_nodelay %t", nodelay),
 			"",
