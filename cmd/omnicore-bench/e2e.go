@@ -336,7 +336,7 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 		unit: "µs/metric", lowerIsBetter: true, oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "outputs.mqtt",
 		note:      "user + system time of the whole process tree (wait4 of Telegraf, which waits for the execd child), divided by the metrics; goal ours <= 0.5x",
 		slowerWhy: "outputs.execd serializes every metric to line protocol and our process parses it again: two processes do the work of one"}
-	rssRow := &row{id: "2", name: fmt.Sprintf("peak memory (RSS) of Telegraf plus the plugin process, same runs (-> %s)", br.name),
+	rssRow := &row{id: "2", name: fmt.Sprintf("peak memory (RSS) of Telegraf plus the plugin process, same runs (-> %s%s)", br.name, where),
 		unit: "MiB", lowerIsBetter: true, oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "outputs.mqtt",
 		note:      "VmRSS of Telegraf and every descendant summed, sampled every 50 ms, peak; metric_buffer_limit holds the whole input in both",
 		slowerWhy: "a second Go process (the execd plugin) has its own runtime and buffers"}
