@@ -81,6 +81,9 @@ type Inbound struct {
 	Topic     string
 	Payload   []byte
 	Received  time.Time
+	// Gateway is the gateway whose connection delivered the message, set
+	// by a pool of gateways (plugins/common/pool); "" from a single one.
+	Gateway string
 }
 
 // Handler receives inbound messages. It runs on the session's dispatch

@@ -27,6 +27,10 @@ type Conn struct {
 	drops      map[string]uint64
 	gauges     map[string]map[string]int64 // by source
 	changed    chan struct{}
+	down       bool   // SetDown: not connected, calls wait
+	failures   uint64 // connect failures reported by Stats
+	hold       bool   // SetHold: publishes wait, unacknowledged
+	holding    int
 }
 
 type sub struct {
@@ -69,14 +73,64 @@ func (c *Conn) FailPublish(device string, err error) {
 	c.publishErr[device] = err
 }
 
+// SetDown makes the fake behave like a session whose bridge refuses it:
+// Stats reports it disconnected with one more connect failure, and Attach,
+// Publish and Subscribe wait until it is up again (or their context ends),
+// as a session waits for its connection.
+func (c *Conn) SetDown(down bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.down = down
+	if down {
+		c.failures++
+	}
+	c.notifyLocked()
+}
+
+// SetHold makes Publish wait, like a message in flight that the bridge has
+// not acknowledged yet: a held message is recorded only once released, and
+// not at all when the caller's context ends first.
+func (c *Conn) SetHold(hold bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.hold = hold
+	c.notifyLocked()
+}
+
+// Holding reports how many publishes wait in SetHold.
+func (c *Conn) Holding() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.holding
+}
+
+// waitLocked waits, with c.mu held, until ok() holds or ctx ends.
+func (c *Conn) waitLocked(ctx context.Context, ok func() bool) error {
+	for !ok() {
+		ch := c.changed
+		c.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			c.mu.Lock()
+			return ctx.Err()
+		}
+		c.mu.Lock()
+	}
+	return nil
+}
+
 func (c *Conn) GatewayID() string { return c.Gateway }
 
-func (c *Conn) Attach(_ context.Context, device string) error {
+func (c *Conn) Attach(ctx context.Context, device string) error {
 	if err := omnicore.ValidateID(device); err != nil {
 		return fmt.Errorf("%w: %w", gateway.ErrInvalidDevice, err)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if err := c.waitLocked(ctx, func() bool { return !c.down }); err != nil {
+		return err
+	}
 	if device == c.Gateway {
 		return nil
 	}
@@ -110,6 +164,13 @@ func (c *Conn) Publish(ctx context.Context, msg gateway.Message) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.publishErr[msg.Device]; err != nil {
+		return err
+	}
+	c.holding++
+	err := c.waitLocked(ctx, func() bool { return !c.hold && !c.down })
+	c.holding--
+	c.notifyLocked()
+	if err != nil {
 		return err
 	}
 	msg.Payload = append([]byte(nil), msg.Payload...)
@@ -191,8 +252,9 @@ func (c *Conn) Stats() gateway.Stats {
 	}
 	return gateway.Stats{
 		Gauges:          gauges,
-		Connected:       true,
+		Connected:       !c.down,
 		Connects:        1,
+		ConnectFailures: c.failures,
 		Attached:        len(c.attached),
 		Published:       uint64(len(c.published)),
 		Acked:           uint64(len(c.published)),

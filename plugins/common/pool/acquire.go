@@ -1,0 +1,50 @@
+package pool
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+)
+
+// AcquireFunc is gateway.Acquire's signature; tests pass fakes.
+type AcquireFunc func(*gateway.Config) (gateway.Conn, func(), error)
+
+// Acquire gets the connection of every gateway in cfgs with acquire
+// (gateway.Acquire when nil: shared per gateway identity, in and across
+// processes, as for a single gateway) and pools them, first config first.
+// Each member's message budget is its config's MaxMessageRate. release
+// closes the pool, then releases every connection.
+func Acquire(cfgs []*gateway.Config, acquire AcquireFunc, opts Options) (p *Pool, release func(), err error) {
+	if len(cfgs) == 0 {
+		return nil, nil, errors.New("pool: no gateways")
+	}
+	if acquire == nil {
+		acquire = gateway.Acquire
+	}
+	var releases []func()
+	releaseAll := func() {
+		for i := len(releases) - 1; i >= 0; i-- {
+			releases[i]()
+		}
+	}
+	members := make([]Member, 0, len(cfgs))
+	for _, cfg := range cfgs {
+		conn, rel, err := acquire(cfg)
+		if err != nil {
+			releaseAll()
+			return nil, nil, fmt.Errorf("gateway %q: %w", cfg.GatewayID, err)
+		}
+		releases = append(releases, rel)
+		members = append(members, Member{Conn: conn, MaxMessageRate: cfg.MaxMessageRate})
+	}
+	p, err = New(members, opts)
+	if err != nil {
+		releaseAll()
+		return nil, nil, err
+	}
+	return p, func() {
+		p.Close()
+		releaseAll()
+	}, nil
+}
