@@ -38,6 +38,9 @@ func Acquire(cfgs []*gateway.Config, acquire AcquireFunc, opts Options) (p *Pool
 		releases = append(releases, rel)
 		members = append(members, Member{Conn: conn, MaxMessageRate: cfg.MaxMessageRate})
 	}
+	if opts.DetachIdle == 0 {
+		opts.DetachIdle = cfgs[0].DetachIdle
+	}
 	p, err = New(members, opts)
 	if err != nil {
 		releaseAll()

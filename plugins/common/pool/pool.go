@@ -92,6 +92,10 @@ type Options struct {
 	RefusalRetry time.Duration
 	// OpTimeout bounds each attach, subscribe and detach a move makes.
 	OpTimeout time.Duration
+	// DetachIdle, when set, detaches and forgets devices that had no
+	// traffic and no subscription for this long (the plugins' detach_idle),
+	// so that devices seen once do not fill the members for ever.
+	DetachIdle time.Duration
 	Log       telegraf.Logger
 }
 
@@ -169,6 +173,7 @@ type placement struct {
 	lastErr  error              // the last refusal
 	epoch    uint64             // moves so far, for config dedupe
 	placed   bool               // has had a carrier
+	lastUsed time.Time
 
 	// Per-device subscriptions (Subscribe): one member subscription fans
 	// out to the handlers.
@@ -515,6 +520,7 @@ func (p *Pool) enter(ctx context.Context, device string) (*placement, *member, c
 			p.setCarrierLocked(pl, idx)
 		}
 		pl.inflight++
+		pl.lastUsed = time.Now()
 		m := p.members[pl.carrier]
 		actx := pl.actx
 		p.mu.Unlock()
@@ -732,7 +738,7 @@ func (p *Pool) switchTo(pl *placement, to int, wait time.Duration, newSub gatewa
 	p.mu.Lock()
 	if from >= 0 {
 		p.members[from].carried--
-		if to != from {
+		if to != from && to >= 0 {
 			p.members[from].movedOut.Add(1)
 		}
 	}
@@ -886,8 +892,34 @@ func (p *Pool) checkHealth() {
 		p.claimLocked(pl, to)
 		back = append(back, move{pl, to})
 	}
+	var idle []*placement
+	if p.opts.DetachIdle > 0 {
+		cutoff := now.Add(-p.opts.DetachIdle)
+		for _, pl := range p.devices {
+			if pl.moving == nil && pl.inflight == 0 && len(pl.handlers) == 0 && pl.lastUsed.Before(cutoff) {
+				idle = append(idle, pl)
+			}
+		}
+		for _, pl := range idle {
+			if pl.carrier >= 0 {
+				p.claimLocked(pl, -1)
+			} else {
+				p.unplaceLocked(pl)
+			}
+		}
+	}
 	p.mu.Unlock()
 
+	if len(idle) > 0 {
+		p.log.Debugf("Detaching %d devices idle for %s", len(idle), p.opts.DetachIdle)
+		var mvs []move
+		for _, pl := range idle {
+			if pl.carrier >= 0 {
+				mvs = append(mvs, move{pl, -1})
+			}
+		}
+		p.runMoves(mvs, p.detachIdle)
+	}
 	for _, m := range wentDown {
 		p.log.Warnf("Gateway %q of the pool is down (%s): its devices move to the next gateways in their order", m.id, m.downReason)
 	}
@@ -944,6 +976,18 @@ func (p *Pool) abandon(mv move) {
 	}
 	close(mv.pl.moving)
 	mv.pl.moving = nil
+}
+
+// detachIdle detaches an idle device from its carrier and forgets it,
+// unless it was used again meanwhile.
+func (p *Pool) detachIdle(mv move) {
+	p.switchTo(mv.pl, -1, 0, nil)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if pl := mv.pl; pl.carrier < 0 && pl.moving == nil && len(pl.handlers) == 0 && p.devices[pl.id] == pl {
+		pl.wanted = false
+		p.unplaceLocked(pl)
+	}
 }
 
 // failover moves a device off a member that is down at once, then attaches

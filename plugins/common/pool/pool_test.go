@@ -592,3 +592,33 @@ func TestClosedPool(t *testing.T) {
 	err := tp.Publish(context.Background(), gateway.Message{Device: "d", Kind: omnicore.KindEvents, Payload: []byte("x")})
 	require.True(t, errors.Is(err, gateway.ErrClosed), "%v", err)
 }
+
+func TestIdleDevicesAreDetachedAndForgotten(t *testing.T) {
+	a, b := gatewaytest.New("gw-a"), gatewaytest.New("gw-b")
+	p, err := New([]Member{{Conn: a}, {Conn: b}}, Options{HealthInterval: time.Hour, DetachIdle: time.Nanosecond})
+	require.NoError(t, err)
+	t.Cleanup(p.Close)
+	ctx := ctxT(t)
+	ds := devices(20)
+	for _, d := range ds {
+		require.NoError(t, p.Publish(ctx, gateway.Message{Device: d, Kind: omnicore.KindEvents, Payload: []byte("x"), QoS: 1}))
+	}
+	sub, err := p.Subscribe(ctx, ds[0], func(gateway.Inbound) {})
+	require.NoError(t, err)
+	defer sub.Unsubscribe()
+	p.checkHealth()
+	p.batches.Wait()
+	for _, d := range ds[1:] {
+		require.False(t, a.Attached(d) || b.Attached(d), d)
+		require.Empty(t, p.Carrier(d))
+	}
+	require.NotEmpty(t, p.Carrier(ds[0]), "a subscribed device stays")
+	total := 0
+	for _, m := range p.Members() {
+		total += m.Devices
+		require.Zero(t, m.MovedOut)
+	}
+	require.Equal(t, 1, total)
+	require.NoError(t, p.Publish(ctx, gateway.Message{Device: ds[1], Kind: omnicore.KindEvents, Payload: []byte("y"), QoS: 1}))
+	require.True(t, a.Attached(ds[1]) || b.Attached(ds[1]))
+}
