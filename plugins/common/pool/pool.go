@@ -96,7 +96,7 @@ type Options struct {
 	// traffic and no subscription for this long (the plugins' detach_idle),
 	// so that devices seen once do not fill the members for ever.
 	DetachIdle time.Duration
-	Log       telegraf.Logger
+	Log        telegraf.Logger
 }
 
 // Pool is a set of gateway connections that carries devices as one. It
