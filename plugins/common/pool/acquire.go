@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
 // AcquireFunc is gateway.Acquire's signature; tests pass fakes.
@@ -13,7 +14,8 @@ type AcquireFunc func(*gateway.Config) (gateway.Conn, func(), error)
 // Acquire gets the connection of every gateway in cfgs with acquire
 // (gateway.Acquire when nil: shared per gateway identity, in and across
 // processes, as for a single gateway) and pools them, first config first.
-// Each member's message budget is its config's MaxMessageRate. release
+// Each member's message budget is its config's MaxMessageRate and its
+// capacity its MaxDevices, at most the bridge's limit. release
 // closes the pool, then releases every connection.
 func Acquire(cfgs []*gateway.Config, acquire AcquireFunc, opts Options) (p *Pool, release func(), err error) {
 	if len(cfgs) == 0 {
@@ -36,7 +38,11 @@ func Acquire(cfgs []*gateway.Config, acquire AcquireFunc, opts Options) (p *Pool
 			return nil, nil, fmt.Errorf("gateway %q: %w", cfg.GatewayID, err)
 		}
 		releases = append(releases, rel)
-		members = append(members, Member{Conn: conn, MaxMessageRate: cfg.MaxMessageRate})
+		maxDevices := omnicore.MaxAttachedDevices
+		if cfg.MaxDevices > 0 {
+			maxDevices = min(cfg.MaxDevices, maxDevices)
+		}
+		members = append(members, Member{Conn: conn, MaxDevices: maxDevices, MaxMessageRate: cfg.MaxMessageRate})
 	}
 	if opts.DetachIdle == 0 {
 		opts.DetachIdle = cfgs[0].DetachIdle

@@ -38,7 +38,7 @@ func TestConfigs(t *testing.T) {
 				require.Equal(t, "gw-b", cfgs[1].GatewayID)
 				require.Equal(t, "reg", cfgs[1].RegistryID)
 				require.InDelta(t, 90, cfgs[1].MaxMessageRate, 0)
-				require.NotEqual(t, cfgs[0].Key(), cfgs[1].Key())
+				require.NotEqual(t, cfgs[0].ClientID(), cfgs[1].ClientID())
 			}},
 		{name: "algorithm defaults to the top level's", extra: []GatewayOptions{{GatewayID: "gw-b", PrivateKey: esKey}}, wantErr: `gateways[1] ("gw-b"): private_key`},
 		{name: "missing gateway_id", extra: []GatewayOptions{{PrivateKey: esKey}}, wantErr: "gateways[1]: gateway_id is required"},
