@@ -1,12 +1,15 @@
 package pool
 
 import (
+	"errors"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway/gatewaytest"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -58,4 +61,43 @@ func TestConfigs(t *testing.T) {
 			tt.check(t, cfgs)
 		})
 	}
+}
+
+func TestAcquireReleasesEveryMember(t *testing.T) {
+	dir := t.TempDir()
+	keyA, _ := emulator.NewDeviceKey(t, dir, "gw-a", omnicore.ES256)
+	keyB, _ := emulator.NewDeviceKey(t, dir, "gw-b", omnicore.ES256)
+	top := gateway.DefaultOptions()
+	top.Servers = []string{"tls://bridge.example:8883"}
+	top.SubscriptionID, top.RegistryID, top.GatewayID, top.PrivateKey, top.Algorithm = "sub", "reg", "gw-a", keyA, omnicore.ES256
+	top.MaxDevices = 50
+	top.MaxMessageRate = 7
+	cfgs, err := Configs(top, []GatewayOptions{{GatewayID: "gw-b", PrivateKey: keyB}}, nil)
+	require.NoError(t, err)
+
+	released := map[string]int{}
+	fakes := map[string]*gatewaytest.Conn{}
+	acquire := func(cfg *gateway.Config) (gateway.Conn, func(), error) {
+		f := gatewaytest.New(cfg.GatewayID)
+		fakes[cfg.GatewayID] = f
+		return f, func() { released[cfg.GatewayID]++ }, nil
+	}
+	p, release, err := Acquire(cfgs, acquire, Options{HealthInterval: time.Hour})
+	require.NoError(t, err)
+	require.Equal(t, []string{"gw-a", "gw-b"}, p.GatewayIDs())
+	require.Equal(t, 50, p.members[1].maxDevices)
+	require.InDelta(t, 7, p.members[1].maxRate, 0)
+	release()
+	require.Equal(t, map[string]int{"gw-a": 1, "gw-b": 1}, released)
+
+	// A member that cannot start releases those acquired before it.
+	released = map[string]int{}
+	_, _, err = Acquire(cfgs, func(cfg *gateway.Config) (gateway.Conn, func(), error) {
+		if cfg.GatewayID == "gw-b" {
+			return nil, nil, errors.New("conflict")
+		}
+		return acquire(cfg)
+	}, Options{})
+	require.ErrorContains(t, err, `gateway "gw-b": conflict`)
+	require.Equal(t, map[string]int{"gw-a": 1}, released)
 }
