@@ -367,11 +367,35 @@ type MemberStatus struct {
 	MovedOut uint64 // devices moved from it to another member
 	Resent   uint64 // messages not acknowledged by it, sent again on another member
 	Stats    gateway.Stats
+	// Pooled is false for a plugin's single gateway (no pool fields).
+	Pooled bool
 }
 
-// Fields are the member's connection counters plus the pool's, for a metric.
+// PoolFields are the pool's own figures of the member, nil when not pooled.
+func (s MemberStatus) PoolFields() map[string]int64 {
+	if !s.Pooled {
+		return nil
+	}
+	up := int64(0)
+	if s.Up {
+		up = 1
+	}
+	return map[string]int64{
+		"pool_up":        up,
+		"pool_devices":   int64(s.Devices),
+		"pool_moved_in":  int64(s.MovedIn),
+		"pool_moved_out": int64(s.MovedOut),
+		"pool_resent":    int64(s.Resent),
+	}
+}
+
+// Fields are the member's connection counters plus, in a pool, the pool's,
+// for a metric.
 func (s MemberStatus) Fields() map[string]any {
 	f := s.Stats.Fields()
+	if !s.Pooled {
+		return f
+	}
 	f["pool_up"] = s.Up
 	f["pool_devices"] = int64(s.Devices)
 	f["pool_moved_in"] = s.MovedIn
@@ -393,7 +417,7 @@ func (p *Pool) Members() []MemberStatus {
 		out[i] = MemberStatus{
 			GatewayID: m.id, Up: !m.down, Devices: m.carried,
 			MovedIn: m.movedIn.Load(), MovedOut: m.movedOut.Load(), Resent: m.resent.Load(),
-			Stats: stats[i],
+			Stats: stats[i], Pooled: true,
 		}
 	}
 	return out
@@ -432,6 +456,15 @@ func (p *Pool) Stats() gateway.Stats {
 		}
 	}
 	return sum
+}
+
+// MemberConns returns the members' connections, first member first.
+func (p *Pool) MemberConns() []gateway.Conn {
+	out := make([]gateway.Conn, len(p.members))
+	for i, m := range p.members {
+		out[i] = m.conn
+	}
+	return out
 }
 
 // Carrier returns the gateway ID of the member carrying device, "" when none.

@@ -26,6 +26,7 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 )
 
@@ -77,18 +78,22 @@ var reservedTags = []string{"device_id", "gateway_id", "registry_id", "kind", "s
 // sends to a gateway into metrics.
 type OmniCore struct {
 	gateway.Options
-	Devices                []string        `toml:"devices"`
-	Listen                 string          `toml:"listen"`
-	TopicTag               string          `toml:"topic_tag"`
-	MaxUndeliveredMessages int             `toml:"max_undelivered_messages"`
-	DataFormat             string          `toml:"data_format"`
-	Log                    telegraf.Logger `toml:"-"`
+	Devices                []string `toml:"devices"`
+	Listen                 string   `toml:"listen"`
+	TopicTag               string   `toml:"topic_tag"`
+	MaxUndeliveredMessages int      `toml:"max_undelivered_messages"`
+	DataFormat             string   `toml:"data_format"`
+	// Gateways are more gateway identities: with them the plugin listens
+	// through a pool of gateways, the top-level one first.
+	Gateways []pool.GatewayOptions `toml:"gateways"`
+	Log      telegraf.Logger       `toml:"-"`
 
-	// acquire returns the gateway connection; gateway.Acquire outside tests.
+	// acquire returns a gateway's connection; gateway.Acquire outside tests.
 	acquire    func(*gateway.Config) (gateway.Conn, func(), error)
 	retryMin   time.Duration // first back-off of a refused device
 	parserFunc telegraf.ParserFunc
-	cfg        *gateway.Config
+	cfg        *gateway.Config   // the top-level gateway's
+	cfgs       []*gateway.Config // every gateway of the pool, cfg first
 	// execd is runmode.Execd() at Init: Gather emits omnicore_gateway and
 	// parsed metrics must survive line protocol. Inside Telegraf the
 	// statistics go through selfstat (gatewaystats) instead.
@@ -126,17 +131,18 @@ func (p *OmniCore) SetParserFunc(fn telegraf.ParserFunc) {
 }
 
 func (p *OmniCore) Init() error {
-	cfg, err := p.Options.Validate(p.Log)
+	cfgs, err := pool.Configs(p.Options, p.Gateways, p.Log)
 	if err != nil {
 		return err
 	}
+	cfg := cfgs[0]
 	switch p.Listen {
 	case listenAttached, listenConfigured:
 	default:
 		return fmt.Errorf("listen %q must be %q or %q", p.Listen, listenAttached, listenConfigured)
 	}
-	if len(p.Devices) > omnicore.MaxAttachedDevices {
-		return fmt.Errorf("devices lists %d devices; a gateway attaches at most %d", len(p.Devices), omnicore.MaxAttachedDevices)
+	if limit := omnicore.MaxAttachedDevices * len(cfgs); len(p.Devices) > limit {
+		return fmt.Errorf("devices lists %d devices; a gateway attaches at most %d (add gateways to the pool for more)", len(p.Devices), omnicore.MaxAttachedDevices)
 	}
 	seen := make(map[string]bool, len(p.Devices))
 	for _, d := range p.Devices {
@@ -162,7 +168,7 @@ func (p *OmniCore) Init() error {
 			return fmt.Errorf("creating the %q parser: %w", p.DataFormat, err)
 		}
 	}
-	p.cfg = cfg
+	p.cfg, p.cfgs = cfg, cfgs
 	p.execd = runmode.Execd()
 	return nil
 }
@@ -170,7 +176,7 @@ func (p *OmniCore) Init() error {
 // Start joins (or starts) the gateway session and subscribes in the
 // background: it neither blocks nor fails while the bridge is unreachable.
 func (p *OmniCore) Start(acc telegraf.Accumulator) error {
-	conn, release, err := p.acquire(p.cfg)
+	conn, release, err := pool.Connect(p.cfgs, p.acquire, p.Log)
 	if err != nil {
 		return fmt.Errorf("starting the gateway session: %w", err)
 	}
@@ -183,7 +189,7 @@ func (p *OmniCore) Start(acc telegraf.Accumulator) error {
 	p.stopStats = nil
 	if !p.execd {
 		sem := p.sem
-		p.stopStats = gatewaystats.Export(conn, p.GatewayID, p.RegistryID, func() map[string]int64 {
+		p.stopStats = gatewaystats.ExportEach(conn, p.RegistryID, func() map[string]int64 {
 			return p.ownCounters(sem)
 		})
 	}
@@ -197,8 +203,8 @@ func (p *OmniCore) Start(acc telegraf.Accumulator) error {
 
 	p.addSub(conn.SubscribeErrors(p.onError))
 
-	gatewayID := conn.GatewayID()
-	devices := make([]string, 0, len(p.Devices)+1)
+	gateways := pool.IDs(conn)
+	devices := make([]string, 0, len(p.Devices)+len(gateways))
 	var listen func(context.Context, string) (gateway.Subscription, error)
 	if p.Listen == listenAttached {
 		// One handler for the config and commands of every attached device,
@@ -209,24 +215,27 @@ func (p *OmniCore) Start(acc telegraf.Accumulator) error {
 			return nil, conn.Attach(ctx, device)
 		}
 	} else {
-		devices = append(devices, gatewayID)
+		// Each gateway of the pool has its own config and commands.
+		devices = append(devices, gateways...)
 		listen = func(ctx context.Context, device string) (gateway.Subscription, error) {
 			return conn.Subscribe(ctx, device, p.onMessage)
 		}
 	}
 	for _, d := range p.Devices {
-		if d != gatewayID {
+		if !slices.Contains(gateways, d) {
 			devices = append(devices, d)
 		}
 	}
 	p.listenAll(ctx, devices, listen)
-	p.Log.Debugf("Listening for config and commands of %d devices (listen = %q) through gateway %q", len(devices), p.Listen, gatewayID)
+	p.Log.Debugf("Listening for config and commands of %d devices (listen = %q) through gateways %q", len(devices), p.Listen, gateways)
 	return nil
 }
 
 // Gather emits the gateway's counters and the plugin's own as
-// omnicore_gateway under the execd binary. Inside Telegraf it emits nothing:
-// the counters are in internal_omnicore (inputs.internal).
+// omnicore_gateway under the execd binary: one series per gateway of the
+// pool, the plugin's own counters with the top-level gateway's. Inside
+// Telegraf it emits nothing: the counters are in internal_omnicore
+// (inputs.internal).
 func (p *OmniCore) Gather(acc telegraf.Accumulator) error {
 	if !p.execd {
 		return nil
@@ -237,14 +246,18 @@ func (p *OmniCore) Gather(acc telegraf.Accumulator) error {
 	if conn == nil || stopped {
 		return nil
 	}
-	fields := conn.Stats().Fields()
-	fields["messages_received"] = p.received.Load()
-	fields["parse_errors"] = p.parseErrors.Load()
-	fields["undelivered"] = int64(len(sem))
-	acc.AddFields(measurementGateway, fields, map[string]string{
-		"gateway_id":  p.GatewayID,
-		"registry_id": p.RegistryID,
-	})
+	for i, st := range pool.Status(conn) {
+		fields := st.Fields()
+		if i == 0 {
+			fields["messages_received"] = p.received.Load()
+			fields["parse_errors"] = p.parseErrors.Load()
+			fields["undelivered"] = int64(len(sem))
+		}
+		acc.AddFields(measurementGateway, fields, map[string]string{
+			"gateway_id":  st.GatewayID,
+			"registry_id": p.RegistryID,
+		})
+	}
 	return nil
 }
 
@@ -434,7 +447,7 @@ func (p *OmniCore) messageMetrics(in gateway.Inbound) []telegraf.Metric {
 		kind, name = kindCommand, measurementCommand
 	}
 	tags := map[string]string{
-		"gateway_id":  p.GatewayID,
+		"gateway_id":  p.gatewayOf(in),
 		"registry_id": p.RegistryID,
 		"device_id":   in.Device,
 		"kind":        kind,
@@ -520,11 +533,20 @@ func lineProtocolError(metrics []telegraf.Metric) error {
 	return nil
 }
 
+// gatewayOf is the gateway that delivered in: in a pool, the member that
+// carries the device (or whose errors topic it is).
+func (p *OmniCore) gatewayOf(in gateway.Inbound) string {
+	if in.Gateway != "" {
+		return in.Gateway
+	}
+	return p.GatewayID
+}
+
 // errorMetrics turns a message of the gateway's errors topic into one
 // omnicore_error metric.
 func (p *OmniCore) errorMetrics(in gateway.Inbound) []telegraf.Metric {
 	tags := map[string]string{
-		"gateway_id":  p.GatewayID,
+		"gateway_id":  p.gatewayOf(in),
 		"registry_id": p.RegistryID,
 		"kind":        kindError,
 	}

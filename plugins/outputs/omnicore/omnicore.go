@@ -26,6 +26,7 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/spool"
 )
@@ -108,10 +109,16 @@ type OmniCore struct {
 	SpoolSyncInterval config.Duration `toml:"spool_sync_interval"`
 	SpoolFull         string          `toml:"spool_full"`
 
+
+	// Gateways are more gateway identities: with them the plugin spreads
+	// its devices over a pool of gateways, the top-level one first.
+	Gateways []pool.GatewayOptions `toml:"gateways"`
+
 	Log telegraf.Logger `toml:"-"`
 
 	serializer  telegraf.Serializer
-	cfg         *gateway.Config
+	cfg         *gateway.Config   // the top-level gateway's
+	cfgs        []*gateway.Config // every gateway of the pool, cfg first
 	subfolder   *template.Template
 	stateFilter filter.Filter
 	routingTags []string
@@ -121,7 +128,7 @@ type OmniCore struct {
 	// with the same batch by the execd binary (see settled).
 	execd bool
 
-	// acquire is gateway.Acquire; unit tests replace it with a fake.
+	// acquire is gateway.Acquire (nil); unit tests replace it with a fake.
 	acquire func(*gateway.Config) (gateway.Conn, func(), error)
 
 	conn        gateway.Conn
@@ -211,14 +218,15 @@ func (o *OmniCore) Init() error {
 	}
 	o.stateFilter = f
 
-	cfg, err := o.Options.Validate(o.Log)
+	cfgs, err := pool.Configs(o.Options, o.Gateways, o.Log)
 	if err != nil {
 		return err
 	}
-	o.cfg = cfg
-	// Twice the session's in-flight window keeps the window full while
-	// finished publishes hand over to the next ones.
-	o.parallel = 2 * cfg.MaxInflight
+	cfg := cfgs[0]
+	o.cfg, o.cfgs = cfg, cfgs
+	// Twice the sessions' in-flight windows keeps them full while finished
+	// publishes hand over to the next ones.
+	o.parallel = 2 * cfg.MaxInflight * len(cfgs)
 
 	if o.serializer == nil {
 		// Telegraf's config loader sets the serializer of data_format; built
@@ -229,9 +237,6 @@ func (o *OmniCore) Init() error {
 		}
 		o.serializer = s
 	}
-	if o.acquire == nil {
-		o.acquire = gateway.Acquire
-	}
 	o.execd = runmode.Execd()
 	o.warnings = newWarnLimiter(o.Log, warnInterval)
 	o.nextState = make(map[string]time.Time)
@@ -239,17 +244,18 @@ func (o *OmniCore) Init() error {
 	return nil
 }
 
-// Connect joins (or starts) the gateway's session and attaches the devices of
-// the devices option in the background: a bridge that is down does not fail
-// Connect, the session keeps reconnecting and Write waits for it.
+// Connect joins (or starts) the gateway's session, or the sessions of its
+// pool, and attaches the devices of the devices option in the background: a
+// bridge that is down does not fail Connect, the session keeps reconnecting
+// and Write waits for it.
 func (o *OmniCore) Connect() error {
-	conn, release, err := o.acquire(o.cfg)
+	conn, release, err := pool.Connect(o.cfgs, o.acquire, o.Log)
 	if err != nil {
 		return fmt.Errorf("starting the gateway session: %w", err)
 	}
 	o.conn, o.release = conn, release
 	if !o.execd {
-		o.stopStats = gatewaystats.Export(conn, o.GatewayID, o.RegistryID, nil)
+		o.stopStats = gatewaystats.ExportEach(conn, o.RegistryID, nil)
 	}
 	if len(o.Devices) > 0 {
 		ctx, cancel := context.WithCancel(context.Background())
