@@ -21,6 +21,10 @@
 //	    every 10 s: layout auto vs batch and non-batch, rate and latency
 //	6   inbound: commands and configs to metrics, rate and latency, vs
 //	    Telegraf's inputs.mqtt_consumer
+//	7   the output's spool (store and forward) through a real Telegraf: its
+//	    cost, the cost of its fsync, how fast a backlog drains
+//	8   a pool of 1, 2 and 4 gateways under the bridge's 100 messages/s per
+//	    connection (issue 16): metrics/s, goal linear
 //
 // Nothing leaves loopback; every phase is bounded in time; figures are
 // printed, never asserted.
@@ -87,7 +91,7 @@ func main() {
 	}
 }
 
-var allBenchmarks = []string{"1", "1b", "2", "3", "4", "5", "6", "7"}
+var allBenchmarks = []string{"1", "1b", "2", "3", "4", "5", "6", "7", "8"}
 
 func parseOptions(args []string) (*options, error) {
 	o := &options{}
@@ -185,50 +189,56 @@ type sizes struct {
 	inDevices              int
 	inFlood                int // messages per flood
 	inLatency              int // messages sent one at a time for latency
+	poolDevices            int // benchmark 8
+	poolMetricsPerGateway  int // benchmark 8: metrics per run and gateway
 }
 
 func sizesFor(quick bool) sizes {
 	if quick {
 		return sizes{
-			pub:           publishSizes{devices: 100, metrics: 10000, mqttMetrics: 2000, warmMQTT: 100, batch: 1000, window: 100},
-			pubRTT:        publishSizes{devices: 100, metrics: 2000, mqttMetrics: 30, warmMQTT: 5, batch: 1000, window: 100},
-			nagleMetrics:  5000,
-			e2eMetrics:    5000,
-			drainMetrics:  20000,
-			e2eDevices:    100,
-			attach:        []int{1000},
-			attachRTT:     1000,
-			attachRTTSeq:  20,
-			memDevices:    []int{100, 1000},
-			longCycles:    6,
-			longDevices:   100,
-			rateDevices:   20,
-			ratePerDevice: 50,
-			rateFlushes:   1,
-			inDevices:     10,
-			inFlood:       500,
-			inLatency:     50,
+			pub:                   publishSizes{devices: 100, metrics: 10000, mqttMetrics: 2000, warmMQTT: 100, batch: 1000, window: 100},
+			pubRTT:                publishSizes{devices: 100, metrics: 2000, mqttMetrics: 30, warmMQTT: 5, batch: 1000, window: 100},
+			nagleMetrics:          5000,
+			e2eMetrics:            5000,
+			drainMetrics:          20000,
+			e2eDevices:            100,
+			attach:                []int{1000},
+			attachRTT:             1000,
+			attachRTTSeq:          20,
+			memDevices:            []int{100, 1000},
+			longCycles:            6,
+			longDevices:           100,
+			rateDevices:           20,
+			ratePerDevice:         50,
+			rateFlushes:           1,
+			inDevices:             10,
+			inFlood:               500,
+			inLatency:             50,
+			poolDevices:           200,
+			poolMetricsPerGateway: 300,
 		}
 	}
 	return sizes{
-		pub:           publishSizes{devices: 1000, metrics: 200000, mqttMetrics: 200000, warmMQTT: 1000, batch: 1000, window: 100},
-		pubRTT:        publishSizes{devices: 1000, metrics: 30000, mqttMetrics: 300, warmMQTT: 20, batch: 1000, window: 100},
-		nagleMetrics:  50000,
-		e2eMetrics:    200000,
-		drainMetrics:  1000000,
-		e2eDevices:    1000,
-		attach:        []int{1000, 10000},
-		attachRTT:     10000,
-		attachRTTSeq:  250,
-		memDevices:    []int{1000, 10000},
-		longCycles:    60,
-		longDevices:   1000,
-		rateDevices:   1000,
-		ratePerDevice: 600,
-		rateFlushes:   2,
-		inDevices:     100,
-		inFlood:       5000,
-		inLatency:     300,
+		pub:                   publishSizes{devices: 1000, metrics: 200000, mqttMetrics: 200000, warmMQTT: 1000, batch: 1000, window: 100},
+		pubRTT:                publishSizes{devices: 1000, metrics: 30000, mqttMetrics: 300, warmMQTT: 20, batch: 1000, window: 100},
+		nagleMetrics:          50000,
+		e2eMetrics:            200000,
+		drainMetrics:          1000000,
+		e2eDevices:            1000,
+		attach:                []int{1000, 10000},
+		attachRTT:             10000,
+		attachRTTSeq:          250,
+		memDevices:            []int{1000, 10000},
+		longCycles:            60,
+		longDevices:           1000,
+		rateDevices:           1000,
+		ratePerDevice:         600,
+		rateFlushes:           2,
+		inDevices:             100,
+		inFlood:               5000,
+		inLatency:             300,
+		poolDevices:           1000,
+		poolMetricsPerGateway: 2000,
 	}
 }
 
@@ -350,6 +360,7 @@ func run(ctx context.Context, opts *options, stdout io.Writer) error {
 		{"5", b.benchRateLimit},
 		{"6", b.benchInbound},
 		{"7", b.benchSpool},
+		{"8", b.benchPool},
 	}
 	for _, s := range steps {
 		if s.id == "1" && !opts.wants("1") && !opts.wants("1b") {
