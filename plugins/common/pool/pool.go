@@ -755,10 +755,7 @@ func (p *Pool) switchTo(pl *placement, to int, wait time.Duration, newSub gatewa
 	p.waitIdle(pl, p.opts.OpTimeout)
 
 	p.mu.Lock()
-	oldSub := pl.msub
-	if pl.msubOn != from {
-		oldSub = nil
-	}
+	oldSub := pl.msub // on from, normally
 	pl.msub, pl.msubOn = nil, -1
 	p.mu.Unlock()
 	if oldSub != nil {
