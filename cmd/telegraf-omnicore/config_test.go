@@ -328,7 +328,9 @@ func TestRealPluginSampleConfigs(t *testing.T) {
 func uncommentDefaults(sample string) string {
 	lines := strings.Split(sample, "\n")
 	for i, l := range lines {
-		if strings.HasPrefix(l, "  # ") && strings.Contains(l, " = ") && !strings.HasPrefix(l, "  # tls_ca ") {
+		// The commented gateways sub-table is uncommented whole, header
+		// included.
+		if strings.HasPrefix(l, "  # ") && (strings.Contains(l, " = ") || strings.HasPrefix(l, "  # [[")) && !strings.HasPrefix(l, "  # tls_ca ") {
 			lines[i] = "  " + strings.TrimPrefix(l, "  # ")
 		}
 	}
