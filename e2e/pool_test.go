@@ -12,11 +12,17 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
-// A pool of two gateways through a real Telegraf: the output spreads 20
-// devices over both, each device attached once; the input listens through
-// both and emits a device's config and commands once, tagged with the
-// gateway that carries it; each process shares each gateway's connection.
+// A pool of two gateways through a real Telegraf, both routes: the output
+// spreads 20 devices over both, each device attached once; the input listens
+// through both and emits a device's config and commands once, tagged with
+// the gateway that carries it; the plugins share each gateway's connection.
 func TestPoolOfTwoGateways(t *testing.T) {
+	for _, r := range routes {
+		t.Run(r.name, func(t *testing.T) { testPoolOfTwoGateways(t, r) })
+	}
+}
+
+func testPoolOfTwoGateways(t *testing.T, r route) {
 	s := newSetup(t)
 	devices := deviceNames("meter", 20)
 	gwA := s.gatewayFor("plant", "gw-a", devices...)
@@ -29,14 +35,12 @@ func TestPoolOfTwoGateways(t *testing.T) {
 	inPool := slices.Clone(pool)
 	inPool[0] = "[[inputs.omnicore.gateways]]"
 
-	output := s.write("omnicore-output.conf", gwA.OutputFile(pool...))
-	input := s.write("omnicore-input.conf", gwA.InputFile(devices, inPool...))
 	received := filepath.Join(s.dir, "received.lp")
-	tg := s.start(Agent(500*time.Millisecond, 100*time.Millisecond) +
-		fileInput(s.telemetryFile(devices)) +
-		ExecdOutput(pluginBin, output, "-batch_timeout", "100ms") +
-		ExecdInput(pluginBin, input, "-poll_interval", "500ms") +
-		fileOutput(received, "omnicore_*"))
+	tg := s.startBin(r.bin(), Agent(500*time.Millisecond, 100*time.Millisecond)+
+		fileInput(s.telemetryFile(devices))+
+		s.output(r, gwA, pool...)+
+		s.input(r, gwA, devices, inPool...)+
+		fileOutput(received, "omnicore_*", r.stats()))
 
 	// carrier is the gateway each device is attached on (every device on
 	// exactly one).
@@ -97,11 +101,17 @@ func TestPoolOfTwoGateways(t *testing.T) {
 		}
 		return out
 	}
+	// The gateways' statistics series (not the per-reason ones).
+	isStats := func(m telegraf.Metric) bool {
+		return m.Name() == r.stats() && !m.HasTag("reason") && !m.HasTag("error_type")
+	}
 	gatewaySeries := func(ms []telegraf.Metric) map[string]bool {
 		out := map[string]bool{}
 		for _, m := range ms {
-			if m.Name() == "omnicore_gateway" {
-				out[m.Tags()["gateway_id"]] = true
+			if isStats(m) {
+				if _, ok := m.GetField("pool_devices"); ok {
+					out[m.Tags()["gateway_id"]] = true
+				}
 			}
 		}
 		return out
@@ -125,13 +135,13 @@ func TestPoolOfTwoGateways(t *testing.T) {
 		require.Equal(t, "reset", cmds[0].Tags()["subfolder"])
 	}
 	for _, m := range metrics {
-		if m.Name() == "omnicore_gateway" {
+		if isStats(m) {
 			_, ok := m.GetField("pool_devices")
 			require.True(t, ok, "pool fields in %s", m)
 		}
 	}
 
-	// One connection per gateway for both processes.
+	// One connection per gateway for both plugins.
 	for _, gw := range []string{"gw-a", "gw-b"} {
 		recs := connections(s.srv, s.srv.ClientID("plant", gw))
 		require.Len(t, recs, 1, "connections of %s: %+v", gw, recs)

@@ -43,7 +43,8 @@ func (r route) stats() string {
 // back to the bridge.
 func (s *setup) output(r route, gw Gateway, extra ...string) string {
 	if r.builtin {
-		return gw.OutputFile(extra...) + "  namedrop = [\"omnicore_*\", \"internal_*\"]\n"
+		// namedrop first: extra may end with sub-tables (gateways).
+		return gw.OutputFile(append([]string{`namedrop = ["omnicore_*", "internal_*"]`}, extra...)...)
 	}
 	file := s.write("omnicore-output.conf", gw.OutputFile(extra...))
 	return ExecdOutput(pluginBin, file, "-batch_timeout", "100ms")
