@@ -375,8 +375,10 @@ func TestEmulatorDeviceBoundToOneGatewayDelivers(t *testing.T) {
 	for _, d := range lonely {
 		require.Equal(t, []string{"gw-c"}, att[d])
 	}
-	// A health check later, the refusals stand: nothing moves.
-	time.Sleep(200 * time.Millisecond) //nolint:forbidigo // several health checks pass; nothing observable to wait on
+	// Health checks later, the refusals stand: nothing moves.
+	p.checkHealth()
+	p.checkHealth()
+	p.batches.Wait()
 	att = b.attachments()
 	for _, d := range lonely {
 		require.Equal(t, []string{"gw-c"}, att[d])
