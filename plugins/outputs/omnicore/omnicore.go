@@ -109,7 +109,6 @@ type OmniCore struct {
 	SpoolSyncInterval config.Duration `toml:"spool_sync_interval"`
 	SpoolFull         string          `toml:"spool_full"`
 
-
 	// Gateways are more gateway identities: with them the plugin spreads
 	// its devices over a pool of gateways, the top-level one first.
 	Gateways []pool.GatewayOptions `toml:"gateways"`
