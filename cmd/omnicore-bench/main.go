@@ -214,8 +214,8 @@ func sizesFor(quick bool) sizes {
 			inDevices:             10,
 			inFlood:               500,
 			inLatency:             50,
-			poolDevices:           200,
-			poolMetricsPerGateway: 300,
+			poolDevices:           50,
+			poolMetricsPerGateway: 100,
 		}
 	}
 	return sizes{

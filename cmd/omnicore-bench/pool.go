@@ -6,6 +6,8 @@ import (
 	"os"
 	"time"
 
+	"github.com/influxdata/telegraf/config"
+
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
@@ -53,6 +55,10 @@ func poolRun(ctx context.Context, emu *emulator.Server, id identity, gateways []
 		o.Layout = "non-batch"
 		o.MaxMessageRate = bridgeRate
 		o.Gateways = gateways
+		// A Write of 1000 metrics at 100 messages/s takes 10 s on one
+		// gateway: longer than the default write_timeout, which is sized
+		// for Telegraf's flush, not for a benchmark's Writes.
+		o.WriteTimeout = config.Duration(10 * time.Minute)
 	})
 	if err != nil {
 		return 0, 0, err
@@ -61,6 +67,15 @@ func poolRun(ctx context.Context, emu *emulator.Server, id identity, gateways []
 		return 0, 0, err
 	}
 	defer o.Close()
+	// A Write that starts before every gateway is connected gives up within
+	// a second (and Telegraf would write again): wait for the connections.
+	deadline := time.Now().Add(time.Minute)
+	for !o.GatewayConn().Stats().Connected {
+		if time.Now().After(deadline) {
+			return 0, 0, fmt.Errorf("the %d gateways did not all connect within a minute", len(gateways)+1)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	start := time.Unix(1_700_000_000, 0)
 	// Untimed: one metric per device places and attaches every device.
 	if err := writeAll(ctx, o, batches(genMetrics(len(devices), len(devices), start), 1000)); err != nil {
