@@ -67,14 +67,8 @@ func poolRun(ctx context.Context, emu *emulator.Server, id identity, gateways []
 		return 0, 0, err
 	}
 	defer o.Close()
-	// A Write that starts before every gateway is connected gives up within
-	// a second (and Telegraf would write again): wait for the connections.
-	deadline := time.Now().Add(time.Minute)
-	for !o.GatewayConn().Stats().Connected {
-		if time.Now().After(deadline) {
-			return 0, 0, fmt.Errorf("the %d gateways did not all connect within a minute", len(gateways)+1)
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err := waitConnected(ctx, o); err != nil {
+		return 0, 0, err
 	}
 	start := time.Unix(1_700_000_000, 0)
 	// Untimed: one metric per device places and attaches every device.
@@ -89,6 +83,24 @@ func poolRun(ctx context.Context, emu *emulator.Server, id identity, gateways []
 	}
 	took := time.Since(began)
 	return float64(metrics) / took.Seconds(), emu.Stats().Throttled - throttled, nil
+}
+
+// waitConnected waits until every gateway of o is connected: a Write that
+// starts before gives up within a second (Telegraf would write it again),
+// which is not what a throughput figure measures.
+func waitConnected(ctx context.Context, o *outomni.OmniCore) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for !o.GatewayConn().Stats().Connected {
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return fmt.Errorf("the gateways did not connect: %w", ctx.Err())
+		}
+	}
+	return nil
 }
 
 // benchPool is benchmark 8: a pool of 1, 2 and 4 gateways under the bridge's
