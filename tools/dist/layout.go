@@ -48,6 +48,9 @@ var docs = []string{
 	"plugins/outputs/omnicore/README.md",
 	"plugins/inputs/omnicore/README.md",
 	"plugins/common/share/SHARING.md",
+	"docs/reliability.md",
+	"docs/pool.md",
+	"docs/bridge.md",
 }
 
 // pluginFileHeader introduces a plugin file made from a plugin's sample.conf.
