@@ -222,7 +222,7 @@ func New(cfg *Config) (*Session, error) {
 	}
 	log := cfg.Log
 	if log == nil {
-		log = discardLogger{}
+		log = DiscardLogger{}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Session{
@@ -1809,17 +1809,19 @@ func (cs *connection) drain(ctx context.Context) {
 	}
 }
 
-type discardLogger struct{}
+// DiscardLogger is a telegraf.Logger that drops everything: the logger of a
+// Config that has none (tests, benchmarks), here and in the sharing layer.
+type DiscardLogger struct{}
 
-func (discardLogger) Level() telegraf.LogLevel         { return telegraf.Error }
-func (discardLogger) AddAttribute(string, interface{}) {}
-func (discardLogger) Errorf(string, ...interface{})    {}
-func (discardLogger) Error(...interface{})             {}
-func (discardLogger) Warnf(string, ...interface{})     {}
-func (discardLogger) Warn(...interface{})              {}
-func (discardLogger) Infof(string, ...interface{})     {}
-func (discardLogger) Info(...interface{})              {}
-func (discardLogger) Debugf(string, ...interface{})    {}
-func (discardLogger) Debug(...interface{})             {}
-func (discardLogger) Tracef(string, ...interface{})    {}
-func (discardLogger) Trace(...interface{})             {}
+func (DiscardLogger) Level() telegraf.LogLevel         { return telegraf.Error }
+func (DiscardLogger) AddAttribute(string, interface{}) {}
+func (DiscardLogger) Errorf(string, ...interface{})    {}
+func (DiscardLogger) Error(...interface{})             {}
+func (DiscardLogger) Warnf(string, ...interface{})     {}
+func (DiscardLogger) Warn(...interface{})              {}
+func (DiscardLogger) Infof(string, ...interface{})     {}
+func (DiscardLogger) Info(...interface{})              {}
+func (DiscardLogger) Debugf(string, ...interface{})    {}
+func (DiscardLogger) Debug(...interface{})             {}
+func (DiscardLogger) Tracef(string, ...interface{})    {}
+func (DiscardLogger) Trace(...interface{})             {}

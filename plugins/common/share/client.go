@@ -99,7 +99,7 @@ func dialOwner(ctx context.Context, rz *rendezvous, log telegraf.Logger, setting
 	}
 	_ = uc.SetDeadline(time.Time{})
 	if log == nil {
-		log = discardLogger{}
+		log = gateway.DiscardLogger{}
 	}
 	rc := &remoteConn{
 		gateway:  resp.Gateway,

@@ -323,7 +323,7 @@ func startOwner(cfg *gateway.Config, st Settings, rz *rendezvous, lock *os.File,
 	s.Start()
 	log := cfg.Log
 	if log == nil {
-		log = discardLogger{}
+		log = gateway.DiscardLogger{}
 	}
 	o := &owner{session: s, server: srv, lock: lock, rz: rz, log: log, stop: make(chan struct{}), kept: make(chan struct{})}
 	go o.keep(keepEvery)
@@ -417,7 +417,7 @@ func (o *owner) close(ctx context.Context) error {
 func (sh *sharer) acquire(cfg *gateway.Config) (gateway.Conn, func(context.Context) error, error) {
 	log := cfg.Log
 	if log == nil {
-		log = discardLogger{}
+		log = gateway.DiscardLogger{}
 	}
 	rz, err := newRendezvous(sh.dir, cfg.ClientID())
 	if err != nil {

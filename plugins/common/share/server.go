@@ -84,7 +84,7 @@ func listenShare(conn gateway.Conn, rz *rendezvous, log telegraf.Logger) (*share
 // newShareServer listens; start accepts.
 func newShareServer(conn gateway.Conn, rz *rendezvous, log telegraf.Logger) (*shareServer, error) {
 	if log == nil {
-		log = discardLogger{}
+		log = gateway.DiscardLogger{}
 	}
 	if err := os.Remove(rz.sock); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("removing the stale socket: %w", err)
