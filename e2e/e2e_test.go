@@ -799,31 +799,7 @@ func TestRootSampleConf(t *testing.T) {
 		"/etc/telegraf/omnicore/output.conf", outputConf,
 		"/etc/telegraf/omnicore/input.conf", inputConf,
 	).Replace(string(sample))
-	received := filepath.Join(s.dir, "received.lp")
-	tg := s.start(Agent(500*time.Millisecond, 100*time.Millisecond) +
-		fileInput(s.telemetryFile(devices)) +
-		wiring + "\n" +
-		fileOutput(received, "omnicore_*"))
-
-	s.waitEmulator(60*time.Second, "telemetry of both devices and the input's subscriptions", func() bool {
-		counts := perDevice(s.srv.Received())
-		for _, d := range devices {
-			if counts[d] == 0 || !s.srv.Subscribed("my-registry", d, omnicore.KindConfig) {
-				return false
-			}
-		}
-		return true
-	})
-	_, err = s.srv.SetConfig("my-registry", "sensor-02", []byte("mode=eco"))
-	require.NoError(t, err)
-	s.waitFile(60*time.Second, received, "the new config as a metric", func(ms []telegraf.Metric) bool {
-		for _, m := range ms {
-			if p, _ := m.GetField("payload"); m.Name() == "omnicore_config" && p == "mode=eco" {
-				return true
-			}
-		}
-		return false
-	})
+	tg := s.runShippedWiring(wiring, devices)
 	recs := connections(s.srv, s.srv.ClientID("my-registry", "my-gateway"))
 	require.Len(t, recs, 1)
 	require.Equal(t, "tls", recs[0].Listener)
@@ -854,4 +830,36 @@ func pluginFiles(t *testing.T, sample string) map[string]string {
 		files[m[1]] = b.String()
 	}
 	return files
+}
+
+// runShippedWiring starts Telegraf with wiring (the [[outputs.execd]] and
+// [[inputs.execd]] blocks as shipped, their paths filled in) fed telemetry
+// for devices of gateway my-gateway in registry my-registry, and waits
+// until every device's telemetry reached the bridge, the input subscribed
+// their configs, and a config set at the bridge came out of Telegraf as an
+// omnicore_config metric.
+func (s *setup) runShippedWiring(wiring string, devices []string) *Telegraf {
+	received := filepath.Join(s.dir, "received.lp")
+	tg := s.start(Agent(500*time.Millisecond, 100*time.Millisecond) +
+		fileInput(s.telemetryFile(devices)) + wiring + "\n" + fileOutput(received, "omnicore_*"))
+	s.waitEmulator(90*time.Second, "telemetry of every device and the input's subscriptions", func() bool {
+		counts := perDevice(s.srv.Received())
+		for _, d := range devices {
+			if counts[d] == 0 || !s.srv.Subscribed("my-registry", d, omnicore.KindConfig) {
+				return false
+			}
+		}
+		return true
+	})
+	_, err := s.srv.SetConfig("my-registry", devices[len(devices)-1], []byte("mode=eco"))
+	require.NoError(s.t, err)
+	s.waitFile(60*time.Second, received, "the new config as a metric", func(ms []telegraf.Metric) bool {
+		for _, m := range ms {
+			if p, _ := m.GetField("payload"); m.Name() == "omnicore_config" && p == "mode=eco" {
+				return true
+			}
+		}
+		return false
+	})
+	return tg
 }

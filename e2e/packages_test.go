@@ -16,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/influxdata/telegraf"
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
@@ -292,28 +291,7 @@ func installRunRemove(t *testing.T, ctx context.Context, deb, debUpgrade string)
 	}
 	wiring, err := os.ReadFile(pkgWiring)
 	require.NoError(t, err)
-	received := filepath.Join(s.dir, "received.lp")
-	tg := s.start(Agent(500*time.Millisecond, 100*time.Millisecond) +
-		fileInput(s.telemetryFile(devices)) + string(wiring) + "\n" + fileOutput(received, "omnicore_*"))
-	s.waitEmulator(90*time.Second, "telemetry of both devices and the input's subscriptions", func() bool {
-		counts := perDevice(s.srv.Received())
-		for _, d := range devices {
-			if counts[d] == 0 || !s.srv.Subscribed("my-registry", d, omnicore.KindConfig) {
-				return false
-			}
-		}
-		return true
-	})
-	_, err = s.srv.SetConfig("my-registry", "sensor-02", []byte("mode=eco"))
-	require.NoError(t, err)
-	s.waitFile(60*time.Second, received, "the new config as a metric", func(ms []telegraf.Metric) bool {
-		for _, m := range ms {
-			if p, _ := m.GetField("payload"); m.Name() == "omnicore_config" && p == "mode=eco" {
-				return true
-			}
-		}
-		return false
-	})
+	tg := s.runShippedWiring(string(wiring), devices)
 	var commands []string
 	for _, pid := range tg.Children() {
 		commands = append(commands, CommandLine(pid))
