@@ -71,32 +71,54 @@ func (c *publishCountingConn) scan(b []byte) {
 }
 
 // dialer opens the network connection for paho (tcp:// or tls://) and wraps
-// it in a publishCountingConn. The dial ends with ctx, and opened receives
-// the connection, so that a session being closed can abort a connect in
-// progress (paho's own connect cannot be interrupted).
-func dialer(ctx context.Context, tlsCfg *tls.Config, timeout time.Duration, counter *atomic.Uint64, opened func(net.Conn)) mqtt.OpenConnectionFunc {
+// it: quick ACKs on the TCP socket (quickack_linux.go), writes coalesced
+// above TLS (coalescingConn), reads buffered and PUBLISH packets counted.
+// The dial and the TLS handshake end with ctx, and opened receives the TCP
+// connection, so that a session being closed can abort a connect in
+// progress (paho's own connect cannot be interrupted). writeTimeout bounds
+// each write to the socket.
+func dialer(ctx context.Context, tlsCfg *tls.Config, timeout, writeTimeout time.Duration, counter *atomic.Uint64, opened func(net.Conn)) mqtt.OpenConnectionFunc {
 	return func(uri *url.URL, _ mqtt.ClientOptions) (net.Conn, error) {
-		d := &net.Dialer{Timeout: timeout}
-		var conn net.Conn
-		var err error
+		var secure bool
 		switch uri.Scheme {
 		case "tcp", "mqtt":
-			conn, err = d.DialContext(ctx, "tcp", uri.Host)
 		case "tls", "ssl", "mqtts":
+			secure = true
+		default:
+			return nil, fmt.Errorf("unsupported scheme %q", uri.Scheme)
+		}
+		d := &net.Dialer{Timeout: timeout}
+		raw, err := d.DialContext(ctx, "tcp", uri.Host)
+		if err != nil {
+			return nil, err
+		}
+		opened(raw)
+		conn := quickAck(raw)
+		if secure {
 			cfg := tlsCfg
 			if cfg == nil {
 				cfg = &tls.Config{MinVersion: tls.VersionTLS12}
 			}
-			td := &tls.Dialer{NetDialer: d, Config: cfg}
-			conn, err = td.DialContext(ctx, "tcp", uri.Host)
-		default:
-			return nil, fmt.Errorf("unsupported scheme %q", uri.Scheme)
+			if cfg.ServerName == "" {
+				// What tls.Dialer does: verify the host dialled.
+				host, _, err := net.SplitHostPort(uri.Host)
+				if err != nil {
+					host = uri.Host
+				}
+				cfg = cfg.Clone()
+				cfg.ServerName = host
+			}
+			hctx, cancel := context.WithTimeout(ctx, timeout)
+			tc := tls.Client(conn, cfg)
+			err := tc.HandshakeContext(hctx)
+			cancel()
+			if err != nil {
+				raw.Close()
+				return nil, err
+			}
+			conn = tc
 		}
-		if err != nil {
-			return nil, err
-		}
-		opened(conn)
-		return &publishCountingConn{Conn: newBufferedConn(conn), publishes: counter}, nil
+		return &publishCountingConn{Conn: newBufferedConn(newCoalescingConn(conn, writeTimeout)), publishes: counter}, nil
 	}
 }
 

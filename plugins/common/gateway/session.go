@@ -446,7 +446,7 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 	opts.SetConnectTimeout(s.cfg.ConnectionTimeout)
 	opts.SetWriteTimeout(s.cfg.Timeout)
 	opts.SetOrderMatters(true)
-	opts.SetCustomOpenConnectionFn(dialer(s.ctx, s.cfg.TLS, s.cfg.ConnectionTimeout, &cs.readPublishes, func(c net.Conn) { cs.raw.Store(&c) }))
+	opts.SetCustomOpenConnectionFn(dialer(s.ctx, s.cfg.TLS, s.cfg.ConnectionTimeout, s.cfg.Timeout, &cs.readPublishes, func(c net.Conn) { cs.raw.Store(&c) }))
 	opts.SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) {
 		s.onMessage(cs, m)
 		cs.markRouted()
