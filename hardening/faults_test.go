@@ -120,24 +120,25 @@ func TestFaults(t *testing.T) {
 			name: "pubacks delayed and withheld",
 			// The gateway resends an unacknowledged message after timeout,
 			// inside the Write: write_timeout must leave room for that, or
-			// every Write ends before a resend. The execd output keeps one
-			// Write in flight, so when the withholding starts at a batch's
-			// tail only that tail is in flight: each 2 s timeout and
-			// reconnect then consumes one or two withheld PUBACKs. The
-			// quick run withholds 10 (at worst about 30 s), the soak 500.
+			// every Write ends before a resend. The execd output keeps up
+			// to 4 Writes in flight, so a withheld PUBACK holds up its own
+			// batch, not the pipe: 500 withheld took 18 s, 50 took 8 s
+			// (with one Write in flight, 50 could take minutes: each 2 s
+			// timeout consumed one or two). The quick run withholds 100,
+			// the soak 500.
 			output: []string{`timeout = "2s"`, `write_timeout = "30s"`},
 			inject: func(w *world, r *run) string {
 				w.progress(r, 0.2)
 				w.srv.SetPubackDelay(200 * time.Millisecond)
 				w.progress(r, 0.4)
-				w.srv.WithholdPubacks(scale(10, 500))
-				w.waitFor(scale(2*time.Minute, 30*time.Minute), "the PUBACKs withheld", func() bool { return w.srv.Stats().Withheld >= scale(10, 500) })
+				w.srv.WithholdPubacks(scale(100, 500))
+				w.waitFor(scale(2*time.Minute, 30*time.Minute), "the PUBACKs withheld", func() bool { return w.srv.Stats().Withheld >= scale(100, 500) })
 				w.progress(r, 0.7)
 				w.srv.SetPubackDelay(0)
 				return fmt.Sprintf("PUBACKs delayed 200 ms for half the stream, %d withheld (messages dropped unacknowledged)", w.srv.Stats().Withheld)
 			},
 			check: func(t *testing.T, w *world, r *run, logf LogFigures) {
-				require.Equal(t, scale(10, 500), w.srv.Stats().Withheld)
+				require.Equal(t, scale(100, 500), w.srv.Stats().Withheld)
 			},
 		},
 		{

@@ -20,9 +20,9 @@ import (
 //     and skipped.
 //   - A batch is written when it holds batchSize metrics or batchTimeout
 //     after its first metric arrived, whichever comes first.
-//   - A Write that fails is retried with the same batch (the same metrics, so
-//     the plugin can skip those it already delivered) after a back-off that
-//     doubles from minBackoff to maxBackoff. Meanwhile stdin is not read:
+//   - A Write that fails is retried with what it left unsettled (its error
+//     names the metrics acknowledged or given up on; see unsettled) after a
+//     back-off that doubles from minBackoff to maxBackoff. Meanwhile stdin is not read:
 //     the pipe fills and outputs.execd's Write blocks, so the backlog stays
 //     in Telegraf's own output buffer (metric_buffer_limit) and nothing is
 //     lost here.
@@ -98,8 +98,8 @@ func (r *outputRunner) run(stdin io.Reader, stop <-chan struct{}) error {
 			r.log.Debug("Signalled to stop; writing the last batch and stopping")
 			return r.shutdown(time.Now(), batch)
 		}
-		if pending, stopped := r.writeRetrying(batch, stop); stopped {
-			return r.shutdownPending(time.Now(), batch, pending)
+		if rest, pending, stopped := r.writeRetrying(batch, stop); stopped {
+			return r.shutdownPending(time.Now(), rest, pending)
 		}
 		batch = make([]telegraf.Metric, 0, r.batchSize)
 	}
@@ -150,10 +150,11 @@ func (r *outputRunner) read(stdin io.Reader, metrics chan<- telegraf.Metric, don
 	}
 }
 
-// writeRetrying writes batch until it succeeds. When stop arrives first it
-// returns stopped, and pending is the result of a Write still running (nil
-// when none is).
-func (r *outputRunner) writeRetrying(batch []telegraf.Metric, stop <-chan struct{}) (pending <-chan error, stopped bool) {
+// writeRetrying writes batch until it succeeds; a retry writes only what
+// the failed Write left unsettled. When stop arrives first it returns
+// stopped with what is left of the batch (rest), and pending is the result
+// of a Write of rest still running (nil when none is).
+func (r *outputRunner) writeRetrying(batch []telegraf.Metric, stop <-chan struct{}) (rest []telegraf.Metric, pending <-chan error, stopped bool) {
 	backoff := r.minBackoff
 	for attempt := 1; ; attempt++ {
 		result := r.writeAsync(batch)
@@ -161,20 +162,21 @@ func (r *outputRunner) writeRetrying(batch []telegraf.Metric, stop <-chan struct
 		select {
 		case err = <-result:
 		case <-stop:
-			return result, true
+			return batch, result, true
 		}
 		if err == nil {
 			if attempt > 1 {
-				r.log.Infof("Wrote the batch of %d metrics at attempt %d", len(batch), attempt)
+				r.log.Infof("Wrote the rest of the batch (%d metrics) at attempt %d", len(batch), attempt)
 			}
-			return nil, false
+			return nil, nil, false
 		}
-		r.log.Errorf("Writing %d metrics failed (attempt %d), retrying the same batch in %s; standard input is not read meanwhile, so Telegraf buffers new metrics: %v",
-			len(batch), attempt, backoff, err)
+		batch = unsettled(batch, err)
+		r.log.Errorf("Writing metrics failed (attempt %d), retrying the %d not acknowledged in %s; standard input is not read meanwhile, so Telegraf buffers new metrics: %v",
+			attempt, len(batch), backoff, err)
 		select {
 		case <-time.After(backoff):
 		case <-stop:
-			return nil, true
+			return batch, nil, true
 		}
 		backoff = min(2*backoff, r.maxBackoff)
 	}
@@ -202,7 +204,7 @@ func (r *outputRunner) shutdownPending(start time.Time, batch []telegraf.Metric,
 	writeDeadline := deadline.Add(-r.closeReserve)
 	written, writing := true, false
 	if len(batch) > 0 {
-		written, writing = r.finalWrite(batch, pending, writeDeadline)
+		written, writing, batch = r.finalWrite(batch, pending, writeDeadline)
 	}
 	if writing {
 		// Close must not run concurrently with Write; the process exits
@@ -228,9 +230,10 @@ func (r *outputRunner) shutdownPending(start time.Time, batch []telegraf.Metric,
 
 // finalWrite writes batch, retrying until writeDeadline. pending, when not
 // nil, is the result of a Write of batch already running, which is waited
-// for first. It reports whether the batch was written, and whether a Write
-// is still running at the deadline.
-func (r *outputRunner) finalWrite(batch []telegraf.Metric, pending <-chan error, writeDeadline time.Time) (written, writing bool) {
+// for first. It reports whether the batch was written, whether a Write is
+// still running at the deadline, and what is left of the batch (a retry
+// writes only what a failed Write left unsettled).
+func (r *outputRunner) finalWrite(batch []telegraf.Metric, pending <-chan error, writeDeadline time.Time) (written, writing bool, rest []telegraf.Metric) {
 	backoff := r.minBackoff
 	deadline := time.NewTimer(time.Until(writeDeadline))
 	defer deadline.Stop()
@@ -248,18 +251,19 @@ func (r *outputRunner) finalWrite(batch []telegraf.Metric, pending <-chan error,
 			case err = <-result: // finished just in time
 			default:
 				r.log.Errorf("Writing the last %d metrics did not finish before the shutdown deadline", len(batch))
-				return false, true
+				return false, true, batch
 			}
 		}
 		if err == nil {
-			return true, false
+			return true, false, nil
 		}
+		batch = unsettled(batch, err)
 		// Retry while the next attempt would have at least minBackoff to
 		// run before the deadline.
 		remaining := time.Until(writeDeadline)
 		if remaining < 2*r.minBackoff {
 			r.log.Errorf("Writing the last %d metrics failed (attempt %d), no time left to retry: %v", len(batch), attempt, err)
-			return false, false
+			return false, false, batch
 		}
 		wait := min(backoff, remaining-r.minBackoff)
 		r.log.Errorf("Writing the last %d metrics failed (attempt %d), retrying in %s: %v", len(batch), attempt, wait.Round(time.Millisecond), err)

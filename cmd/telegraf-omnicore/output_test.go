@@ -210,7 +210,8 @@ func TestOutputBatching(t *testing.T) {
 	}
 }
 
-// A failed Write is retried with the same batch, and stdin is not read while
+// A failed Write is retried (the whole batch when its error does not say
+// what was settled), and stdin is not read while
 // it fails, so the backlog stays in Telegraf's buffer; nothing is lost.
 func TestOutputRetriesTheSameBatchWithoutReading(t *testing.T) {
 	out := newTestOutput()
@@ -246,8 +247,8 @@ func TestOutputRetriesTheSameBatchWithoutReading(t *testing.T) {
 	default:
 	}
 
-	// Every attempt carried the same batch: the same metric objects, so a
-	// plugin can skip the ones it already delivered.
+	// Every attempt carried the whole batch (the error did not say which
+	// metrics were settled): the same metric objects.
 	attempts := out.getAttempts()
 	for i, a := range attempts {
 		require.Len(t, a, 2, "attempt %d", i+1)
@@ -267,7 +268,7 @@ func TestOutputRetriesTheSameBatchWithoutReading(t *testing.T) {
 		[]telegraf.Metric{metricFor("m", 1), metricFor("m", 2), metricFor("m", 3), metricFor("m", 4)},
 		flatten(written))
 	require.NotEmpty(t, h.log.Errors())
-	require.Contains(t, h.log.Errors()[0], "Writing 2 metrics failed (attempt 1), retrying the same batch")
+	require.Contains(t, h.log.Errors()[0], "Writing metrics failed (attempt 1), retrying the 2 not acknowledged")
 }
 
 func TestOutputConnectRetried(t *testing.T) {

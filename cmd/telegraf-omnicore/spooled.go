@@ -30,10 +30,11 @@ import (
 //   - The publish loop reads the spool in order, in batches of batchSize
 //     (written batchTimeout after the first metric was spooled at the
 //     latest), calls Write and releases the batch from the spool once Write
-//     succeeded, i.e. the bridge acknowledged every message. A failed Write is
-//     retried with the same batch after a back-off; stdin is read meanwhile.
-//     One Write at a time: the plugin's retry bookkeeping (metrics already
-//     acknowledged are skipped on the retry) is per batch.
+//     succeeded, i.e. the bridge acknowledged every message, and every
+//     earlier batch was released. Up to maxWritesInFlight Writes run at
+//     once (a batch with a state message runs alone). A failed Write is
+//     retried after a back-off with what it left unacknowledged; stdin is
+//     read meanwhile.
 //   - A new process replays what the spool holds first, then new metrics.
 //   - On stdin EOF or SIGTERM the process returns within exitTimeout,
 //     bridge or no bridge: after a signal stdin is still read (what Telegraf
@@ -287,9 +288,36 @@ func (r *spooledRunner) appendRetrying(sp *spool.Spool, line []byte, stopAppendi
 	}
 }
 
+// maxWritesInFlight is how many Writes the publish loop keeps running at
+// once. While a Write waits for the last PUBACKs of its batch, the next
+// batch is already being read, routed and published, so the connection
+// never idles between batches, and one message whose PUBACK the bridge
+// withholds (resent after the ack timeout) holds up its own batch, not
+// the pipe. Batches are released from the spool in order, each once every
+// earlier one is acknowledged.
+const maxWritesInFlight = 4
+
+// overlapper is implemented by outputs.omnicore: whether a batch may be
+// written while other Writes are in flight (not when it holds a device's
+// state, whose order matters). An output without it is written one batch
+// at a time.
+type overlapper interface {
+	Overlappable([]telegraf.Metric) bool
+}
+
+// spooledWrite is a batch being written by its own goroutine.
+type spooledWrite struct {
+	end  spool.Position
+	solo bool // written with no other Write in flight
+	done chan writeOutcome
+}
+
+type writeOutcome struct{ ok, running bool }
+
 // publishLoop connects the output and writes the spool's records in batches
 // until draining (then it writes what is left without waiting and without
-// retrying) or abandon. It returns true when it left a Write running.
+// retrying) or abandon. Up to maxWritesInFlight Writes run at once. It
+// returns true when it left a Write running.
 func (r *spooledRunner) publishLoop(sp *spool.Spool, draining, abandon <-chan struct{}) bool {
 	if !r.connect(draining) {
 		return false
@@ -299,25 +327,66 @@ func (r *spooledRunner) publishLoop(sp *spool.Spool, draining, abandon <-chan st
 		r.log.Errorf("Line protocol parser: %v", err)
 		return false
 	}
+	ov, _ := r.output.(overlapper)
 	var (
-		batch []telegraf.Metric
-		end   spool.Position
-		dirty bool      // end is past what was released
-		first time.Time // when the batch's first record was spooled
+		batch    []telegraf.Metric
+		end      spool.Position
+		dirty    bool      // end is past what was released or is in flight
+		first    time.Time // when the batch's first record was spooled
+		inflight []*spooledWrite
+		failed   bool // a Write ended without success: nothing later is released
+		running  bool // a Write was abandoned while running
 	)
+	// headDone is the completion of the oldest Write in flight (nil: none).
+	headDone := func() <-chan writeOutcome {
+		if len(inflight) == 0 {
+			return nil
+		}
+		return inflight[0].done
+	}
+	// settleHead takes the oldest Write's outcome and releases its batch
+	// when it and every earlier one succeeded.
+	settleHead := func(res writeOutcome) {
+		w := inflight[0]
+		inflight = inflight[1:]
+		running = running || res.running
+		if !res.ok {
+			failed = true
+			return
+		}
+		if failed {
+			return
+		}
+		if err := sp.Release(w.end); err != nil && !errors.Is(err, spool.ErrClosed) {
+			r.log.Errorf("Releasing written metrics from the spool: %v", err)
+		}
+	}
+	// finish waits for every Write in flight (each ends at draining or
+	// abandon) and reports whether one is still running.
+	finish := func() bool {
+		for len(inflight) > 0 {
+			settleHead(<-inflight[0].done)
+		}
+		return running
+	}
 	for {
 		if len(batch) == 0 {
 			select {
 			case <-draining:
-				return false // the last batch was written
+				return finish() // the last batch was written
 			default:
+			}
+			if failed {
+				// Draining, a Write failed: what follows stays in the
+				// spool for the next start.
+				return finish()
 			}
 		}
 		if len(batch) < r.batchSize {
 			ready := sp.Ready()
 			recs, err := sp.Read(r.batchSize - len(batch))
 			if err != nil {
-				return false
+				return finish()
 			}
 			for _, rec := range recs {
 				ms, err := parser.Parse(rec.Payload)
@@ -334,16 +403,18 @@ func (r *spooledRunner) publishLoop(sp *spool.Spool, draining, abandon <-chan st
 				continue // there may be more already
 			}
 			if len(batch) == 0 {
-				if dirty {
+				if dirty && len(inflight) == 0 {
 					_ = sp.Release(end) // records that did not parse
 					dirty = false
 				}
 				select {
 				case <-ready:
-					continue
+				case res := <-headDone():
+					settleHead(res)
 				case <-draining:
-					return false
+					return finish()
 				}
+				continue
 			}
 			if len(batch) < r.batchSize {
 				if wait := time.Until(first.Add(r.batchTimeout)); wait > 0 {
@@ -352,6 +423,10 @@ func (r *spooledRunner) publishLoop(sp *spool.Spool, draining, abandon <-chan st
 					case <-ready:
 						t.Stop()
 						continue
+					case res := <-headDone():
+						t.Stop()
+						settleHead(res)
+						continue
 					case <-t.C:
 					case <-draining:
 						t.Stop()
@@ -359,16 +434,21 @@ func (r *spooledRunner) publishLoop(sp *spool.Spool, draining, abandon <-chan st
 				}
 			}
 		}
-		ok, running := r.writeRetrying(batch, draining, abandon)
-		if running {
-			return true
+		solo := ov == nil || !ov.Overlappable(batch)
+		// Room for this Write: fewer than maxWritesInFlight, and none at all
+		// when this one or the one in flight must be alone.
+		for len(inflight) > 0 && (solo || inflight[len(inflight)-1].solo || len(inflight) >= maxWritesInFlight) {
+			settleHead(<-inflight[0].done)
 		}
-		if !ok {
-			return false
+		if failed {
+			return finish()
 		}
-		if err := sp.Release(end); err != nil && !errors.Is(err, spool.ErrClosed) {
-			r.log.Errorf("Releasing written metrics from the spool: %v", err)
-		}
+		w := &spooledWrite{end: end, solo: solo, done: make(chan writeOutcome, 1)}
+		go func(batch []telegraf.Metric) {
+			ok, running := r.writeRetrying(batch, draining, abandon)
+			w.done <- writeOutcome{ok: ok, running: running}
+		}(batch)
+		inflight = append(inflight, w)
 		batch, dirty = nil, false
 	}
 }
@@ -399,8 +479,9 @@ func (r *spooledRunner) connect(draining <-chan struct{}) bool {
 	}
 }
 
-// writeRetrying writes batch until it succeeds (ok). After draining it does
-// not retry, and at abandon it returns with the Write still running.
+// writeRetrying writes batch until it succeeds (ok); a retry writes only
+// what the failed Write left unsettled. After draining it does not retry,
+// and at abandon it returns with the Write still running.
 func (r *spooledRunner) writeRetrying(batch []telegraf.Metric, draining, abandon <-chan struct{}) (ok, running bool) {
 	backoff := r.minBackoff
 	for attempt := 1; ; attempt++ {
@@ -414,18 +495,19 @@ func (r *spooledRunner) writeRetrying(batch []telegraf.Metric, draining, abandon
 		}
 		if err == nil {
 			if attempt > 1 {
-				r.log.Infof("Wrote the batch of %d metrics at attempt %d", len(batch), attempt)
+				r.log.Infof("Wrote the rest of a batch (%d metrics) at attempt %d", len(batch), attempt)
 			}
 			return true, false
 		}
+		batch = unsettled(batch, err)
 		select {
 		case <-draining:
 			r.log.Debugf("Writing %d metrics failed while stopping; they stay in the spool: %v", len(batch), err)
 			return false, false
 		default:
 		}
-		r.log.Errorf("Writing %d metrics failed (attempt %d), retrying in %s; they stay in the spool, and standard input is still spooled: %v",
-			len(batch), attempt, backoff, err)
+		r.log.Errorf("Writing metrics failed (attempt %d), retrying the %d not acknowledged in %s; they stay in the spool, and standard input is still spooled: %v",
+			attempt, len(batch), backoff, err)
 		t := time.NewTimer(backoff)
 		select {
 		case <-t.C:

@@ -123,8 +123,8 @@ type OmniCore struct {
 	routingTags []string
 	parallel    int
 	warnings    *warnLimiter
-	// execd is runmode.Execd() at Init: whether a failed Write is retried
-	// with the same batch by the execd binary (see settled).
+	// execd is runmode.Execd() at Init: the execd binary reports the
+	// gateway's figures itself (omnicore_gateway), so no selfstat export.
 	execd bool
 
 	// acquire is gateway.Acquire (nil); unit tests replace it with a fake.
@@ -139,16 +139,10 @@ type OmniCore struct {
 	mu        sync.Mutex
 	nextState map[string]time.Time // device -> earliest time of its next state message
 
-	// serializing is held while a publish worker serializes a message of
-	// layout auto.
+	// serializing is held while the serializer (not safe for concurrent
+	// use) runs: by prepare, and by a publish worker serializing a message
+	// of layout auto. Writes may overlap (the execd binary's).
 	serializing sync.Mutex
-
-	// settled holds, under the execd binary, the metrics of failed Writes
-	// that were acknowledged or given up on, so that the binary's retry of
-	// the same batch sends only the rest. It is emptied by the next
-	// successful Write. Inside Telegraf it stays empty: the partial-write
-	// error tells Telegraf which metrics to keep.
-	settled map[telegraf.Metric]struct{}
 }
 
 func (*OmniCore) SampleConfig() string {
@@ -239,7 +233,6 @@ func (o *OmniCore) Init() error {
 	o.execd = runmode.Execd()
 	o.warnings = newWarnLimiter(o.Log, warnInterval)
 	o.nextState = make(map[string]time.Time)
-	o.settled = make(map[telegraf.Metric]struct{})
 	return nil
 }
 
@@ -344,7 +337,7 @@ type message struct {
 
 // writeStats are the counts of one Write, for its debug line.
 type writeStats struct {
-	in, skipped    int
+	in             int
 	messages, sent int
 	metricsSent    int
 	dropped        map[string]int
@@ -362,7 +355,9 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 	}
 	start := time.Now()
 	st := &writeStats{in: len(metrics), dropped: make(map[string]int), settled: make(map[telegraf.Metric]bool)}
+	o.serializing.Lock()
 	msgs := o.prepare(metrics, st)
+	o.serializing.Unlock()
 	st.messages = len(msgs)
 
 	timeout := time.Duration(o.WriteTimeout)
@@ -376,34 +371,25 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 	for reason, n := range st.dropped {
 		o.conn.CountDrop(reason, uint64(n))
 	}
-	o.Log.Debugf("Write of %d metrics: %d messages, %d published (%d metrics), %d skipped as settled by an earlier attempt, dropped %s, in %s",
-		st.in, st.messages, st.sent, st.metricsSent, st.skipped, formatCounts(st.dropped), time.Since(start).Round(time.Microsecond))
+	o.Log.Debugf("Write of %d metrics: %d messages, %d published (%d metrics), dropped %s, in %s",
+		st.in, st.messages, st.sent, st.metricsSent, formatCounts(st.dropped), time.Since(start).Round(time.Microsecond))
 
 	if failed == 0 {
 		// Metrics given up on (invalid device, too large...) are counted
 		// and logged above; reporting them as rejected would also make
 		// Telegraf log every such write as failed.
-		clear(o.settled)
 		return nil
 	}
 	werr := &writeError{err: fmt.Errorf("%d of %d messages not acknowledged within %s: %w; "+
 		"the metrics not acknowledged stay in the buffer and are written again",
 		failed, len(msgs), timeoutName(timeout, time.Duration(o.WriteTimeout)), firstErr)}
 	for i, m := range metrics {
-		_, earlier := o.settled[m]
 		acked, settled := st.settled[m]
 		switch {
-		case earlier || (settled && acked):
+		case settled && acked:
 			werr.accept = append(werr.accept, i)
 		case settled:
 			werr.reject = append(werr.reject, i)
-		}
-	}
-	if o.execd {
-		// The execd binary retries the same batch: remember what this
-		// attempt settled so that the retry sends only the rest.
-		for m := range st.settled {
-			o.settled[m] = struct{}{}
 		}
 	}
 	return werr
@@ -419,10 +405,6 @@ func (o *OmniCore) prepare(metrics []telegraf.Metric, st *writeStats) []message 
 		devs   []string                 // devices with a state, in order
 	)
 	for _, m := range metrics {
-		if _, ok := o.settled[m]; ok {
-			st.skipped++
-			continue
-		}
 		dst, ok := o.route(m, st)
 		if !ok {
 			continue
@@ -514,6 +496,23 @@ func (o *OmniCore) route(m telegraf.Metric, st *writeStats) (destination, bool) 
 	}
 	dst.subfolder = sub
 	return dst, true
+}
+
+// Overlappable says whether a Write of metrics may run while other Writes
+// are in flight (the execd binary overlaps Writes): yes unless one of them
+// is a state message. A device's state must reach the bridge in order, and
+// the last one written must stay the last (Write keeps the latest of a
+// batch and paces them); two Writes in flight, one of them retried, could
+// reverse two states. Telemetry events carry their own timestamps, so their
+// order across Writes does not matter (QoS 1 resends reorder them anyway).
+// Write is safe for concurrent use.
+func (o *OmniCore) Overlappable(metrics []telegraf.Metric) bool {
+	for _, m := range metrics {
+		if o.isState(m) {
+			return false
+		}
+	}
+	return true
 }
 
 func (o *OmniCore) isState(m telegraf.Metric) bool {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -384,7 +385,7 @@ func TestDropWarningsAreRateLimited(t *testing.T) {
 	require.Equal(t, map[string]uint64{dropInvalidDevice: 101, dropMissingDevice: 100}, conn.Drops())
 	require.Equal(t, 1, logOf(o).count("W", "not a valid device ID"), logOf(o).String())
 	require.Equal(t, 1, logOf(o).count("W", "without the device tag"), logOf(o).String())
-	require.Equal(t, 1, logOf(o).count("D", "Write of 200 metrics: 0 messages, 0 published (0 metrics), 0 skipped as settled by an earlier attempt, dropped invalid_device=100 missing_device=100"), logOf(o).String())
+	require.Equal(t, 1, logOf(o).count("D", "Write of 200 metrics: 0 messages, 0 published (0 metrics), dropped invalid_device=100 missing_device=100"), logOf(o).String())
 }
 
 func TestLayouts(t *testing.T) {
@@ -611,17 +612,16 @@ func TestRefusedDeviceDoesNotBlockOthers(t *testing.T) {
 	require.Equal(t, 1, logOf(o).count("W", "not bound to the gateway"), logOf(o).String())
 }
 
-// TestTransientFailureRetriesOnlyUnacknowledged: under the execd binary, a
-// message that cannot be delivered within write_timeout fails the Write (the
-// binary keeps the batch); the retried batch sends only what was not
-// acknowledged the first time.
+// TestTransientFailureRetriesOnlyUnacknowledged: a message that cannot be
+// delivered within write_timeout fails the Write, whose error says which
+// metrics are settled (acknowledged or given up on); the execd binary
+// writes the rest again, which sends only what was not acknowledged.
 func TestTransientFailureRetriesOnlyUnacknowledged(t *testing.T) {
 	conn := &blockingConn{Conn: gatewaytest.New("gw"), blocked: map[string]bool{"slow": true}}
 	o := newPlugin(t, conn, func(o *OmniCore) {
 		o.WriteTimeout = config.Duration(100 * time.Millisecond)
 		o.StateMetrics = []string{"status"}
 	})
-	o.execd = true // as runmode.SetExecd makes it
 	batch := []telegraf.Metric{
 		m("cpu", map[string]string{"device_id": "fast"}, 1),
 		m("cpu", map[string]string{"device_id": "slow"}, 1),
@@ -641,18 +641,59 @@ func TestTransientFailureRetriesOnlyUnacknowledged(t *testing.T) {
 		_, ok := m.GetTag("device_id")
 		require.True(t, ok, "Write modified a metric Telegraf will retry")
 	}
+	var se interface{ Settled() (accept, reject []int) }
+	require.ErrorAs(t, err, &se)
+	accept, reject := se.Settled()
+	require.Equal(t, []int{0, 3}, accept)
+	require.Equal(t, []int{2, 4}, reject)
 
 	conn.unblock("slow")
-	require.NoError(t, o.Write(batch))
+	require.NoError(t, o.Write([]telegraf.Metric{batch[1]}))
 	require.Equal(t, strs(
 		expect(t, "fast", events, "", m("cpu", nil, 1)),
 		expect(t, "fast", state, "", m("status", nil, 2)),
 		expect(t, "slow", events, "", m("cpu", nil, 1)),
 	), decode(t, conn.Published()))
-	// Drops are not counted twice for the retried batch.
 	require.Equal(t, map[string]uint64{dropInvalidDevice: 1, dropStateCoalesced: 1}, conn.Drops())
-	require.Equal(t, 1, logOf(o).count("D", "1 published (1 metrics), 4 skipped as settled by an earlier attempt"), logOf(o).String())
-	require.Empty(t, o.settled)
+}
+
+// Writes may run concurrently (the execd binary overlaps them): every
+// message is published once, and the batches with a state message are the
+// ones Overlappable refuses.
+func TestConcurrentWrites(t *testing.T) {
+	conn := gatewaytest.New("gw")
+	o := newPlugin(t, conn, func(o *OmniCore) { o.StateMetrics = []string{"status"} })
+	const writers, perWrite = 8, 50
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	var want []string
+	for w := range writers {
+		var batch []telegraf.Metric
+		for i := range perWrite {
+			dev := "dev-" + strconv.Itoa(i%7)
+			batch = append(batch, m("cpu", map[string]string{"device_id": dev}, w*perWrite+i))
+			want = append(want, expect(t, dev, events, "", m("cpu", nil, w*perWrite+i)).String())
+		}
+		require.True(t, o.Overlappable(batch))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- o.Write(batch)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	require.ElementsMatch(t, want, decode(t, conn.Published()))
+
+	require.False(t, o.Overlappable([]telegraf.Metric{
+		m("cpu", map[string]string{"device_id": "a"}, 1),
+		m("status", map[string]string{"device_id": "a"}, 1),
+	}))
+	o.StateTag = "omnicore_kind"
+	require.False(t, o.Overlappable([]telegraf.Metric{m("cpu", map[string]string{"device_id": "a", "omnicore_kind": "state"}, 1)}))
 }
 
 // blockingConn never acknowledges publishes for blocked devices: Publish

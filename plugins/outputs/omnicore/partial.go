@@ -27,6 +27,11 @@ type writeError struct {
 
 func (e *writeError) Error() string { return e.err.Error() }
 
+// Settled returns the indices into the failed Write's batch of the metrics
+// acknowledged (accept) and given up on for good (reject): the execd binary
+// retries the batch without them.
+func (e *writeError) Settled() (accept, reject []int) { return e.accept, e.reject }
+
 func (e *writeError) Unwrap() error { return e.err }
 
 // As implements the errors.As protocol for Telegraf's PartialWriteError.
