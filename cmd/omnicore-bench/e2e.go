@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/influxdata/telegraf"
+
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
 )
@@ -104,25 +106,36 @@ func writeLineProtocol(path string, n, devices int) error {
 		f.Close()
 		return err
 	}
-	start := time.Unix(1_700_000_000, 0)
-	const chunk = 10000
-	for done := 0; done < n; done += chunk {
-		ms := genMetrics(min(chunk, n-done), devices, start.Add(time.Duration(done)*time.Millisecond))
+	if err := lineProtocolMetrics(n, devices, func(ms []telegraf.Metric) error {
 		bs, err := ser.SerializeBatch(ms)
 		if err != nil {
-			f.Close()
 			return err
 		}
-		if _, err := w.Write(bs); err != nil {
-			f.Close()
-			return err
-		}
+		_, err = w.Write(bs)
+		return err
+	}); err != nil {
+		f.Close()
+		return err
 	}
 	if err := w.Flush(); err != nil {
 		f.Close()
 		return err
 	}
 	return f.Close()
+}
+
+// lineProtocolMetrics hands the metrics of a file of n metrics over devices
+// to f in chunks, in file order: writeLineProtocol writes them, and the bare
+// paho peer of benchmark 2 publishes them.
+func lineProtocolMetrics(n, devices int, f func([]telegraf.Metric) error) error {
+	start := time.Unix(1_700_000_000, 0)
+	const chunk = 10000
+	for done := 0; done < n; done += chunk {
+		if err := f(genMetrics(min(chunk, n-done), devices, start.Add(time.Duration(done)*time.Millisecond))); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // lineProtocolTimes are the metric times of a file of n metrics written by
@@ -340,7 +353,20 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 		unit: "MiB", lowerIsBetter: true, oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "outputs.mqtt",
 		note:      "VmRSS of Telegraf and every descendant summed, sampled every 50 ms, peak; metric_buffer_limit holds the whole input in both",
 		slowerWhy: "a second Go process (the execd plugin) has its own runtime and buffers"}
-	b.rows = append(b.rows, r, cpuRow, rssRow)
+	bareRow := &row{id: "2", name: fmt.Sprintf("the same %s metrics, %s devices -> %s: ours through Telegraf vs bare paho", groupThousands(int64(n)), groupThousands(int64(devices)), br.name),
+		unit: "metrics/s", oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "bare paho"}
+	b.rows = append(b.rows, r, bareRow, cpuRow, rssRow)
+	// The bare peer publishes exactly the payloads ours publishes: the
+	// file's metrics without the device tag, one message per metric, to
+	// /{registry}/{device}/events. Prepared before any timing.
+	var bareMsgs []bareMsg
+	if err := lineProtocolMetrics(n, devices, func(ms []telegraf.Metric) error {
+		m, err := bareMessages(ms)
+		bareMsgs = append(bareMsgs, m...)
+		return err
+	}); err != nil {
+		return err
+	}
 
 	pluginConf := filepath.Join(b.dir, "omnicore-output-"+slug+".conf")
 	plugin := fmt.Sprintf(`[[outputs.omnicore]]
@@ -386,13 +412,27 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 	}
 
 	var wallOurs, wallPeer, firstOurs, firstPeer []float64
-	var sumOurs, sumPeer tally
+	var sumOurs, sumPeer, sumBare tally
 	for run := 0; run < b.opts.runs; run++ {
-		order := []bool{true, false}
-		if run%2 == 1 {
-			order = []bool{false, true}
-		}
-		for _, ours := range order {
+		// ours, outputs.mqtt and bare paho (nil), in an order that
+		// rotates between runs.
+		clients := []*bool{ptr(true), ptr(false), nil}
+		order := append(clients[run%3:], clients[:run%3]...)
+		for _, who := range order {
+			if who == nil {
+				progress("  run %d/%d: bare paho in this process -> %s", run+1, b.opts.runs, br.name)
+				res, err := e2eBare(ctx, br, b.id, devices, bareMsgs, want)
+				sumBare.add(res.tally)
+				if err != nil {
+					bareRow.addProblem("bare paho: %v", err)
+					bareRow.leftOut++
+					continue
+				}
+				bareRow.peer = append(bareRow.peer, res.rate)
+				progress("    bare paho %s between the first and the last delivery", formatValue(res.rate, "metrics/s"))
+				continue
+			}
+			ours := *who
 			name, conf := "outputs.execd + telegraf-omnicore", oursConf
 			if !ours {
 				name, conf = "outputs.mqtt", peerConf
@@ -406,7 +446,11 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 				sumPeer.add(res.tally)
 			}
 			if err != nil {
-				for _, rr := range []*row{r, cpuRow, rssRow} {
+				rows := []*row{r, cpuRow, rssRow}
+				if ours {
+					rows = append(rows, bareRow)
+				}
+				for _, rr := range rows {
 					rr.addProblem("%s: %v", name, err)
 					rr.leftOut++
 				}
@@ -415,6 +459,7 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 			rss := float64(res.rss) / (1 << 20)
 			if ours {
 				r.ours = append(r.ours, res.rate)
+				bareRow.ours = append(bareRow.ours, res.rate)
 				cpuRow.ours = append(cpuRow.ours, res.cpu)
 				rssRow.ours = append(rssRow.ours, rss)
 				wallOurs = append(wallOurs, float64(n)/res.wall.Seconds())
@@ -441,7 +486,43 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 		telegrafVersion(ctx, telegrafBin), formatValue(median(wallOurs), "metrics/s"), formatValue(median(wallPeer), "metrics/s"),
 		formatValue(median(firstOurs), "ms"), formatValue(median(firstPeer), "ms"), topics, where, sumOurs, sumPeer)
 	r.slowerWhy = "outputs.execd serializes every metric to line protocol and our binary parses it again, and outputs.execd gives no acknowledgement, so the pipe is the only back-pressure"
+	attached := "devices attached beforehand (untimed, as the bridge requires)"
+	if !br.emu {
+		attached = "the same attaches first (mosquitto acknowledges them; untimed)"
+	}
+	bareRow.note = fmt.Sprintf("ours: the runs of the row above (real Telegraf, inputs.file -> outputs.execd -> telegraf-omnicore); bare paho: paho.mqtt.golang in the benchmark's own process (no Telegraf, no pipe, no parsing), publishing exactly the payloads ours publishes (the file's lines without the device tag, one message per metric, to /{registry}/{device}/events), prepared before the clock, QoS 1 with 100 publishes in flight (our max_inflight), continuously, %s; both rates between the first and the last delivery at the same receiver (%s), in the same run loop; goal ours >= 0.80x; counted at the receiver, all runs: ours %s; bare paho %s",
+		attached, where, sumOurs, sumBare)
+	bareRow.slowerWhy = "the bare publisher has its payloads ready in memory in the same process; ours gets every metric from Telegraf through outputs.execd, which serializes it to line protocol on a pipe that our process reads and parses again, then routes, strips the device tag and re-serializes it, with Write boundaries of 1,000 (see the CPU row: the two processes share the machine's cores with the broker)"
+	if !br.emu {
+		bareRow.slowerWhy = "with Nagle on at the broker (its default), the last PUBACKs of each of our Writes of 1,000 wait for the client's delayed TCP ACK (up to 40 ms on Linux) before mosquitto sends them, while the continuous bare publisher never has a last message; besides, ours gets every metric from Telegraf through outputs.execd (serialized to line protocol on a pipe, parsed again in our process), where bare paho has its payloads ready in memory"
+	}
 	return nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// e2eBare publishes msgs with bare paho from this process to br, as ours
+// does through Telegraf, and counts at br's receiver what arrived of want.
+// The rate is taken as ours is: between the first and the last delivery.
+func e2eBare(ctx context.Context, br e2eBroker, id identity, devices int, msgs []bareMsg, want []int64) (e2eResult, error) {
+	br.rcv.reset(false)
+	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
+	defer cancel()
+	_, err := runBare(ctx, br.url, id, deviceIDs(devices), nil, msgs, 100, 0, nil)
+	br.rcv.waitFor(ctx, len(want), receiverQuiet)
+	first, last := br.rcv.span()
+	res := e2eResult{tally: br.rcv.count(want)}
+	if err != nil {
+		return res, err
+	}
+	if !res.tally.ok() {
+		return res, fmt.Errorf("at the receiver %s", res.tally)
+	}
+	if !last.After(first) {
+		return res, errors.New("no time between the first and the last message")
+	}
+	res.rate = float64(len(want)-1) / last.Sub(first).Seconds()
+	return res, nil
 }
 
 func telegrafVersion(ctx context.Context, bin string) string {

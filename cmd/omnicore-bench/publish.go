@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"slices"
@@ -220,8 +221,10 @@ func attachMessages(devices []string) []bareMsg {
 // With batch > 0 it waits for every PUBACK of each batch of that many
 // messages before starting the next, as a Telegraf output's Write must: the
 // limit of any output with Telegraf's Write semantics.
-func runBare(ctx context.Context, server string, id identity, devices []string, warm, timed []bareMsg, window, batch int) (measurement, error) {
-	c, err := pahoConnect(server, id, nil)
+//
+// tlsCfg, when not nil, is the TLS configuration of a tls:// server.
+func runBare(ctx context.Context, server string, id identity, devices []string, warm, timed []bareMsg, window, batch int, tlsCfg *tls.Config) (measurement, error) {
+	c, err := pahoConnectTLS(server, id, nil, tlsCfg)
 	if err != nil {
 		return measurement{}, fmt.Errorf("bare paho connect: %w", err)
 	}
@@ -393,12 +396,12 @@ func runPublishCase(ctx context.Context, pc *publishCase, id identity, sz publis
 			return runMQTT(ctx, pc.b, server, id, mqttWarm, mqttTimed)
 		}, &pc.mqtt, timestampsOf(mqttSent), &pc.mqttCPU},
 		{"bare", "bare paho", func(ctx context.Context) (measurement, error) {
-			return runBare(ctx, server, id, devices, bareWarm, bareTimed, sz.window, 0)
+			return runBare(ctx, server, id, devices, bareWarm, bareTimed, sz.window, 0, nil)
 		}, &pc.bare, oursWant, &pc.bareCPU},
 	}
 	if pc.delay == 0 {
 		clients = append(clients, client{"bare", "bare paho, batches", func(ctx context.Context) (measurement, error) {
-			return runBare(ctx, server, id, devices, bareWarm, bareTimed, sz.window, sz.batch)
+			return runBare(ctx, server, id, devices, bareWarm, bareTimed, sz.window, sz.batch, nil)
 		}, &pc.bareBatched, oursWant, nil})
 	}
 	if only != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -331,6 +332,12 @@ func (l *logger) Trace(a ...any)            { l.print(telegraf.Trace, fmt.Sprint
 // pahoConnect opens a bare paho connection as the gateway, with the options
 // the session uses.
 func pahoConnect(server string, id identity, handler mqtt.MessageHandler) (mqtt.Client, error) {
+	return pahoConnectTLS(server, id, handler, nil)
+}
+
+// pahoConnectTLS is pahoConnect with a TLS configuration for a tls://
+// server (nil: paho's defaults).
+func pahoConnectTLS(server string, id identity, handler mqtt.MessageHandler, tlsCfg *tls.Config) (mqtt.Client, error) {
 	tok, err := id.token()
 	if err != nil {
 		return nil, err
@@ -347,6 +354,9 @@ func pahoConnect(server string, id identity, handler mqtt.MessageHandler) (mqtt.
 	opts.SetKeepAlive(60 * time.Second)
 	opts.SetConnectTimeout(10 * time.Second)
 	opts.SetWriteTimeout(10 * time.Second)
+	if tlsCfg != nil {
+		opts.SetTLSConfig(tlsCfg)
+	}
 	if handler != nil {
 		opts.SetDefaultPublishHandler(handler)
 	}
