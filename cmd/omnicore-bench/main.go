@@ -175,6 +175,7 @@ func parseSet(flagName, value string, allowed []string) (map[string]bool, error)
 type sizes struct {
 	pub, pubRTT            publishSizes
 	nagleMetrics           int // ours and bare on mosquitto with Nagle on
+	tlsRTT100Metrics       int // ours and bare over TLS through the 100 ms RTT proxy
 	e2eMetrics, e2eDevices int
 	drainMetrics           int   // spooled metrics drained by benchmark 7
 	attach                 []int // device counts of the loopback attach storm
@@ -199,6 +200,7 @@ func sizesFor(quick bool) sizes {
 			pub:                   publishSizes{devices: 100, metrics: 10000, mqttMetrics: 2000, warmMQTT: 100, batch: 1000, window: 100},
 			pubRTT:                publishSizes{devices: 100, metrics: 2000, mqttMetrics: 30, warmMQTT: 5, batch: 1000, window: 100},
 			nagleMetrics:          5000,
+			tlsRTT100Metrics:      500,
 			e2eMetrics:            5000,
 			drainMetrics:          20000,
 			e2eDevices:            100,
@@ -222,6 +224,7 @@ func sizesFor(quick bool) sizes {
 		pub:                   publishSizes{devices: 1000, metrics: 200000, mqttMetrics: 200000, warmMQTT: 1000, batch: 1000, window: 100},
 		pubRTT:                publishSizes{devices: 1000, metrics: 30000, mqttMetrics: 300, warmMQTT: 20, batch: 1000, window: 100},
 		nagleMetrics:          50000,
+		tlsRTT100Metrics:      5000,
 		e2eMetrics:            200000,
 		drainMetrics:          1000000,
 		e2eDevices:            1000,

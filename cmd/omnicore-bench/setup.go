@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -50,6 +51,32 @@ type broker struct {
 	isEmu bool
 	// rcv counts what the broker delivered (benchmarks 1 and 1b).
 	rcv *receiver
+	// tlsURL is the broker's TLS listener ("tls://127.0.0.1:PORT"), and
+	// caFile the CA its certificate chains to; "" when it has none.
+	tlsURL, caFile string
+}
+
+// tlsHostPort is the host:port of the TLS listener.
+func (b broker) tlsHostPort() string {
+	u, err := url.Parse(b.tlsURL)
+	if err != nil {
+		return ""
+	}
+	return u.Host
+}
+
+// tlsConfig is the client TLS configuration that trusts the broker's CA:
+// the server certificate is verified, never skipped.
+func (b broker) tlsConfig() (*tls.Config, error) {
+	pem, err := os.ReadFile(b.caFile)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", b.caFile)
+	}
+	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool}, nil
 }
 
 func (b broker) hostPort() string {
