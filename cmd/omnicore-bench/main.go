@@ -176,6 +176,9 @@ type sizes struct {
 	pub, pubRTT            publishSizes
 	nagleMetrics           int // ours and bare on mosquitto with Nagle on
 	tlsRTT100Metrics       int // ours and bare over TLS through the 100 ms RTT proxy
+	tlsMetrics             int // ours, outputs.mqtt and bare over TLS on loopback
+	manyDevices            int // ours and bare with this many devices on one connection
+	manyMetrics            int // their metrics
 	e2eMetrics, e2eDevices int
 	drainMetrics           int   // spooled metrics drained by benchmark 7
 	attach                 []int // device counts of the loopback attach storm
@@ -201,6 +204,9 @@ func sizesFor(quick bool) sizes {
 			pubRTT:                publishSizes{devices: 100, metrics: 2000, mqttMetrics: 30, warmMQTT: 5, batch: 1000, window: 100},
 			nagleMetrics:          5000,
 			tlsRTT100Metrics:      500,
+			tlsMetrics:            2000,
+			manyDevices:           2000,
+			manyMetrics:           4000,
 			e2eMetrics:            5000,
 			drainMetrics:          20000,
 			e2eDevices:            100,
@@ -225,6 +231,9 @@ func sizesFor(quick bool) sizes {
 		pubRTT:                publishSizes{devices: 1000, metrics: 30000, mqttMetrics: 300, warmMQTT: 20, batch: 1000, window: 100},
 		nagleMetrics:          50000,
 		tlsRTT100Metrics:      5000,
+		tlsMetrics:            50000,
+		manyDevices:           50000,
+		manyMetrics:           100000,
 		e2eMetrics:            200000,
 		drainMetrics:          1000000,
 		e2eDevices:            1000,
