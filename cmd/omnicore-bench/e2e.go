@@ -4,11 +4,14 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -186,7 +189,12 @@ type e2eResult struct {
 
 // e2eRun runs Telegraf once with cfgPath and counts at rcv what arrived of
 // want (the metric timestamps of the input file).
-func e2eRun(ctx context.Context, cpus, telegrafBin, cfgPath, logPath, runtimeDir string, rcv *receiver, want []int64) (e2eResult, error) {
+//
+// stop, when not nil, runs Telegraf with --test-wait (its service inputs
+// keep running after the gather of --once) and is called once everything
+// arrived, or nothing more came: it checks what it needs to and stops
+// Telegraf (SIGTERM), which then ends as --once does.
+func e2eRun(ctx context.Context, cpus, telegrafBin, cfgPath, logPath, runtimeDir string, rcv *receiver, want []int64, stop ...func(*os.Process) error) (e2eResult, error) {
 	rcv.reset(false)
 	n := len(want)
 	ctx, cancel := context.WithTimeout(ctx, clientTimeout)
@@ -196,12 +204,16 @@ func e2eRun(ctx context.Context, cpus, telegrafBin, cfgPath, logPath, runtimeDir
 		return e2eResult{}, err
 	}
 	defer logf.Close()
-	cmd := exec.CommandContext(ctx, telegrafBin, "--config", cfgPath, "--once")
+	args := []string{telegrafBin, "--config", cfgPath, "--once"}
+	if len(stop) > 0 {
+		args = append(args, "--test-wait", strconv.Itoa(int(clientTimeout.Seconds())))
+	}
 	if cpus != "" {
 		// taskset execs Telegraf: the process (and the children it starts,
 		// which inherit the affinity) is Telegraf itself.
-		cmd = exec.CommandContext(ctx, "taskset", "-c", cpus, telegrafBin, "--config", cfgPath, "--once")
+		args = append([]string{"taskset", "-c", cpus}, args...)
 	}
+	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), share.EnvRuntimeDir+"="+runtimeDir)
 	cmd.WaitDelay = 10 * time.Second
@@ -243,6 +255,15 @@ func e2eRun(ctx context.Context, cpus, telegrafBin, cfgPath, logPath, runtimeDir
 	rcv.waitFor(wctx, n, clientTimeout)
 	wcancel()
 	first, last := rcv.span()
+	var stopErr error
+	if len(stop) > 0 {
+		select {
+		case <-exited:
+			stopErr = errors.New("telegraf exited before it was stopped")
+		default:
+			stopErr = stop[0](cmd.Process)
+		}
+	}
 	select {
 	case <-exited:
 	case <-time.After(30 * time.Second):
@@ -261,6 +282,9 @@ func e2eRun(ctx context.Context, cpus, telegrafBin, cfgPath, logPath, runtimeDir
 	if !res.tally.ok() {
 		out, _ := os.ReadFile(logPath)
 		return res, fmt.Errorf("at the receiver %s (telegraf: %v; log: %s)", res.tally, exitErr, lastLines(string(out), 4))
+	}
+	if stopErr != nil {
+		return res, stopErr
 	}
 	if exitErr != nil {
 		out, _ := os.ReadFile(logPath)
@@ -411,15 +435,101 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 		return err
 	}
 
+	// The cross-process path (emulator only): the same Telegraf also runs
+	// inputs.execd with telegraf-omnicore and inputs.omnicore for the same
+	// gateway. That process owns the gateway's connection; the output's
+	// process reaches it through the sharing socket.
+	runtimeDir := filepath.Join(b.dir, "runtime-e2e")
+	var (
+		sharedRow            *row
+		sharedConf, inputCfg string
+		sumShared            tally
+		cpuShared            []float64
+	)
+	if br.emu {
+		sharedRow = &row{id: "2", name: fmt.Sprintf("the same %s metrics -> %s, cross-process: the output through the sharing socket of an inputs.execd telegraf-omnicore that owns the connection, vs the output owning it", groupThousands(int64(n)), br.name),
+			unit: "metrics/s", oursLabel: "output via the socket", peerLabel: "output owning the connection"}
+		b.rows = append(b.rows, sharedRow)
+		inputCfg = filepath.Join(b.dir, "omnicore-input-"+slug+".conf")
+		input := fmt.Sprintf(`[[inputs.omnicore]]
+  servers = [%s]
+  subscription_id = %s
+  registry_id = %s
+  gateway_id = %s
+  private_key = %s
+  algorithm = %s
+  data_format = "influx"
+`, tomlString(br.url), tomlString(b.id.subscription), tomlString(registryID), tomlString(gatewayID), tomlString(b.id.key), tomlString(keyAlg))
+		if err := os.WriteFile(inputCfg, []byte(input), 0o600); err != nil {
+			return err
+		}
+		// Telegraf starts its outputs before its inputs: the output's
+		// process waits (at most 10 s) for the input's process to serve
+		// the gateway's socket, so that the input owns the connection.
+		// Whether it did is checked in the lock file after the run.
+		sock := filepath.Join(runtimeDir, rendezvousName(b.id.clientID())+".sock")
+		sharedConf = filepath.Join(b.dir, "telegraf-shared-"+slug+".conf")
+		if err := b.telegrafConfig(sharedConf, metricsFile, n, fmt.Sprintf(`[[outputs.execd]]
+  command = ["/bin/sh", "-c", 'i=0; while [ ! -S "$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; exec "$2" -config "$3"', "sh", %s, %s, %s]
+  restart_delay = "10s"
+  data_format = "influx"
+  ## Only the file's metrics: inputs.omnicore turns the config the bridge
+  ## sends each device it attaches into a metric, which is not for the
+  ## receiver.
+  namepass = ["sensor"]
+
+[[inputs.execd]]
+  command = [%s, "-config", %s]
+  signal = "none"
+  restart_delay = "10s"
+  data_format = "influx"
+`, tomlString(sock), tomlString(ourBin), tomlString(pluginConf), tomlString(ourBin), tomlString(inputCfg))); err != nil {
+			return err
+		}
+	}
+	// stopShared checks, once everything arrived, that the input's
+	// process still owns the connection, then stops Telegraf.
+	stopShared := func(p *os.Process) error {
+		lock := filepath.Join(runtimeDir, rendezvousName(b.id.clientID())+".lock")
+		text, err := os.ReadFile(lock)
+		_ = p.Signal(syscall.SIGTERM)
+		if err != nil {
+			return fmt.Errorf("no owner's lock file at the last delivery: %w", err)
+		}
+		if !strings.Contains(string(text), "plugin_file "+inputCfg+"\n") {
+			return fmt.Errorf("at the last delivery the connection was not owned by the input's process (lock file: %q)", lastLines(string(text), 4))
+		}
+		return nil
+	}
+
 	var wallOurs, wallPeer, firstOurs, firstPeer []float64
 	var sumOurs, sumPeer, sumBare tally
 	for run := 0; run < b.opts.runs; run++ {
-		// ours, outputs.mqtt and bare paho (nil), in an order that
-		// rotates between runs.
-		clients := []*bool{ptr(true), ptr(false), nil}
-		order := append(clients[run%3:], clients[:run%3]...)
+		// ours, outputs.mqtt, bare paho and (emulator) ours through the
+		// sharing socket, in an order that rotates between runs.
+		clients := []string{"ours", "mqtt", "bare"}
+		if sharedRow != nil {
+			clients = append(clients, "shared")
+		}
+		k := run % len(clients)
+		order := append(clients[k:], clients[:k]...)
 		for _, who := range order {
-			if who == nil {
+			if who == "shared" {
+				progress("  run %d/%d: telegraf --once with inputs.execd and outputs.execd telegraf-omnicore sharing one connection -> %s", run+1, b.opts.runs, br.name)
+				logPath := filepath.Join(b.dir, fmt.Sprintf("telegraf-%s-%d-shared.log", slug, run))
+				res, err := e2eRun(ctx, b.opts.cpus, telegrafBin, sharedConf, logPath, runtimeDir, br.rcv, want, stopShared)
+				sumShared.add(res.tally)
+				if err != nil {
+					sharedRow.addProblem("shared: %v", err)
+					sharedRow.leftOut++
+					continue
+				}
+				sharedRow.ours = append(sharedRow.ours, res.rate)
+				cpuShared = append(cpuShared, res.cpu)
+				progress("    %s between the first and the last delivery, through the sharing socket; %.1f µs CPU/metric (process tree)", formatValue(res.rate, "metrics/s"), res.cpu)
+				continue
+			}
+			if who == "bare" {
 				progress("  run %d/%d: bare paho in this process -> %s", run+1, b.opts.runs, br.name)
 				res, err := e2eBare(ctx, br, b.id, devices, bareMsgs, want)
 				sumBare.add(res.tally)
@@ -432,14 +542,14 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 				progress("    bare paho %s between the first and the last delivery", formatValue(res.rate, "metrics/s"))
 				continue
 			}
-			ours := *who
+			ours := who == "ours"
 			name, conf := "outputs.execd + telegraf-omnicore", oursConf
 			if !ours {
 				name, conf = "outputs.mqtt", peerConf
 			}
 			progress("  run %d/%d: telegraf --once with %s -> %s", run+1, b.opts.runs, name, br.name)
 			logPath := filepath.Join(b.dir, fmt.Sprintf("telegraf-%s-%d-%t.log", slug, run, ours))
-			res, err := e2eRun(ctx, b.opts.cpus, telegrafBin, conf, logPath, filepath.Join(b.dir, "runtime-e2e"), br.rcv, want)
+			res, err := e2eRun(ctx, b.opts.cpus, telegrafBin, conf, logPath, runtimeDir, br.rcv, want)
 			if ours {
 				sumOurs.add(res.tally)
 			} else {
@@ -449,6 +559,9 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 				rows := []*row{r, cpuRow, rssRow}
 				if ours {
 					rows = append(rows, bareRow)
+					if sharedRow != nil {
+						rows = append(rows, sharedRow)
+					}
 				}
 				for _, rr := range rows {
 					rr.addProblem("%s: %v", name, err)
@@ -460,6 +573,9 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 			if ours {
 				r.ours = append(r.ours, res.rate)
 				bareRow.ours = append(bareRow.ours, res.rate)
+				if sharedRow != nil {
+					sharedRow.peer = append(sharedRow.peer, res.rate)
+				}
 				cpuRow.ours = append(cpuRow.ours, res.cpu)
 				rssRow.ours = append(rssRow.ours, rss)
 				wallOurs = append(wallOurs, float64(n)/res.wall.Seconds())
@@ -496,10 +612,21 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 	if !br.emu {
 		bareRow.slowerWhy = "with Nagle on at the broker (its default), the last PUBACKs of each of our Writes of 1,000 wait for the client's delayed TCP ACK (up to 40 ms on Linux) before mosquitto sends them, while the continuous bare publisher never has a last message; besides, ours gets every metric from Telegraf through outputs.execd (serialized to line protocol on a pipe, parsed again in our process), where bare paho has its payloads ready in memory"
 	}
+	if sharedRow != nil {
+		sharedRow.note = fmt.Sprintf("the same Telegraf --once and file as the row above, plus [[inputs.execd]] running telegraf-omnicore with an inputs.omnicore file for the same gateway and connection options (listen = \"attached\", its default: it also subscribes to the config and commands of every device the output attaches, and the config each then receives becomes a metric, which namepass keeps from the output); the input's process owns the gateway's connection (the output's process is started once the input's socket is served, and the lock file is checked to still name the input's plugin file at the last delivery) and the output's process publishes through the sharing socket (%s); the peer is the output alone owning the connection, the runs of the row above; after the last delivery Telegraf (run with --test-wait so that the input keeps running) is stopped with SIGTERM; rate between the first and the last delivery; CPU per metric of Telegraf and its children: through the socket %.1f µs (three processes), owning %.1f µs; counted at the receiver (%s), all runs: through the socket %s; owning %s",
+			share.EnvRuntimeDir, median(cpuShared), median(cpuRow.ours), where, sumShared, sumOurs)
+		sharedRow.slowerWhy = "every message and its acknowledgement cross the Unix socket between the output's process and the owner's, a third process on the machine's two cores"
+	}
 	return nil
 }
 
-func ptr[T any](v T) *T { return &v }
+// rendezvousName is the share package's name of a gateway's files in the
+// sharing directory: "gw-" and 24 hex digits of the SHA-256 of the client
+// ID (plugins/common/share/conn.go; the benchmark checks the owner's lock).
+func rendezvousName(clientID string) string {
+	sum := sha256.Sum256([]byte(clientID))
+	return "gw-" + hex.EncodeToString(sum[:12])
+}
 
 // e2eBare publishes msgs with bare paho from this process to br, as ours
 // does through Telegraf, and counts at br's receiver what arrived of want.
