@@ -12,9 +12,13 @@
 //	1   publish throughput at QoS 1 with per-device topics: outputs.omnicore
 //	    vs Telegraf's outputs.mqtt vs a bare paho publisher, on mosquitto
 //	    and on the bridge emulator
-//	1b  the same through a proxy that adds a 20 ms round trip
+//	    (also over TLS on the emulator, and with 50,000 devices vs bare paho)
+//	1b  the same through a proxy that adds a 20 ms round trip; ours vs bare
+//	    paho over TLS at 20 ms and 100 ms round trips
 //	2   end to end through a real Telegraf: inputs.file -> outputs.execd ->
 //	    telegraf-omnicore -> emulator, vs outputs.mqtt in the same Telegraf
+//	    and vs bare paho; the output through the sharing socket of an
+//	    inputs.execd telegraf-omnicore that owns the connection
 //	3   attach storm: 1,000 and 10,000 devices pipelined vs one at a time
 //	4   memory per attached device and over a long run, in a child process
 //	5   under the bridge's 100 messages/s cap (throttle and close), a flush

@@ -68,7 +68,7 @@ All clients are the real code: our plugins and Telegraf's are built the way Tele
 loader builds them (factory defaults, the influx serializer or parser of ` + "`data_format = \"influx\"`" + `),
 then ` + "`Init`" + `, ` + "`Connect`/`Start`" + `, and driven through their Telegraf interfaces. The gateway is
 ` + "`bench-gateway`" + ` in registry ` + "`bench-registry`" + ` with an ES256 key; devices ` + "`dev-00000`" + `... are bound to it.
-Connections are plain ` + "`tcp://`" + ` on loopback for every client (TLS would cost all of them the same).
+Connections are plain ` + "`tcp://`" + ` on loopback for every client, except in the rows marked TLS (below).
 Clients of one comparison run back to back, in an order that rotates between runs.
 
 ### 1. Publish throughput at QoS 1, per-device topics
@@ -116,6 +116,23 @@ Clients of one comparison run back to back, in an order that rotates between run
   direction, after which TCP pushes back). outputs.mqtt needs a full round trip per metric there,
   so it publishes only a few hundred metrics (metrics/s are compared); ours and bare paho publish
   30,000. Here the in-flight window is what counts: at most 100 messages per round trip.
+- **TLS** rows run on the emulator's TLS listener (its own CA, written to a file; the server
+  certificate names 127.0.0.1, the host every client dials). Every client verifies it: ours and
+  outputs.mqtt with ` + "`tls_ca`" + `, bare paho with the CA as its ` + "`RootCAs`" + `; nothing skips
+  verification. The handshakes happen before the clock starts. On loopback (benchmark 1) ours,
+  outputs.mqtt and bare paho publish 50,000 metrics each. In 1b ours and bare paho run through
+  the proxy, which forwards the encrypted bytes, at 20 ms (30,000 metrics) and at 100 ms round
+  trip (5,000 metrics: with 100 in flight the ceiling is about 1,000 messages/s); the goal there is
+  ours at 90% of bare paho. At 100 ms ours runs with ` + "`write_timeout = \"20s\"`" + ` (its untimed warm-up
+  Write of one metric per new device is 2,000 messages with the attaches, about 2 s, the default),
+  and its warm-up starts once the gateway statistics it exports say connected (a Write that starts
+  before the connection is up waits only 1 s). mosquitto has no TLS listener here: the TLS rows
+  are the emulator's only.
+- **50,000 devices**: ours and bare paho publish 100,000 metrics over 50,000 devices on one
+  connection, each after a warm-up that attaches all of them. The bridge attaches at most 10,000
+  devices per gateway connection, so this emulator (one of its own, every device bound) has that
+  limit raised to 50,000, and ours runs with ` + "`max_devices = 50000`" + `: the row measures what per-device
+  state costs at that size. Past 10,000 devices a deployment uses a pool of gateways (benchmark 8).
 
 ### 2. End to end through a real Telegraf
 
@@ -135,6 +152,25 @@ Two more rows per broker come from the same runs: the CPU of the whole process t
 system time that wait4 reports for Telegraf, which includes the execd child it waited for) per
 metric, and the peak memory: the VmRSS of Telegraf and every descendant, summed, sampled every
 50 ms.
+
+In the same run loop (the order rotating between runs), **bare paho** publishes from the
+benchmark's own process (no Telegraf, no pipe, no parsing) exactly the payloads ours publishes:
+the file's metrics without the device tag, one message per metric, to ` + "`/{registry}/{device}/events`" + `,
+prepared before the clock, QoS 1 with 100 in flight (our ` + "`max_inflight`" + `), continuously, the devices
+attached first. It is counted at the same receiver and its rate is taken the same way, between
+the first and the last delivery; the goal is ours through Telegraf at 80% of it or better.
+
+**Cross-process** (emulator only): the same Telegraf and file, plus ` + "`[[inputs.execd]]`" + ` running
+` + "`telegraf-omnicore`" + ` with an ` + "`inputs.omnicore`" + ` file for the same gateway and connection options. Both
+children meet in the run's sharing directory (` + "`TELEGRAF_OMNICORE_RUNTIME_DIR`" + `). Telegraf starts
+its outputs before its inputs, so the output's process is started (through ` + "`sh`" + `) once the input's
+process serves the gateway's socket: the input owns the connection and the output publishes
+through the socket. At the last delivery the owner's lock file must still name the input's plugin
+file, or the run is a problem. Telegraf runs with ` + "`--test-wait`" + ` so that the input keeps running
+after the gather, and is stopped with SIGTERM once everything arrived. The input listens to the
+devices the output attaches (` + "`listen = \"attached\"`" + `, its default) and turns the config each of them
+receives into a metric; ` + "`namepass`" + ` keeps those from the output. The peer is the output alone
+owning the connection (the runs of the first row).
 
 ### 3. Attach storm
 
