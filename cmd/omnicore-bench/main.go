@@ -277,8 +277,10 @@ type bench struct {
 	// false, for the row that shows what Nagle's algorithm costs us.
 	mosqNagle *mosquitto
 	hdr       header
-	rows      []*row
-	notes     []string
+	// tls is the CA and mosquitto's certificate files of the TLS rows.
+	tls   *benchTLS
+	rows  []*row
+	notes []string
 }
 
 func run(ctx context.Context, opts *options, stdout io.Writer) error {
@@ -345,16 +347,27 @@ func run(ctx context.Context, opts *options, stdout io.Writer) error {
 		progress("%s", l)
 	}
 
+	if opts.wants("1") || opts.wants("1b") {
+		t, err := newBenchTLS()
+		if err != nil {
+			return fmt.Errorf("the TLS rows' CA and certificate: %w", err)
+		}
+		defer t.close()
+		b.tls = t
+	}
 	if opts.wants("1") || opts.wants("1b") || opts.wants("2") {
 		b.hdr.mosquitto = "not found: the mosquitto rows are skipped (install it with: apt-get install -y mosquitto)"
 		if bin := findMosquitto(opts.mosquitto); bin != "" {
-			m, err := startMosquitto(ctx, bin, dir, true)
+			m, err := startMosquitto(ctx, bin, dir, true, b.tls)
 			if err != nil {
 				b.hdr.mosquitto = fmt.Sprintf("%s failed to start: %v (mosquitto rows skipped)", bin, err)
 			} else {
 				defer m.stop()
 				b.mosq = m
 				b.hdr.mosquitto = bin + " " + mosquittoVersion(bin) + ", set_tcp_nodelay true (a second instance with its default false for the rows that say so)"
+				if m.tlsURL != "" {
+					b.hdr.mosquitto += "; a TLS listener for the TLS rows"
+				}
 				if opts.wants("1") || opts.wants("2") {
 					if m2, err := startMosquitto(ctx, bin, dir, false); err == nil {
 						defer m2.stop()

@@ -596,11 +596,11 @@ func publishRows(cases []*publishCase, sz, rttSz publishSizes) []*row {
 			vsBare.slowerWhy = "with Nagle on at the broker, the last PUBACKs of each Write wait for the client's delayed TCP ACK (up to 40 ms on Linux) before they are sent; a continuous publisher never has a last message, and outputs.mqtt (one message at a time) never has two PUBACKs outstanding"
 		}
 		if pc.tls {
-			tlsNote := "every client over TLS to the emulator's TLS listener"
+			tlsNote := "every client over TLS to the " + pc.b.name + "'s TLS listener"
 			if pc.delay > 0 {
 				tlsNote += " through the proxy (which forwards the encrypted bytes)"
 			}
-			tlsNote += ", verifying its certificate (issued for 127.0.0.1, the host dialled) against the emulator's CA: ours with tls_ca, "
+			tlsNote += ", verifying its certificate (issued for 127.0.0.1, the host dialled) against the benchmark's CA: ours with tls_ca, "
 			if pc.clients == nil || pc.clients["mqtt"] {
 				tlsNote += "outputs.mqtt with tls_ca, "
 			}
@@ -650,15 +650,19 @@ func caseLabel(pc *publishCase) string {
 // on loopback and through the 20 ms RTT proxy, opts.runs times.
 func (b *bench) benchPublish(ctx context.Context) error {
 	emuRcv := newReceiver()
-	emu, err := startEmulator(b.pub, b.sz.pub.devices, emulator.WithOnReceive(emuRcv.observeEmulator), emulator.WithTLSAddr("127.0.0.1:0"))
+	emuOpts := []emulator.Option{emulator.WithOnReceive(emuRcv.observeEmulator)}
+	caFile := ""
+	if b.tls != nil {
+		// The TLS rows: the emulator's certificate comes from the same CA
+		// as mosquitto's.
+		emuOpts = append(emuOpts, emulator.WithTLSAddr("127.0.0.1:0"), emulator.WithCA(b.tls.caCertPEM, b.tls.caKeyPEM))
+		caFile = b.tls.caFile
+	}
+	emu, err := startEmulator(b.pub, b.sz.pub.devices, emuOpts...)
 	if err != nil {
 		return err
 	}
 	defer emu.Close()
-	caFile, err := emu.WriteCAFile(b.dir)
-	if err != nil {
-		return err
-	}
 	brokers := []broker{}
 	var nagleBroker broker
 	if b.mosq != nil && (b.opts.brokers == nil || b.opts.brokers["mosquitto"]) {
@@ -668,7 +672,7 @@ func (b *bench) benchPublish(ctx context.Context) error {
 			return err
 		}
 		defer sub.Disconnect(250)
-		brokers = append(brokers, broker{name: "mosquitto", url: b.mosq.url, rcv: rcv})
+		brokers = append(brokers, broker{name: "mosquitto", url: b.mosq.url, rcv: rcv, tlsURL: b.mosq.tlsURL, caFile: caFile})
 		if b.mosqNagle != nil {
 			rcv := newReceiver()
 			sub, err := subscribe(b.mosqNagle.url, rcv)

@@ -151,10 +151,12 @@ func startEmulator(pub []byte, n int, opts ...emulator.Option) (*emulator.Server
 
 // mosquitto is a Debian mosquitto on a free loopback port.
 type mosquitto struct {
-	url  string
-	cmd  *exec.Cmd
-	done chan struct{}
-	log  *os.File
+	url string
+	// tlsURL is its TLS listener ("" without one).
+	tlsURL string
+	cmd    *exec.Cmd
+	done   chan struct{}
+	log    *os.File
 }
 
 // findMosquitto returns the mosquitto binary, "" when there is none.
@@ -178,15 +180,24 @@ func findMosquitto(flagPath string) string {
 //
 // nodelay sets set_tcp_nodelay: mosquitto's default (false) leaves Nagle's
 // algorithm on for its sockets.
-func startMosquitto(ctx context.Context, bin, dir string, nodelay bool) (*mosquitto, error) {
+//
+// With tlsFiles it also listens on TLS with that server certificate (the
+// counting subscriber stays on the plain listener).
+func startMosquitto(ctx context.Context, bin, dir string, nodelay bool, tlsFiles ...*benchTLS) (*mosquitto, error) {
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
 		port, err := freePort()
 		if err != nil {
 			return nil, err
 		}
+		tlsPort := 0
+		if len(tlsFiles) > 0 && tlsFiles[0] != nil {
+			if tlsPort, err = freePort(); err != nil {
+				return nil, err
+			}
+		}
 		conf := filepath.Join(dir, fmt.Sprintf("mosquitto-%d.conf", port))
-		text := strings.Join([]string{
+		lines := []string{
 			fmt.Sprintf("listener %d 127.0.0.1", port),
 			"allow_anonymous true",
 			"persistence false",
@@ -201,8 +212,16 @@ func startMosquitto(ctx context.Context, bin, dir string, nodelay bool) (*mosqui
 			// the broker's defaults.
 			"max_queued_messages 0",
 			fmt.Sprintf("set_tcp_nodelay %t", nodelay),
-			"",
-		}, "\n")
+		}
+		if tlsPort != 0 {
+			t := tlsFiles[0]
+			lines = append(lines,
+				fmt.Sprintf("listener %d 127.0.0.1", tlsPort),
+				"cafile "+t.caFile,
+				"certfile "+t.certFile,
+				"keyfile "+t.keyFile)
+		}
+		text := strings.Join(append(lines, ""), "\n")
 		if err := os.WriteFile(conf, []byte(text), 0o644); err != nil {
 			return nil, err
 		}
@@ -218,7 +237,14 @@ func startMosquitto(ctx context.Context, bin, dir string, nodelay bool) (*mosqui
 		}
 		m := &mosquitto{url: fmt.Sprintf("tcp://127.0.0.1:%d", port), cmd: cmd, done: make(chan struct{}), log: logf}
 		go func() { _ = cmd.Wait(); close(m.done) }()
-		if err := waitListening(ctx, fmt.Sprintf("127.0.0.1:%d", port), m.done, 10*time.Second); err != nil {
+		if tlsPort != 0 {
+			m.tlsURL = fmt.Sprintf("tls://127.0.0.1:%d", tlsPort)
+			err = waitListening(ctx, fmt.Sprintf("127.0.0.1:%d", tlsPort), m.done, 10*time.Second)
+		}
+		if err == nil {
+			err = waitListening(ctx, fmt.Sprintf("127.0.0.1:%d", port), m.done, 10*time.Second)
+		}
+		if err != nil {
 			m.stop()
 			out, _ := os.ReadFile(logf.Name())
 			lastErr = fmt.Errorf("mosquitto did not start: %w; its log: %s", err, strings.TrimSpace(string(out)))
