@@ -24,6 +24,8 @@ import (
 //
 // paho's write deadlines are replaced by one per system call (writeTimeout).
 // Writes block only while maxCoalesced bytes are waiting (back-pressure).
+// A failed write fails the reads too (see flush), so paho reports the
+// connection lost.
 type coalescingConn struct {
 	net.Conn
 	writeTimeout time.Duration
@@ -88,8 +90,14 @@ func (c *coalescingConn) flush() {
 		c.mu.Lock()
 		if err != nil {
 			c.err = err
-			// paho learns of it on its reader, as of any lost connection.
-			c.Conn.Close()
+			// paho must learn of it on its reader, as of any lost
+			// connection. Not by closing the socket: paho's reader takes
+			// "use of closed network connection" for its own close after a
+			// DISCONNECT and reports nothing, so the connection would be
+			// lost without paho (or the session) ever knowing. A past
+			// read deadline fails the read with a timeout instead, which
+			// paho reports as the connection lost (and then closes it).
+			_ = c.Conn.SetReadDeadline(time.Unix(1, 0))
 			break
 		}
 		if cap(out) <= 2*maxCoalesced {
