@@ -55,6 +55,11 @@ func GenerateCA() (certPEM, keyPEM []byte, err error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	return encodePEM(der, key)
+}
+
+// encodePEM is a certificate and its key (PKCS#8) as PEM.
+func encodePEM(der []byte, key *ecdsa.PrivateKey) (certPEM, keyPEM []byte, err error) {
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return nil, nil, err
@@ -103,13 +108,22 @@ func parseCA(certPEM, keyPEM []byte) (*certAuthority, error) {
 // serverCert issues the listener's certificate for hosts (IP addresses or DNS
 // names).
 func (ca *certAuthority) serverCert(hosts []string) (tls.Certificate, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, key, err := ca.issue(hosts)
 	if err != nil {
 		return tls.Certificate{}, err
 	}
+	return tls.Certificate{Certificate: [][]byte{der, ca.cert.Raw}, PrivateKey: key}, nil
+}
+
+// issue makes a server certificate (ECDSA P-256) for hosts, signed by ca.
+func (ca *certAuthority) issue(hosts []string) ([]byte, *ecdsa.PrivateKey, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
 	serial, err := randomSerial()
 	if err != nil {
-		return tls.Certificate{}, err
+		return nil, nil, err
 	}
 	now := time.Now()
 	tmpl := &x509.Certificate{
@@ -134,9 +148,25 @@ func (ca *certAuthority) serverCert(hosts []string) (tls.Certificate, error) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
 	if err != nil {
-		return tls.Certificate{}, err
+		return nil, nil, err
 	}
-	return tls.Certificate{Certificate: [][]byte{der, ca.cert.Raw}, PrivateKey: key}, nil
+	return der, key, nil
+}
+
+// IssueServerCertificate issues a server certificate for hosts (IP
+// addresses or DNS names) from a CA made by GenerateCA, as PEM (the key in
+// PKCS#8): for another broker beside the emulator (the benchmarks'
+// mosquitto) that clients verify with the same CA file.
+func IssueServerCertificate(caCertPEM, caKeyPEM []byte, hosts []string) (certPEM, keyPEM []byte, err error) {
+	ca, err := parseCA(caCertPEM, caKeyPEM)
+	if err != nil {
+		return nil, nil, err
+	}
+	der, key, err := ca.issue(hosts)
+	if err != nil {
+		return nil, nil, err
+	}
+	return encodePEM(der, key)
 }
 
 func randomSerial() (*big.Int, error) {

@@ -393,19 +393,11 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 	}
 
 	pluginConf := filepath.Join(b.dir, "omnicore-output-"+slug+".conf")
-	plugin := fmt.Sprintf(`[[outputs.omnicore]]
-  servers = [%s]
-  subscription_id = %s
-  registry_id = %s
-  gateway_id = %s
-  private_key = %s
-  algorithm = %s
-  data_format = "influx"
-  ## telegraf --once stops the output at the end: with the spool it would
+	plugin := b.pluginFile(br.url, `  ## telegraf --once stops the output at the end: with the spool it would
   ## leave what is not acknowledged on disk for the next run (benchmark 7
   ## measures the spool).
   spool = false
-`, tomlString(br.url), tomlString(b.id.subscription), tomlString(registryID), tomlString(gatewayID), tomlString(b.id.key), tomlString(keyAlg))
+`)
 	if err := os.WriteFile(pluginConf, []byte(plugin), 0o600); err != nil {
 		return err
 	}
@@ -451,15 +443,7 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 			unit: "metrics/s", oursLabel: "output via the socket", peerLabel: "output owning the connection"}
 		b.rows = append(b.rows, sharedRow)
 		inputCfg = filepath.Join(b.dir, "omnicore-input-"+slug+".conf")
-		input := fmt.Sprintf(`[[inputs.omnicore]]
-  servers = [%s]
-  subscription_id = %s
-  registry_id = %s
-  gateway_id = %s
-  private_key = %s
-  algorithm = %s
-  data_format = "influx"
-`, tomlString(br.url), tomlString(b.id.subscription), tomlString(registryID), tomlString(gatewayID), tomlString(b.id.key), tomlString(keyAlg))
+		input := b.gatewayTable("inputs.omnicore", br.url, "")
 		if err := os.WriteFile(inputCfg, []byte(input), 0o600); err != nil {
 			return err
 		}

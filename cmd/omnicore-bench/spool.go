@@ -117,7 +117,13 @@ func (b *bench) benchSpool(ctx context.Context) error {
 // pluginFile is the [[outputs.omnicore]] plugin file for the emulator at
 // url with extra lines.
 func (b *bench) pluginFile(url, extra string) string {
-	return fmt.Sprintf(`[[outputs.omnicore]]
+	return b.gatewayTable("outputs.omnicore", url, extra)
+}
+
+// gatewayTable is a plugin file with one [[table]] for the bench's gateway
+// at url, data_format influx, and extra lines.
+func (b *bench) gatewayTable(table, url, extra string) string {
+	return fmt.Sprintf(`[[%s]]
   servers = [%s]
   subscription_id = %s
   registry_id = %s
@@ -125,7 +131,7 @@ func (b *bench) pluginFile(url, extra string) string {
   private_key = %s
   algorithm = %s
   data_format = "influx"
-%s`, tomlString(url), tomlString(b.id.subscription), tomlString(registryID), tomlString(gatewayID), tomlString(b.id.key), tomlString(keyAlg), extra)
+%s`, table, tomlString(url), tomlString(b.id.subscription), tomlString(registryID), tomlString(gatewayID), tomlString(b.id.key), tomlString(keyAlg), extra)
 }
 
 // spoolTelegrafConfig runs Telegraf (not --once) with inputs.execd writing

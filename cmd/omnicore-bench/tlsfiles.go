@@ -1,21 +1,10 @@
 package main
 
 import (
-	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"errors"
-	"math/big"
-	"net"
 	"os"
 	"os/user"
 	"path/filepath"
 	"strconv"
-	"time"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
 )
@@ -37,7 +26,7 @@ func newBenchTLS() (*benchTLS, error) {
 	if err != nil {
 		return nil, err
 	}
-	certPEM, keyPEM, err := issueServerCert(caCert, caKey, []string{"127.0.0.1", "::1", "localhost"})
+	certPEM, keyPEM, err := emulator.IssueServerCertificate(caCert, caKey, []string{"127.0.0.1", "::1", "localhost"})
 	if err != nil {
 		return nil, err
 	}
@@ -84,60 +73,4 @@ func (t *benchTLS) close() {
 	if t != nil {
 		os.RemoveAll(t.dir)
 	}
-}
-
-// issueServerCert makes a server certificate (ECDSA P-256, PKCS#8 key) for
-// hosts, signed by the CA.
-func issueServerCert(caCertPEM, caKeyPEM []byte, hosts []string) (certPEM, keyPEM []byte, err error) {
-	cb, _ := pem.Decode(caCertPEM)
-	kb, _ := pem.Decode(caKeyPEM)
-	if cb == nil || kb == nil {
-		return nil, nil, errors.New("the CA is not PEM")
-	}
-	ca, err := x509.ParseCertificate(cb.Bytes)
-	if err != nil {
-		return nil, nil, err
-	}
-	k, err := x509.ParsePKCS8PrivateKey(kb.Bytes)
-	if err != nil {
-		return nil, nil, err
-	}
-	caKey, ok := k.(crypto.Signer)
-	if !ok {
-		return nil, nil, errors.New("the CA key cannot sign")
-	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		return nil, nil, err
-	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: "omnicore-bench mosquitto"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.AddDate(0, 0, 7),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	for _, h := range hosts {
-		if ip := net.ParseIP(h); ip != nil {
-			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-		} else {
-			tmpl.DNSNames = append(tmpl.DNSNames, h)
-		}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
-		return nil, nil, err
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return nil, nil, err
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), nil
 }
