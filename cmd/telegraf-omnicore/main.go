@@ -64,6 +64,7 @@ type environment struct {
 }
 
 func main() {
+	tuneGC()
 	code := run(os.Args[1:], environment{
 		stdin:   os.Stdin,
 		stdout:  os.Stdout,
@@ -74,6 +75,26 @@ func main() {
 	// the exit closes its pipe.
 	waitStderrRead(os.Stderr, stderrReadTimeout)
 	os.Exit(code)
+}
+
+// gcPercent is the garbage collector's target for this process unless the
+// environment sets GOGC: the heap may grow to 5x the live heap between
+// collections, instead of Go's default 2x.
+//
+// Why: the live heap is small (the session, one batch or a few in flight),
+// while every metric passing through allocates (parsing, routing,
+// serializing, paho's packets), so at the default the collector runs every
+// few hundred metrics. Measured through Telegraf (benchmark 2, 200,000
+// metrics to a default mosquitto, two rounds): CPU per metric of the
+// process tree 22.2 and 25.3 us at the default, 18.8 and 20.7 us at 400
+// (-17%), for 12 to 21 MiB more peak RSS. GOGC=100 in the execd block's
+// environment restores the default.
+const gcPercent = 400
+
+func tuneGC() {
+	if _, set := os.LookupEnv("GOGC"); !set {
+		debug.SetGCPercent(gcPercent)
+	}
 }
 
 // stderrReadTimeout bounds how long an exit waits for Telegraf to read the
