@@ -275,3 +275,24 @@ func TestLeftOutRunsAreReported(t *testing.T) {
 	_, _, _, note := r.cells()
 	require.Contains(t, note, "2 run(s) with a problem left out of the medians")
 }
+
+func TestOnlyExecdStopErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		log  string
+		want bool
+	}{
+		{"Telegraf's execd stop race", "2026-11-25T20:40:46Z E! [agent] SleepContext finished with: context canceled\n" +
+			"2026-11-25T20:40:46Z E! [inputs.execd] Error in plugin: read |0: file already closed\n" +
+			"2026-11-25T20:40:46Z E! [inputs.execd] Error in plugin: error reading stderr: read |0: file already closed\n" +
+			"2026-11-25T20:40:46Z E! [telegraf] Error running agent: input plugins recorded 2 errors\n", true},
+		{"a plugin warning shown as an error", "2026-11-25T20:40:46Z E! [outputs.execd] stderr: W! [outputs.omnicore] Server is plain TCP\n", true},
+		{"a plugin error", "2026-11-25T20:40:46Z E! [inputs.execd] stderr: E! [inputs.omnicore] Subscribing failed\n", false},
+		{"another error", "2026-11-25T20:40:46Z E! [outputs.execd] Error writing to process: broken pipe\n", false},
+		{"no errors", "2026-11-25T20:40:46Z I! [agent] Stopping running outputs\n", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			require.Equal(t, tc.want, onlyExecdStopErrors(tc.log))
+		})
+	}
+}
