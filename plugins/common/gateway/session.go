@@ -938,52 +938,53 @@ func (s *Session) sendKeep(ctx context.Context, cs *connection, topic string, qo
 		}()
 	}
 	sent := time.Now()
-wait:
-	tick := cs.ackTick()
-	select {
-	case <-tok.Done():
-		if err := tok.Error(); err != nil {
-			if cs.isLost() {
-				return errConnLost
+	for {
+		tick := cs.ackTick()
+		select {
+		case <-tok.Done():
+			if err := tok.Error(); err != nil {
+				if cs.isLost() {
+					return errConnLost
+				}
+				return err
 			}
-			return err
-		}
-		if qos > 0 {
-			// Let errors the bridge sent before this PUBACK reach us first.
-			cs.waitRouted(cs.readPublishes.Load(), s.cfg.Timeout)
-		}
-		if notFound != nil {
-			// The error may have been routed just before the PUBACK.
-			select {
-			case <-notFound:
-				return errDeviceNotFound
-			default:
+			if qos > 0 {
+				// Let errors the bridge sent before this PUBACK reach us first.
+				cs.waitRouted(cs.readPublishes.Load(), s.cfg.Timeout)
 			}
+			if notFound != nil {
+				// The error may have been routed just before the PUBACK.
+				select {
+				case <-notFound:
+					return errDeviceNotFound
+				default:
+				}
+			}
+			cs.lastAck.Store(time.Now().UnixNano())
+			s.c.acked.Add(1)
+			if keep != nil && notFound != nil {
+				cs.keepAcked(tok.(*mqtt.PublishToken).MessageID(), *keep)
+			}
+			return nil
+		case <-notFound:
+			return errDeviceNotFound
+		case <-cs.lost:
+			return errConnLost
+		case <-tick:
+			if time.Since(sent) < s.cfg.Timeout {
+				continue
+			}
+			// No PUBACK: the bridge may have dropped it (full buffer). Resend;
+			// when nothing at all was acknowledged for a while the connection
+			// is presumed dead and is replaced.
+			if time.Since(time.Unix(0, cs.lastAck.Load())) > s.cfg.Timeout {
+				s.log.Warnf("No acknowledgement from the bridge for %s; reconnecting", s.cfg.Timeout)
+				s.lose(cs)
+			}
+			return errAckTimeout
+		case <-ctx.Done():
+			return ctx.Err()
 		}
-		cs.lastAck.Store(time.Now().UnixNano())
-		s.c.acked.Add(1)
-		if keep != nil && notFound != nil {
-			cs.keepAcked(tok.(*mqtt.PublishToken).MessageID(), *keep)
-		}
-		return nil
-	case <-notFound:
-		return errDeviceNotFound
-	case <-cs.lost:
-		return errConnLost
-	case <-tick:
-		if time.Since(sent) < s.cfg.Timeout {
-			goto wait
-		}
-		// No PUBACK: the bridge may have dropped it (full buffer). Resend;
-		// when nothing at all was acknowledged for a while the connection
-		// is presumed dead and is replaced.
-		if time.Since(time.Unix(0, cs.lastAck.Load())) > s.cfg.Timeout {
-			s.log.Warnf("No acknowledgement from the bridge for %s; reconnecting", s.cfg.Timeout)
-			s.lose(cs)
-		}
-		return errAckTimeout
-	case <-ctx.Done():
-		return ctx.Err()
 	}
 }
 
