@@ -358,6 +358,22 @@ func (b *bench) benchEndToEnd(ctx context.Context) error {
 			return err
 		}
 	}
+	// Goal 2 also on one core, standing in for a small gateway: the
+	// default-mosquitto runs again with Telegraf and the plugin pinned to
+	// CPU 0 (unless -cpus already pinned every run).
+	if b.opts.cpus == "" {
+		for _, br := range brokers {
+			if br.emu {
+				continue
+			}
+			b.opts.cpus = "0"
+			err := b.endToEndOn(ctx, br, telegrafBin, ourBin, metricsFile, want, devices)
+			b.opts.cpus = ""
+			if err != nil {
+				return err
+			}
+		}
+	}
 	return nil
 }
 
@@ -379,7 +395,7 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 		unit: "MiB", lowerIsBetter: true, oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "outputs.mqtt",
 		note:      "VmRSS of Telegraf and every descendant summed, sampled every 50 ms, peak; metric_buffer_limit holds the whole input in both",
 		slowerWhy: "a second Go process (the execd plugin) has its own runtime and buffers"}
-	bareRow := &row{id: "2", name: fmt.Sprintf("the same %s metrics, %s devices -> %s: ours through Telegraf vs bare paho", groupThousands(int64(n)), groupThousands(int64(devices)), br.name),
+	bareRow := &row{id: "2", name: fmt.Sprintf("the same %s metrics, %s devices -> %s%s: ours through Telegraf vs bare paho", groupThousands(int64(n)), groupThousands(int64(devices)), br.name, where),
 		unit: "metrics/s", oursLabel: "outputs.execd + telegraf-omnicore", peerLabel: "bare paho"}
 	b.rows = append(b.rows, r, bareRow, cpuRow, rssRow)
 	// The bare peer publishes exactly the payloads ours publishes: the
@@ -594,6 +610,9 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 	}
 	bareRow.note = fmt.Sprintf("ours: the runs of the row above (real Telegraf, inputs.file -> outputs.execd -> telegraf-omnicore); bare paho: paho.mqtt.golang in the benchmark's own process (no Telegraf, no pipe, no parsing), publishing exactly the payloads ours publishes (the file's lines without the device tag, one message per metric, to /{registry}/{device}/events), prepared before the clock, QoS 1 with 100 publishes in flight (our max_inflight), continuously, %s; both rates between the first and the last delivery at the same receiver (%s), in the same run loop; goal ours >= 0.80x; counted at the receiver, all runs: ours %s; bare paho %s",
 		attached, where, sumOurs, sumBare)
+	if b.opts.cpus != "" {
+		bareRow.note += fmt.Sprintf("; Telegraf and our plugin on CPU %s only, bare paho (this process) not pinned", b.opts.cpus)
+	}
 	bareRow.slowerWhy = "the bare publisher has its payloads ready in memory in the same process; ours gets every metric from Telegraf through outputs.execd, which serializes it to line protocol on a pipe that our process reads and parses again, then routes, strips the device tag and re-serializes it, with Write boundaries of 1,000 (see the CPU row: the two processes share the machine's cores with the broker)"
 	if !br.emu {
 		bareRow.slowerWhy = "with Nagle on at the broker (its default), the last PUBACKs of each of our Writes of 1,000 wait for the client's delayed TCP ACK (up to 40 ms on Linux) before mosquitto sends them, while the continuous bare publisher never has a last message; besides, ours gets every metric from Telegraf through outputs.execd (serialized to line protocol on a pipe, parsed again in our process), where bare paho has its payloads ready in memory"

@@ -153,7 +153,10 @@ timestamp the receiver knows it by. A run counts only if every metric arrived ex
 Two more rows per broker come from the same runs: the CPU of the whole process tree (user +
 system time that wait4 reports for Telegraf, which includes the execd child it waited for) per
 metric, and the peak memory: the VmRSS of Telegraf and every descendant, summed, sampled every
-50 ms.
+50 ms. **On one core:** the mosquitto runs are repeated with Telegraf (and the plugin process it
+starts, which inherits the affinity) pinned to CPU 0 by ` + "`taskset -c 0`" + `, standing in for a
+small gateway; the broker and bare paho are not pinned. ` + "`-cpus`" + ` pins every run of the
+benchmark instead.
 
 In the same run loop (the order rotating between runs), **bare paho** publishes from the
 benchmark's own process (no Telegraf, no pipe, no parsing) exactly the payloads ours publishes:
