@@ -58,7 +58,7 @@ FUZZ_TARGETS = \
 	./plugins/common/omnicore:FuzzTopic \
 	./plugins/common/omnicore:FuzzParseTopic \
 	./cmd/telegraf-omnicore:FuzzOutputStdin \
-	./plugins/common/spool:FuzzSegmentReader \
+	./execd/spool:FuzzSegmentReader \
 	./plugins/inputs/omnicore:FuzzInboundPayload \
 	./emulator:FuzzRegistryFile \
 	./emulator:FuzzAdminAPI \

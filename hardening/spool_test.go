@@ -15,7 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/e2e"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/spool"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 )
 
 // The store-and-forward suite: the output's spool through a real Telegraf,

@@ -20,7 +20,7 @@ import (
 	"github.com/influxdata/telegraf"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
 )
 
 // repoRoot finds the directory of this module's go.mod, from the working
@@ -627,7 +627,7 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 
 // rendezvousName is the share package's name of a gateway's files in the
 // sharing directory: "gw-" and 24 hex digits of the SHA-256 of the client
-// ID (plugins/common/share/conn.go; the benchmark checks the owner's lock).
+// ID (execd/share/conn.go; the benchmark checks the owner's lock).
 func rendezvousName(clientID string) string {
 	sum := sha256.Sum256([]byte(clientID))
 	return "gw-" + hex.EncodeToString(sum[:12])

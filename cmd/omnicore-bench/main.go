@@ -51,7 +51,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
 )
 
 // options are the command-line settings.

@@ -20,7 +20,7 @@ import (
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
 )
 
 // childFlag makes the binary run one measurement in a process of its own

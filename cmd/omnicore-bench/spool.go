@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
 )
 
 // benchSpool is benchmark 7: the cost of the output's spool (store and

@@ -33,8 +33,8 @@ import (
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/spool"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/outputs/omnicore"
 )
 
@@ -247,7 +247,7 @@ func run(args []string, env environment) (status int) {
 }
 
 // installSharing makes the plugin share its gateway connection with the
-// other plugin processes of the host (plugins/common/share). When this
+// other plugin processes of the host (execd/share). When this
 // process's connection options conflict with those of the process that owns
 // the connection, the share package has logged the error; this process then
 // stops as on SIGTERM (flushing what it holds) and exits non-zero: the flag

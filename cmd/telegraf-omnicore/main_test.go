@@ -18,7 +18,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/share"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
 )
 
 // The tests of the whole program run the test binary itself as the program:

@@ -14,7 +14,7 @@ import (
 	serializer "github.com/influxdata/telegraf/plugins/serializers/influx"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/spool"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 )
 
 // spooledRunner feeds an output plugin from stdin through a spool on disk

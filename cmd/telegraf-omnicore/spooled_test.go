@@ -15,7 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/spool"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 )
 
 // startSpooled starts a spooledRunner with the spool in dir on a pipe.

@@ -47,7 +47,7 @@ var docs = []string{
 	"LICENSE",
 	"plugins/outputs/omnicore/README.md",
 	"plugins/inputs/omnicore/README.md",
-	"plugins/common/share/SHARING.md",
+	"execd/share/SHARING.md",
 	"docs/reliability.md",
 	"docs/pool.md",
 	"docs/bridge.md",

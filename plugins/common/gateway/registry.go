@@ -16,7 +16,7 @@ import (
 //   - crossProcess, the hook through which Acquire shares a connection with
 //     other processes. It is set once, at start, by the program that runs
 //     one plugin per process (cmd/telegraf-omnicore installs
-//     plugins/common/share); Telegraf built with the plugins compiled in
+//     execd/share); Telegraf built with the plugins compiled in
 //     leaves it unset, and then Acquire shares only within the process and
 //     creates no files.
 var registry = struct {
@@ -66,7 +66,7 @@ const CloseTimeout = 4 * time.Second
 // Acquire returns the running connection for cfg's gateway, starting it on
 // first use. Within this process it is shared by every plugin with the same
 // client ID; with a CrossProcess installed, it is shared with the other
-// processes too (see plugins/common/share). A plugin whose connection options
+// processes too (see execd/share). A plugin whose connection options
 // differ from those of the plugins already sharing the gateway gets an error
 // wrapping ErrConflict that names the differing options. Acquire does no
 // network I/O. Call release exactly once when done; the last release closes

@@ -28,7 +28,7 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/spool"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 )
 
 //go:embed sample.conf

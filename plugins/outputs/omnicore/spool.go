@@ -8,8 +8,8 @@ import (
 	"time"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/spool"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/statedir"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/statedir"
 )
 
 // SpoolSettings are the spool options as the execd program needs them.

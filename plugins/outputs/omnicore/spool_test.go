@@ -9,7 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/spool"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 )
 
 func TestSpoolSettings(t *testing.T) {

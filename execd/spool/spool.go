@@ -45,7 +45,7 @@ import (
 
 	"github.com/influxdata/telegraf"
 
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/statedir"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/statedir"
 )
 
 // FullPolicy is what Append does when a record does not fit in MaxSize.

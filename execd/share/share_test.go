@@ -22,7 +22,7 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/statedir"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/statedir"
 )
 
 // ---------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import (
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/statedir"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/statedir"
 )
 
 // Environment variables that control sharing.
