@@ -129,7 +129,7 @@ func TestTarball(t *testing.T) {
 		"telegraf-omnicore": 0o755, "omnicore-emulator": 0o755,
 		"README.md": 0o644, "LICENSE": 0o644, "sample.conf": 0o644, "output.conf": 0o644, "input.conf": 0o644,
 		"plugins/outputs/omnicore/README.md": 0o644, "plugins/inputs/omnicore/README.md": 0o644,
-		"systemd/telegraf.service.d/telegraf-omnicore.conf": 0o644, "emulator/README.md": 0o644,
+		"systemd/telegraf.service.d/telegraf-omnicore.conf": 0o644, "emulator/README.md": 0o644, "emulator/registry.json": 0o644,
 	} {
 		require.Contains(t, modes, top+name)
 		require.Equalf(t, mode, modes[top+name], "mode of %s", name)

@@ -75,6 +75,9 @@ func releaseFiles(repo, stage, binDir string) ([]file, error) {
 		{src: filepath.Join(repo, "sample.conf"), pkg: WiringSample, tar: "sample.conf", kind: kindConfig},
 		{src: filepath.Join(repo, "tools", "dist", "package", "telegraf.service.d.conf"), pkg: SystemdDropIn, tar: "systemd/telegraf.service.d/telegraf-omnicore.conf", kind: kindFile},
 		{src: filepath.Join(repo, "emulator", "README.md"), tar: "emulator/README.md", kind: kindFile},
+		// The emulator's -registry flag needs a registry file; the README's
+		// emulator commands use this one.
+		{src: filepath.Join(repo, "testdata", "registry.json"), tar: "emulator/registry.json", kind: kindFile},
 	}
 	for _, plugin := range []struct{ category, name string }{{"outputs", "output.conf"}, {"inputs", "input.conf"}} {
 		sample, err := os.ReadFile(filepath.Join(repo, "plugins", plugin.category, "omnicore", "sample.conf"))
