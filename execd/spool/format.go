@@ -111,6 +111,7 @@ func scanSegment(data []byte) scanResult {
 	}
 	if string(data[:headerSize]) != segmentMagic {
 		r.problem = "not a spool segment (bad header)"
+		r.after = validAfter(data, headerSize)
 		return r
 	}
 	off := headerSize

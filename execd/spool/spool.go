@@ -970,6 +970,12 @@ func (s *Spool) Read(max int) ([]Record, error) {
 			i = 0
 		}
 		pos, limit, last := s.read, s.segs[i].size, i == len(s.segs)-1
+		if s.rf != nil && s.rseq < pos.Seq {
+			// Released and deleted: holding it open would keep its blocks
+			// in use.
+			s.rf.Close()
+			s.rf = nil
+		}
 		var next uint64
 		if !last {
 			next = s.segs[i+1].seq
@@ -981,12 +987,6 @@ func (s *Spool) Read(max int) ([]Record, error) {
 				break
 			}
 			s.advance(pos, Position{Seq: next, Off: int64(headerSize)})
-			if s.rf != nil && s.rseq == pos.Seq {
-				// The segment is deleted once released: holding it open
-				// would keep its blocks in use.
-				s.rf.Close()
-				s.rf = nil
-			}
 			continue
 		}
 		payload, ms, size, err := s.recordAt(pos, limit)

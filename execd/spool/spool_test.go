@@ -237,6 +237,10 @@ func TestSpoolDamage(t *testing.T) {
 		errLine  string // an error that must be logged
 		aside    bool   // a .corrupt file is left
 		truncate bool
+		// lost is how many records Stats.LostRecords counts (0 when nil),
+		// give or take lostDelta.
+		lost      func(counts []int) int
+		lostDelta float64
 	}{
 		{
 			name: "torn last record",
@@ -271,6 +275,7 @@ func TestSpoolDamage(t *testing.T) {
 			kept:    func(c []int) int { return sum(c) - c[1] },
 			errLine: "is damaged",
 			aside:   true,
+			lost:    func(c []int) int { return c[1] - 1 },
 		},
 		{
 			name: "byte flipped in the middle of a middle segment",
@@ -284,6 +289,17 @@ func TestSpoolDamage(t *testing.T) {
 			aside:   true,
 		},
 		{
+			name: "bit flipped in a length field of the last segment",
+			damage: func(t *testing.T, segs []string) {
+				last := segs[len(segs)-1]
+				flip0x10(t, last, recordOffset(t, last, 10)+2) // the length of its 11th record, +1 MiB
+			},
+			kept:    func(c []int) int { return sum(c) - c[len(c)-1] + 10 },
+			errLine: "metrics after the damage are lost",
+			aside:   true,
+			lost:    func(c []int) int { return c[len(c)-1] - 11 },
+		},
+		{
 			name: "bad header",
 			damage: func(t *testing.T, segs []string) {
 				flip(t, segs[0], 0)
@@ -291,13 +307,17 @@ func TestSpoolDamage(t *testing.T) {
 			kept:    func(c []int) int { return sum(c) - c[0] },
 			errLine: "not a spool segment",
 			aside:   true,
+			lost:    func(c []int) int { return c[0] },
 		},
 		{
 			name: "zero-length segment in the middle",
 			damage: func(t *testing.T, segs []string) {
 				require.NoError(t, os.Truncate(segs[1], 0))
 			},
-			kept: func(c []int) int { return sum(c) - c[1] },
+			kept:      func(c []int) int { return sum(c) - c[1] },
+			warn:      "its metrics were lost, about",
+			lost:      func(c []int) int { return c[1] },
+			lostDelta: 2,
 		},
 		{
 			name: "zero-length segment at the end",
@@ -349,6 +369,13 @@ func TestSpoolDamage(t *testing.T) {
 			}
 			corrupt, _ := filepath.Glob(filepath.Join(dir, "*.corrupt"))
 			require.Equal(t, tt.aside, len(corrupt) == 1)
+			if tt.aside {
+				// Set aside whole: what was after the damage is still there.
+				b, err := os.ReadFile(corrupt[0])
+				require.NoError(t, err)
+				require.Equal(t, lost(tt.lost, counts), scanSegment(b).after)
+			}
+			require.InDelta(t, lost(tt.lost, counts), s2.Stats().LostRecords, tt.lostDelta)
 			require.Equal(t, tt.truncate, s2.Stats().TruncatedBytes > 0)
 
 			// Reopening the repaired spool finds nothing more to repair.
@@ -359,6 +386,36 @@ func TestSpoolDamage(t *testing.T) {
 			require.Empty(t, log3.Warnings())
 		})
 	}
+}
+
+func lost(f func([]int) int, counts []int) int {
+	if f == nil {
+		return 0
+	}
+	return f(counts)
+}
+
+// recordOffset is the offset of the record k (from 0) in the segment file.
+func recordOffset(t *testing.T, path string, k int) int64 {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	off := headerSize
+	for range k {
+		_, _, size, err := decodeRecord(b[off:])
+		require.NoError(t, err)
+		off += size
+	}
+	return int64(off)
+}
+
+// flip0x10 flips one bit of the byte at off.
+func flip0x10(t *testing.T, path string, off int64) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	b[off] ^= 0x10
+	require.NoError(t, os.WriteFile(path, b, 0o600))
 }
 
 func sum(c []int) int {
