@@ -33,9 +33,9 @@ func (s *Spool) capToDisk() {
 				s.opts.MaxSize, avail, s.onDiskLocked(), diskReserve, s.maxSize, float64(s.maxSize)/(1<<20))
 		}
 	}
-	s.segSize = s.opts.SegmentSize
-	if s.segSize <= 0 {
-		s.segSize = min(max(s.maxSize/8, minSegmentSize), maxSegmentSize)
+	s.segSize = min(max(s.maxSize/8, minSegmentSize), maxSegmentSize)
+	if s.opts.SegmentSize > 0 {
+		s.segSize = min(s.opts.SegmentSize, s.maxSize/4)
 	}
 }
 

@@ -44,6 +44,7 @@ func readOnlyFilesystem(t *testing.T, size int64) (dir string, failRO func(), re
 	img := filepath.Join(tmp, "fs.img")
 	dir = filepath.Join(tmp, "mnt")
 	require.NoError(t, os.Mkdir(dir, 0o700))
+	require.NoError(t, os.WriteFile(img, nil, 0o600))
 	require.NoError(t, os.Truncate(img, size))
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", img).CombinedOutput(); err != nil {
 		t.Skipf("mkfs.ext4 failed (%v: %s): skipping the read-only filesystem test", err, out)
