@@ -527,11 +527,15 @@ func (s *Spool) checkSegment(path string, seq uint64, data []byte, last bool) *s
 		}
 	default:
 		aside := path + ".corrupt"
+		lost := r.after
+		if r.valid > 0 {
+			lost++ // the damaged record itself (at least one)
+		}
 		log.Errorf("Spool segment %s is damaged (%s): set it aside as %s; replaying its %d records before the damage and the segments after it; "+
-			"%d metrics after the damage are lost (%d bytes, in %s)",
-			filepath.Base(path), r.problem, filepath.Base(aside), r.records, r.after, int64(len(data))-r.valid, filepath.Base(aside))
+			"%d metrics are lost: the damaged one and %d valid ones after it (%d bytes, kept in %s)",
+			filepath.Base(path), r.problem, filepath.Base(aside), r.records, lost, r.after, int64(len(data))-r.valid, filepath.Base(aside))
 		s.stats.CorruptSegments++
-		s.stats.LostRecords += int64(r.after)
+		s.stats.LostRecords += int64(lost)
 		s.dirDirty = true
 		if err := os.Rename(path, aside); err != nil {
 			s.diskFailedLocked("setting a damaged spool segment aside", err)
