@@ -258,15 +258,24 @@ func TestSpoolFullBackpressure(t *testing.T) {
 	t.Logf("spool full (64KiB): sent %d, received %d, duplicated %d, lost 0", spec.Count, w.tally.Unique(), w.tally.Duplicates())
 }
 
-// TestSpoolDamagedFiles: the spool of a stopped output is damaged (a torn
-// last record, a byte flipped in a middle segment, a zero-length segment);
-// the next start repairs it with W!/E! lines and delivers everything that
-// was not damaged.
-func TestSpoolDamagedFiles(t *testing.T) {
+// stoppedSpool is a spool left by an output stopped during an outage, for
+// the damage tests.
+type stoppedSpool struct {
+	w       *world
+	spec    GenSpec // what was spooled
+	devices []string
+	plugin  string
+	dir     string
+	before  map[string][]int64 // metric numbers by segment path
+	segs    []string           // segments holding metrics, sorted
+}
+
+// spoolThenStop spools 3,000 metrics with the bridge away into a spool of
+// 1 MiB (segments of 128 KiB, about 600 metrics each) and stops Telegraf.
+func spoolThenStop(t *testing.T) stoppedSpool {
 	w := newWorld(t)
 	devices := deviceNames("dev", 5)
 	gw := w.gateway(devices...)
-	// 1 MiB: segments of 128 KiB, about 600 metrics each.
 	plugin := w.write("omnicore-output.conf", gw.OutputFile(`spool_max_size = "1MiB"`))
 	spec := GenSpec{Count: 3000, Rate: 1000, Devices: devices, Pad: 64, Record: filepath.Join(w.dir, "record.txt")}
 	w.srv.Stop()
@@ -285,6 +294,16 @@ func TestSpoolDamagedFiles(t *testing.T) {
 	}
 	sort.Strings(segs)
 	require.GreaterOrEqual(t, len(segs), 3, "several segments")
+	return stoppedSpool{w: w, spec: spec, devices: devices, plugin: plugin, dir: dir, before: before, segs: segs}
+}
+
+// TestSpoolDamagedFiles: the spool of a stopped output is damaged (a torn
+// last record, a byte flipped in a middle segment, a zero-length segment);
+// the next start repairs it with W!/E! lines and delivers everything that
+// was not damaged.
+func TestSpoolDamagedFiles(t *testing.T) {
+	d := spoolThenStop(t)
+	w, spec, devices, plugin, dir, before, segs := d.w, d.spec, d.devices, d.plugin, d.dir, d.before, d.segs
 	// A byte flipped in the middle of the second segment, the last one
 	// torn, and a zero-length segment after it (a crash right after a
 	// rotation).
@@ -351,28 +370,8 @@ func TestSpoolDamagedFiles(t *testing.T) {
 // where the valid records after it used to be truncated away as a torn
 // tail. The metrics missing are exactly those.
 func TestSpoolLossesReported(t *testing.T) {
-	w := newWorld(t)
-	devices := deviceNames("dev", 5)
-	gw := w.gateway(devices...)
-	// 1 MiB: segments of 128 KiB, about 600 metrics each.
-	plugin := w.write("omnicore-output.conf", gw.OutputFile(`spool_max_size = "1MiB"`))
-	spec := GenSpec{Count: 3000, Rate: 1000, Devices: devices, Pad: 64, Record: filepath.Join(w.dir, "record.txt")}
-	w.srv.Stop()
-	w.spoolTelegraf(agentWith("  metric_buffer_limit = 100000"), spec, plugin, false)
-	w.generated(spec.Record, spec)
-	w.waitFor(time.Minute, "every metric written to the output", func() bool { return ParseLog(w.tg.Log()).Acked >= spec.Count })
-	w.stop()
-
-	dir := w.spoolDir()
-	before := spooled(t, dir)
-	var segs []string
-	for seg, ns := range before {
-		if len(ns) > 0 {
-			segs = append(segs, seg)
-		}
-	}
-	sort.Strings(segs)
-	require.GreaterOrEqual(t, len(segs), 3, "several segments")
+	d := spoolThenStop(t)
+	w, spec, devices, plugin, before, segs := d.w, d.spec, d.devices, d.plugin, d.before, d.segs
 	damaged := map[int64]bool{}
 
 	// The second segment emptied.

@@ -3,7 +3,6 @@ package spool
 import (
 	"fmt"
 	"math"
-	"os"
 	"syscall"
 )
 
@@ -164,10 +163,5 @@ func (s *Spool) probeLocked() error {
 	if err := s.writeCursor(s.released); err != nil {
 		return err
 	}
-	d, err := os.Open(s.opts.Dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return fsyncDir(s.opts.Dir)
 }

@@ -876,7 +876,12 @@ func (s *Spool) syncDir() error {
 	if !dirty {
 		return nil
 	}
-	d, err := os.Open(s.opts.Dir)
+	return fsyncDir(s.opts.Dir)
+}
+
+// fsyncDir makes the entries created, renamed or removed in dir durable.
+func fsyncDir(dir string) error {
+	d, err := os.Open(dir)
 	if err != nil {
 		return err
 	}

@@ -270,7 +270,7 @@ func TestSpoolDamage(t *testing.T) {
 		{
 			name: "byte flipped in a middle segment",
 			damage: func(t *testing.T, segs []string) {
-				flip(t, segs[1], int64(headerSize+recordHeader+3)) // the payload of its first record
+				flip(t, segs[1], int64(headerSize+recordHeader+3), 0x55) // the payload of its first record
 			},
 			kept:    func(c []int) int { return sum(c) - c[1] },
 			errLine: "is damaged",
@@ -282,7 +282,7 @@ func TestSpoolDamage(t *testing.T) {
 			damage: func(t *testing.T, segs []string) {
 				fi, err := os.Stat(segs[2])
 				require.NoError(t, err)
-				flip(t, segs[2], fi.Size()-10) // its last record
+				flip(t, segs[2], fi.Size()-10, 0x55) // its last record
 			},
 			kept:    func(c []int) int { return sum(c) - 1 },
 			errLine: "is damaged",
@@ -293,7 +293,7 @@ func TestSpoolDamage(t *testing.T) {
 			name: "bit flipped in a length field of the last segment",
 			damage: func(t *testing.T, segs []string) {
 				last := segs[len(segs)-1]
-				flip0x10(t, last, recordOffset(t, last, 10)+2) // the length of its 11th record, +1 MiB
+				flip(t, last, recordOffset(t, last, 10)+2, 0x10) // the length of its 11th record, +1 MiB
 			},
 			kept:    func(c []int) int { return sum(c) - c[len(c)-1] + 10 },
 			errLine: "metrics are lost: the damaged one and",
@@ -303,7 +303,7 @@ func TestSpoolDamage(t *testing.T) {
 		{
 			name: "bad header",
 			damage: func(t *testing.T, segs []string) {
-				flip(t, segs[0], 0)
+				flip(t, segs[0], 0, 0x55)
 			},
 			kept:    func(c []int) int { return sum(c) - c[0] },
 			errLine: "not a spool segment",
@@ -416,15 +416,6 @@ func recordOffset(t *testing.T, path string, k int) int64 {
 	return int64(off)
 }
 
-// flip0x10 flips one bit of the byte at off.
-func flip0x10(t *testing.T, path string, off int64) {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	require.NoError(t, err)
-	b[off] ^= 0x10
-	require.NoError(t, os.WriteFile(path, b, 0o600))
-}
-
 func sum(c []int) int {
 	n := 0
 	for _, v := range c {
@@ -433,11 +424,12 @@ func sum(c []int) int {
 	return n
 }
 
-func flip(t *testing.T, path string, off int64) {
+// flip flips the bits of mask in the byte at off of the file at path.
+func flip(t *testing.T, path string, off int64, mask byte) {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	require.NoError(t, err)
-	b[off] ^= 0x55
+	b[off] ^= mask
 	require.NoError(t, os.WriteFile(path, b, 0o600))
 }
 
