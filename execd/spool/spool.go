@@ -757,16 +757,19 @@ func (s *Spool) writeLocked() error {
 	return nil
 }
 
-// rotateLocked seals the active segment (written, and fsync'ed unless all
-// of it is released) and starts the next; segments fully released are
-// deleted. When the next cannot be started, the active one stays.
+// rotateLocked seals the active segment (written and fsync'ed) and starts
+// the next; segments fully released are deleted. When the next cannot be
+// started, the active one stays.
 func (s *Spool) rotateLocked() error {
 	if err := s.writeLocked(); err != nil {
 		return err
 	}
 	act := s.segs[len(s.segs)-1]
 	released := !s.released.before(Position{Seq: act.seq, Off: act.size})
-	if s.active != nil && !released {
+	if s.active != nil {
+		// Even when all of it is released: its deletion may not survive a
+		// power cut, and a sealed segment found empty at the next start
+		// would be reported as lost.
 		if err := s.active.Sync(); err != nil {
 			return s.diskFailedLocked("sealing a spool segment", err)
 		}
