@@ -1,6 +1,7 @@
 package spool
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"syscall"
@@ -70,6 +71,18 @@ func (s *Spool) retryInterval() string {
 		return s.opts.SyncInterval.String()
 	}
 	return cursorPersistInterval.String()
+}
+
+// openErr is the error of an Open that failed at op: it wraps ErrDiskFailed
+// too when the cause is the disk's (full, read-only, I/O error, quota), so
+// that the caller can tell a disk outage from a misconfiguration.
+func openErr(op string, err error) error {
+	for _, disk := range []error{syscall.ENOSPC, syscall.EROFS, syscall.EIO, syscall.EDQUOT} {
+		if errors.Is(err, disk) {
+			return fmt.Errorf("%w: %s: %w", ErrDiskFailed, op, err)
+		}
+	}
+	return fmt.Errorf("%s: %w", op, err)
 }
 
 // DiskErr returns the disk failure in progress, wrapping ErrDiskFailed and

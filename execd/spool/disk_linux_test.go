@@ -1,6 +1,7 @@
 package spool
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -238,4 +239,29 @@ func TestSpoolReadOnlyDisk(t *testing.T) {
 	require.Equal(t, written[len(written)-len(again):], again, "what replays is the written tail, in order")
 	appendN(t, s3, next, 10)
 	require.Equal(t, want(next, 10), payloads(readAll(t, s3, 100)))
+}
+
+// TestSpoolOpenNew: a new spool on a full filesystem opens with its disk
+// failed and appends once there is room; one that cannot be created (a
+// read-only filesystem) fails Open with ErrDiskFailed wrapping EROFS, an
+// outage of the disk the caller can tell from a bad option.
+func TestSpoolOpenNew(t *testing.T) {
+	t.Run("full", func(t *testing.T) {
+		fs := smallFilesystem(t, 1<<20)
+		unfill := fill(t, fs)
+		s, _ := open(t, fs+"/s", func(o *Options) { o.MaxSize = 0; o.SyncInterval = time.Hour })
+		require.ErrorIs(t, s.DiskErr(), syscall.ENOSPC)
+		require.ErrorIs(t, s.Append(payload(0)), ErrDiskFailed)
+		unfill()
+		s.checkDisk()
+		appendN(t, s, 0, 10)
+		require.Equal(t, want(0, 10), payloads(readAll(t, s, 100)))
+	})
+	t.Run("read-only", func(t *testing.T) {
+		fs, failRO, _ := readOnlyFilesystem(t, 8<<20)
+		failRO()
+		_, err := Open(context.Background(), Options{Dir: fs + "/s", Log: &testutil.CaptureLogger{}})
+		require.ErrorIs(t, err, ErrDiskFailed)
+		require.ErrorIs(t, err, syscall.EROFS)
+	})
 }

@@ -273,7 +273,7 @@ func Open(ctx context.Context, opts Options) (*Spool, error) {
 	}
 	s := &Spool{opts: opts}
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
-		return nil, fmt.Errorf("creating the spool directory: %w", err)
+		return nil, openErr("creating the spool directory", err)
 	}
 	if err := statedir.CheckPrivate(opts.Dir); err != nil {
 		return nil, fmt.Errorf("spool directory: %w", err)
@@ -305,7 +305,7 @@ func acquireLock(ctx context.Context, path string, log telegraf.Logger) (*os.Fil
 		f, err = os.Open(path)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("opening the spool lock: %w", err)
+		return nil, openErr("opening the spool lock", err)
 	}
 	warned := false
 	tick := time.NewTicker(100 * time.Millisecond)
@@ -353,7 +353,7 @@ func (s *Spool) recover() error {
 	cursor, cursorOK := s.readCursor()
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return fmt.Errorf("reading the spool directory: %w", err)
+		return openErr("reading the spool directory", err)
 	}
 	var seqs []uint64
 	for _, e := range entries {
@@ -391,7 +391,7 @@ func (s *Spool) recover() error {
 		}
 		data, err := os.ReadFile(path)
 		if err != nil {
-			return fmt.Errorf("reading spool segment: %w", err)
+			return openErr("reading spool segment", err)
 		}
 		last := i == len(seqs)-1
 		if !last && len(data) < headerSize {
@@ -413,7 +413,7 @@ func (s *Spool) recover() error {
 		if cursorOK && cursor.Seq == s.segs[0].seq {
 			data, err := os.ReadFile(filepath.Join(dir, segmentName(cursor.Seq)))
 			if err != nil {
-				return fmt.Errorf("reading spool segment: %w", err)
+				return openErr("reading spool segment", err)
 			}
 			s.released = boundaryAt(data[:min(s.segs[0].size, int64(len(data)))], cursor.Seq, cursor.Off)
 		}
