@@ -33,6 +33,11 @@ func (s *Spool) capToDisk() {
 				s.opts.MaxSize, avail, s.onDiskLocked(), diskReserve, s.maxSize, float64(s.maxSize)/(1<<20))
 		}
 	}
+	s.sizeSegments()
+}
+
+// sizeSegments derives the segment size from the effective MaxSize.
+func (s *Spool) sizeSegments() {
 	s.segSize = min(max(s.maxSize/8, minSegmentSize), maxSegmentSize)
 	if s.opts.SegmentSize > 0 {
 		s.segSize = min(s.opts.SegmentSize, s.maxSize/4)
@@ -123,7 +128,8 @@ func (s *Spool) Unwritten() [][]byte {
 // is failed, tries it again: the held records written, the active segment
 // created, the released segments deleted, the cursor written. When that
 // all works and the filesystem has room, the disk is back: logged once at
-// I!, and Space is signalled.
+// I!, the effective MaxSize raised to what the filesystem now allows (when
+// Open capped it lower), and Space is signalled.
 func (s *Spool) checkDisk() {
 	avail, statErr := freeSpace(s.opts.Dir)
 	s.mu.Lock()
@@ -147,7 +153,12 @@ func (s *Spool) checkDisk() {
 		s.diskErr = failed
 		return
 	}
-	s.opts.Log.Infof("The spool's disk works again: spooling new metrics again (%d bytes free)", avail)
+	// A cap taken at Open on a disk that was full grows with the room.
+	if m := min(s.opts.MaxSize, s.diskLimit); m > s.maxSize {
+		s.maxSize = m
+		s.sizeSegments()
+	}
+	s.opts.Log.Infof("The spool's disk works again: spooling new metrics again (%d bytes free; the spool holds at most %d bytes)", avail, s.maxSize)
 	s.signalSpaceLocked()
 }
 
