@@ -36,7 +36,8 @@
 // spool retries the disk every SyncInterval (100 ms when 0) and logs one I!
 // when it works again, after which Append works again without reopening.
 // Open on such a disk reads the old segments and opens in that state
-// instead of failing.
+// instead of failing; an Open that fails because of the disk (a new spool
+// on a read-only filesystem) returns an error wrapping ErrDiskFailed.
 //
 // Damage found at Open: a torn last record (an append interrupted by a power
 // cut: the file ends inside the record, or zeros follow) is truncated with a
