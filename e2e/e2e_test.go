@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
+	"github.com/telegraf-omnicore/telegraf-omnicore/internal/statecheck"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -30,10 +31,12 @@ var (
 
 func TestMain(m *testing.M) {
 	flag.Parse()
-	if testing.Short() {
-		os.Exit(m.Run())
-	}
-	os.Exit(buildAndRun(m))
+	os.Exit(statecheck.Run(func() int {
+		if testing.Short() {
+			return m.Run()
+		}
+		return buildAndRun(m)
+	}))
 }
 
 func buildAndRun(m *testing.M) int {

@@ -15,6 +15,7 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/e2e"
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
 	"github.com/telegraf-omnicore/telegraf-omnicore/internal/latencyproxy"
+	"github.com/telegraf-omnicore/telegraf-omnicore/internal/statecheck"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
@@ -38,10 +39,12 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	}
 	flag.Parse()
-	if testing.Short() {
-		os.Exit(m.Run())
-	}
-	os.Exit(buildAndRun(m))
+	os.Exit(statecheck.Run(func() int {
+		if testing.Short() {
+			return m.Run()
+		}
+		return buildAndRun(m)
+	}))
 }
 
 func buildAndRun(m *testing.M) int {

@@ -85,7 +85,7 @@ func TestSharingDirectoryChecked(t *testing.T) {
 		{"world-writable runtime directory of ours (case 7)", func(dir string) []string {
 			require.NoError(t, os.Mkdir(dir, 0o700))
 			require.NoError(t, os.Chmod(dir, 0o777|os.ModeSticky))
-			return []string{"TELEGRAF_OMNICORE_RUNTIME_DIR=" + dir}
+			return []string{"TELEGRAF_OMNICORE_RUNTIME_DIR=" + dir, "STATE_DIRECTORY=" + w.state}
 		}, "it must be private", 0o777 | os.ModeSticky},
 		{"share directory squatted under the state directory (case 3)", func(dir string) []string {
 			require.NoError(t, os.Mkdir(dir, 0o755))
@@ -116,7 +116,7 @@ func TestSharingDirectoryChecked(t *testing.T) {
 		})
 	}
 	t.Run("sharing switched off explicitly", func(t *testing.T) {
-		res := runPlugin(t, "", nil, []string{"TELEGRAF_OMNICORE_SHARING=off", "TELEGRAF_OMNICORE_RUNTIME_DIR=" + filepath.Join(base, "never")}, "-config", path)
+		res := runPlugin(t, "", nil, []string{"TELEGRAF_OMNICORE_SHARING=off", "TELEGRAF_OMNICORE_RUNTIME_DIR=" + filepath.Join(base, "never"), "STATE_DIRECTORY=" + w.state}, "-config", path)
 		require.Equal(t, 0, res.code, res.stderr)
 		require.Contains(t, res.stderr, "W! TELEGRAF_OMNICORE_SHARING=off")
 		_, err := os.Stat(filepath.Join(base, "never"))

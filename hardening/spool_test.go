@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -256,15 +258,24 @@ func TestSpoolFullBackpressure(t *testing.T) {
 	t.Logf("spool full (64KiB): sent %d, received %d, duplicated %d, lost 0", spec.Count, w.tally.Unique(), w.tally.Duplicates())
 }
 
-// TestSpoolDamagedFiles: the spool of a stopped output is damaged (a torn
-// last record, a byte flipped in a middle segment, a zero-length segment);
-// the next start repairs it with W!/E! lines and delivers everything that
-// was not damaged.
-func TestSpoolDamagedFiles(t *testing.T) {
+// stoppedSpool is a spool left by an output stopped during an outage, for
+// the damage tests.
+type stoppedSpool struct {
+	w       *world
+	spec    GenSpec // what was spooled
+	devices []string
+	plugin  string
+	dir     string
+	before  map[string][]int64 // metric numbers by segment path
+	segs    []string           // segments holding metrics, sorted
+}
+
+// spoolThenStop spools 3,000 metrics with the bridge away into a spool of
+// 1 MiB (segments of 128 KiB, about 600 metrics each) and stops Telegraf.
+func spoolThenStop(t *testing.T) stoppedSpool {
 	w := newWorld(t)
 	devices := deviceNames("dev", 5)
 	gw := w.gateway(devices...)
-	// 1 MiB: segments of 128 KiB, about 600 metrics each.
 	plugin := w.write("omnicore-output.conf", gw.OutputFile(`spool_max_size = "1MiB"`))
 	spec := GenSpec{Count: 3000, Rate: 1000, Devices: devices, Pad: 64, Record: filepath.Join(w.dir, "record.txt")}
 	w.srv.Stop()
@@ -283,6 +294,16 @@ func TestSpoolDamagedFiles(t *testing.T) {
 	}
 	sort.Strings(segs)
 	require.GreaterOrEqual(t, len(segs), 3, "several segments")
+	return stoppedSpool{w: w, spec: spec, devices: devices, plugin: plugin, dir: dir, before: before, segs: segs}
+}
+
+// TestSpoolDamagedFiles: the spool of a stopped output is damaged (a torn
+// last record, a byte flipped in a middle segment, a zero-length segment);
+// the next start repairs it with W!/E! lines and delivers everything that
+// was not damaged.
+func TestSpoolDamagedFiles(t *testing.T) {
+	d := spoolThenStop(t)
+	w, spec, devices, plugin, dir, before, segs := d.w, d.spec, d.devices, d.plugin, d.dir, d.before, d.segs
 	// A byte flipped in the middle of the second segment, the last one
 	// torn, and a zero-length segment after it (a crash right after a
 	// rotation).
@@ -339,4 +360,79 @@ func TestSpoolDamagedFiles(t *testing.T) {
 	s, err := spool.Open(context.Background(), spool.Options{Dir: dir, Log: &testutil.CaptureLogger{}})
 	require.NoError(t, err)
 	require.NoError(t, s.Close())
+}
+
+// TestSpoolLossesReported: what a damaged spool loses is said, with its
+// count. A middle segment emptied (a filesystem crash) is reported at W!
+// with an estimate of the metrics it held, where it used to be an I! line;
+// one bit flipped in a record's length field in the last segment sets the
+// rest of the segment aside with an E! counting the metrics after it,
+// where the valid records after it used to be truncated away as a torn
+// tail. The metrics missing are exactly those.
+func TestSpoolLossesReported(t *testing.T) {
+	d := spoolThenStop(t)
+	w, spec, devices, plugin, before, segs := d.w, d.spec, d.devices, d.plugin, d.before, d.segs
+	damaged := map[int64]bool{}
+
+	// The second segment emptied.
+	require.NoError(t, os.Truncate(segs[1], 0))
+	for _, n := range before[segs[1]] {
+		damaged[n] = true
+	}
+	emptied := len(before[segs[1]])
+
+	// One bit of the length of the last segment's 11th record flipped (+1 MiB).
+	last := segs[len(segs)-1]
+	recs, err := spool.SegmentRecords(last)
+	require.NoError(t, err)
+	require.Greater(t, len(recs), 20)
+	off := 8 // the segment header, then records of a 16-byte header and the payload (execd/spool/format.go)
+	for _, r := range recs[:10] {
+		off += 16 + len(r)
+	}
+	b, err := os.ReadFile(last)
+	require.NoError(t, err)
+	b[off+2] ^= 0x10
+	require.NoError(t, os.WriteFile(last, b, 0o600))
+	for _, r := range recs[10:] {
+		for _, n := range metricNumbers(t, r) {
+			damaged[n] = true
+		}
+	}
+	setAside := len(recs) - 10
+
+	require.NoError(t, w.srv.Restart())
+	w.spoolTelegraf(agentWith("  metric_buffer_limit = 100000"), GenSpec{Count: 1, First: spec.Count, Rate: 1, Devices: devices, Pad: 64}, plugin, false)
+	w.waitFor(2*time.Minute, "every undamaged metric", func() bool {
+		for n := range spec.Count {
+			if !damaged[int64(n)] && !w.tally.Has(int64(n)) {
+				return false
+			}
+		}
+		return w.tally.Has(int64(spec.Count))
+	})
+	w.stop()
+	log := w.tg.Log()
+	require.Zero(t, ParseLog(log).Restarts, "the output did not crash")
+
+	estimate := regexp.MustCompile(`W! \[outputs\.omnicore\] Spool segment \S+ was empty though later segments exist: its metrics were lost, about (\d+)`).FindStringSubmatch(log)
+	require.NotNil(t, estimate, "the W! line of the emptied segment")
+	exact := regexp.MustCompile(`E! \[outputs\.omnicore\] Spool segment \S+ is damaged .* (\d+) metrics are lost: the damaged one`).FindStringSubmatch(log)
+	require.NotNil(t, exact, "the E! line of the bad length field")
+	reportedEmpty, err := strconv.Atoi(estimate[1])
+	require.NoError(t, err)
+	reportedAside, err := strconv.Atoi(exact[1])
+	require.NoError(t, err)
+	require.Equal(t, setAside, reportedAside, "the metrics after the bad length are counted exactly")
+	require.InEpsilon(t, emptied, reportedEmpty, 0.05, "the emptied segment's metrics, estimated")
+	_, err = os.Stat(last + ".corrupt")
+	require.NoError(t, err, "the rest of the segment is set aside, not deleted")
+
+	lost := w.tally.Missing(spec.Count)
+	require.Len(t, lost, emptied+setAside, "the metrics missing are those of the damage, no more")
+	for _, n := range lost {
+		require.True(t, damaged[n], "metric %d was not in a damaged part and was lost", n)
+	}
+	t.Logf("spool damage: sent %d, received %d, duplicated %d, lost %d: %d in an emptied middle segment (reported about %d at W!), %d after a bad length field (reported %d at E!)",
+		spec.Count, w.tally.Unique(), w.tally.Duplicates(), len(lost), emptied, reportedEmpty, setAside, reportedAside)
 }

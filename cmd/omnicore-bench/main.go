@@ -52,6 +52,7 @@ import (
 	"time"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/statedir"
 )
 
 // options are the command-line settings.
@@ -303,6 +304,15 @@ func run(ctx context.Context, opts *options, stdout io.Writer) error {
 	// The gateway sessions of this process rendezvous here, not in the
 	// user's runtime directory shared with other programs.
 	if err := os.Setenv(share.EnvRuntimeDir, filepath.Join(dir, "runtime")); err != nil {
+		return err
+	}
+	// Their spools go here too, never into the system's state directory
+	// (the benchmarks that spool on purpose give each run its own).
+	state := filepath.Join(dir, "state")
+	if err := os.MkdirAll(state, 0o700); err != nil {
+		return err
+	}
+	if err := os.Setenv(statedir.EnvStateDirectory, state); err != nil {
 		return err
 	}
 	id, pub, err := newIdentity(dir)

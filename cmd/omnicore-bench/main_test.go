@@ -13,6 +13,8 @@ import (
 	"github.com/influxdata/telegraf"
 	"github.com/influxdata/telegraf/metric"
 	"github.com/stretchr/testify/require"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/internal/statecheck"
 )
 
 // TestMain lets the test binary serve as the benchmark's child process
@@ -21,7 +23,7 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 2 && os.Args[1] == childFlag {
 		os.Exit(runChild(os.Args[2:]))
 	}
-	os.Exit(m.Run())
+	os.Exit(statecheck.Run(m.Run))
 }
 
 func TestMedian(t *testing.T) {

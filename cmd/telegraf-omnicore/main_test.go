@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
+	"github.com/telegraf-omnicore/telegraf-omnicore/internal/statecheck"
 )
 
 // The tests of the whole program run the test binary itself as the program:
@@ -36,18 +37,19 @@ func TestMain(m *testing.M) {
 		}))
 	}
 	// The programs these tests start share gateway connections in a
-	// directory of their own, not in the user's state directory.
+	// directory of their own, not in the user's state directory, and spool
+	// in a state directory of their own (statecheck).
 	if os.Getenv(share.EnvRuntimeDir) == "" {
 		dir, err := os.MkdirTemp("", "ocm")
 		if err != nil {
 			panic(err)
 		}
 		os.Setenv(share.EnvRuntimeDir, dir)
-		code := m.Run()
+		code := statecheck.Run(m.Run)
 		os.RemoveAll(dir)
 		os.Exit(code)
 	}
-	os.Exit(m.Run())
+	os.Exit(statecheck.Run(m.Run))
 }
 
 // syncBuffer is a bytes.Buffer safe for a process's writes and the test's

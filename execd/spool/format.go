@@ -91,8 +91,12 @@ type scanResult struct {
 	// problem says why the scan stopped before the end ("" when it did not).
 	problem string
 	// torn is set when the scan stopped at a record that runs past the end
-	// of the data: what an interrupted append leaves.
+	// of the data, or zeros only follow, and no valid record follows:
+	// what an interrupted append leaves.
 	torn bool
+	// after counts the valid records found after the damage (none when
+	// torn): what a bad length field would hide.
+	after int
 }
 
 // scanSegment checks the segment bytes data: its header, then each record
@@ -107,6 +111,7 @@ func scanSegment(data []byte) scanResult {
 	}
 	if string(data[:headerSize]) != segmentMagic {
 		r.problem = "not a spool segment (bad header)"
+		r.after = validAfter(data, headerSize)
 		return r
 	}
 	off := headerSize
@@ -115,9 +120,12 @@ func scanSegment(data []byte) scanResult {
 		_, ms, size, err := decodeRecord(data[off:])
 		if err != nil {
 			r.problem = fmt.Sprintf("%v at offset %d", err, off)
+			r.after = validAfter(data, off+1)
 			// A power cut can leave the file longer than what was written,
-			// the rest reading as zeros: that is a torn append too.
-			r.torn = errors.Is(err, errShort) || allZero(data[off:])
+			// the rest reading as zeros: that is a torn append too. A
+			// record running past the end with valid records after it is
+			// not: its length field is damaged.
+			r.torn = r.after == 0 && (errors.Is(err, errShort) || allZero(data[off:]))
 			return r
 		}
 		if r.records == 0 {
@@ -128,6 +136,32 @@ func scanSegment(data []byte) scanResult {
 		r.valid = int64(off)
 	}
 	return r
+}
+
+// validAfter looks for the first valid record at or after from, byte by
+// byte, and counts the valid records that follow one another from there (0
+// when there is none). A false match needs a length that fits and a
+// matching CRC-32C, about one chance in 2^32 at each offset tried.
+func validAfter(data []byte, from int) int {
+	for off := from; off+recordHeader <= len(data); off++ {
+		if n := binary.LittleEndian.Uint32(data[off:]); n > MaxRecord || off+recordHeader+int(n) > len(data) {
+			continue
+		}
+		if _, _, _, err := decodeRecord(data[off:]); err != nil {
+			continue
+		}
+		count := 0
+		for off < len(data) {
+			_, _, size, err := decodeRecord(data[off:])
+			if err != nil {
+				break
+			}
+			count++
+			off += size
+		}
+		return count
+	}
+	return 0
 }
 
 func allZero(b []byte) bool {

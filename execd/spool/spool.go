@@ -16,14 +16,37 @@
 //
 // Appended records become visible to the reader at Commit, and are fsync'ed
 // at least every SyncInterval (0: at every Commit). The spool holds at most
-// MaxSize bytes of segments; when a record does not fit, Append returns
-// ErrFull (back-pressure: the caller waits for Space) or, with DropOldest,
-// deletes the oldest segment and counts the records it drops.
+// MaxSize bytes of segments, capped at Open by what its filesystem has free
+// (with a warning) and checked against the free space as it grows; when a
+// record does not fit, Append returns ErrFull (ErrDiskLow when it is the
+// filesystem that is full; back-pressure: the caller waits for Space) or,
+// with DropOldest, deletes the oldest segment and counts the records it
+// drops.
+//
+// Disk use follows the backlog: segments are small (at most 4 MiB), a
+// segment whose records are all released is deleted at once, and the active
+// segment is sealed early once everything in it is released, so with the
+// reader keeping up the spool holds little more than what is unreleased.
+//
+// A disk that fails (full, read-only, I/O errors) is an outage of the disk,
+// not of the spool: the failing Append, Commit or segment start returns an
+// error wrapping ErrDiskFailed and the cause, logged once at E!; Append and
+// Commit then fail fast while Read and Release go on with what was written;
+// the records appended but not written are handed back by Unwritten; the
+// spool retries the disk every SyncInterval (100 ms when 0) and logs one I!
+// when it works again, after which Append works again without reopening.
+// Open on such a disk reads the old segments and opens in that state
+// instead of failing; an Open that fails because of the disk (a new spool
+// on a read-only filesystem) returns an error wrapping ErrDiskFailed.
 //
 // Damage found at Open: a torn last record (an append interrupted by a power
-// cut) is truncated with a warning giving the bytes dropped; a segment damaged
-// anywhere else is renamed aside (.corrupt) with an error, its records before
-// the damage are kept, and the segments after it replay.
+// cut: the file ends inside the record, or zeros follow) is truncated with a
+// warning giving the bytes dropped; a segment damaged anywhere else, or a
+// bad record in the last segment with valid records after it, is renamed
+// aside (.corrupt) with an error counting the records after the damage, its
+// records before the damage are kept, and the segments after it replay. A
+// segment found empty before the last one lost its records: a warning says
+// so, with their number estimated from the other segments.
 package spool
 
 import (
@@ -67,8 +90,15 @@ const (
 	// MinMaxSize is the smallest MaxSize: a few segments of a few KiB.
 	MinMaxSize = 16 << 10
 	// maxSegmentSize caps a segment, which is also what one damaged byte
-	// can cost at most.
-	maxSegmentSize = 16 << 20
+	// can cost at most, and what the spool may hold beyond its backlog.
+	maxSegmentSize = 4 << 20
+	// minSegmentSize is the smallest segment a small effective MaxSize
+	// gives.
+	minSegmentSize = 4 << 10
+	// diskReserve is what the spool leaves free on its filesystem: room
+	// for the cursor, a segment's header, the filesystem's block rounding
+	// and what is written between two checks of the free space.
+	diskReserve = 256 << 10
 	// writeBuffer is how many appended bytes are held in memory before
 	// they are written to the segment even without a Commit.
 	writeBuffer = 256 << 10
@@ -92,7 +122,7 @@ type Options struct {
 	// Full is the policy when full (Backpressure when "").
 	Full FullPolicy
 	// SegmentSize is the size at which a segment is sealed and the next
-	// one started (0: MaxSize/8, at most 16 MiB).
+	// one started (0: the effective MaxSize/8, at most 4 MiB).
 	SegmentSize int64
 	// Log gets the damage reports and the lock wait.
 	Log telegraf.Logger
@@ -107,6 +137,19 @@ var (
 	ErrTooLarge = errors.New("record larger than the spool can hold")
 	// ErrClosed means the spool was closed.
 	ErrClosed = errors.New("spool closed")
+	// ErrDiskLow means the record does not fit because the spool's
+	// filesystem is nearly full (less than 256 KiB would be left), though
+	// MaxSize is not reached. It is an ErrFull (errors.Is(err, ErrFull)):
+	// the same back-pressure or dropping applies, and Space is signalled
+	// when space is released or the filesystem gains free space.
+	ErrDiskLow = fmt.Errorf("%w: its filesystem is nearly full", ErrFull)
+	// ErrDiskFailed means the disk failed under the spool: a write,
+	// fsync, file creation or removal failed (ENOSPC, EROFS, EIO, ...).
+	// Errors wrapping it also wrap the cause. The record was not appended;
+	// what was committed before stays readable and releasable; Append and
+	// Commit fail fast with it until the spool found the disk working
+	// again (DiskErr returns nil again).
+	ErrDiskFailed = errors.New("spool disk failed")
 )
 
 // Position is a place in the spool: the end of a record, as returned with
@@ -138,6 +181,19 @@ type Stats struct {
 	TruncatedBytes  int64         // bytes of torn records truncated at Open
 	DroppedFull     int64         // records dropped by DropOldest
 	CorruptSegments int64         // segments found damaged and set aside
+	// MaxSize is the effective MaxSize: the configured one, or less when
+	// the filesystem had less free space at Open.
+	MaxSize int64
+	// LostRecords are records found lost at Open: in a segment found
+	// empty before the last one (estimated from the other segments), or
+	// after a damaged record (set aside in the .corrupt file, not
+	// replayed).
+	LostRecords int64
+	// DiskFailures counts the disk failures (each logged once at E!).
+	DiskFailures int64
+	// UnwrittenRecords are records appended but not written to the disk
+	// because it failed: take them with Unwritten.
+	UnwrittenRecords int64
 }
 
 type segment struct {
@@ -155,22 +211,30 @@ type Spool struct {
 	segSize int64
 	lock    *os.File
 
-	mu       sync.Mutex
-	segs     []*segment // in order; the last is the active one, being appended to
-	active   *os.File   // write handle of the active segment
-	wbuf     []byte     // appended bytes not yet written to active
-	wrecords int        // records in wbuf
-	wfirstMs int64      // append time of wbuf's first record
-	total    int64      // bytes of all segments plus wbuf
-	released Position
-	read     Position
-	unsynced bool // bytes written to active since its last fsync
-	dirDirty bool // entries created or removed since the directory's last fsync
-	cursorAt Position
-	ready    chan struct{} // closed at the next Commit that adds records
-	space    chan struct{} // closed at the next release of space
-	closed   bool
-	stats    Stats
+	mu      sync.Mutex
+	segs    []*segment // in order; the last is the active one, being appended to
+	active  *os.File   // write handle of the active segment; nil while its file could not be created
+	maxSize int64      // the effective MaxSize
+	// diskLimit is what the spool's bytes may reach before the filesystem
+	// is left with less than diskReserve free, as of the last check.
+	diskLimit  int64
+	diskErr    error  // the disk failure in progress (nil: none)
+	activeTail bool   // a failed write left bytes after the active segment's size
+	probing    bool   // checkDisk is trying a failed disk: failures are not logged again
+	fullWait   bool   // an Append returned ErrFull since the last signal of Space
+	wbuf       []byte // appended bytes not yet written to active
+	wrecords   int    // records in wbuf
+	wfirstMs   int64  // append time of wbuf's first record
+	total      int64  // bytes of all segments plus wbuf
+	released   Position
+	read       Position
+	unsynced   bool // bytes written to active since its last fsync
+	dirDirty   bool // entries created or removed since the directory's last fsync
+	cursorAt   Position
+	ready      chan struct{} // closed at the next Commit that adds records
+	space      chan struct{} // closed at the next release of space
+	closed     bool
+	stats      Stats
 
 	rmu  sync.Mutex // the reader's state below
 	rseq uint64
@@ -208,12 +272,9 @@ func Open(ctx context.Context, opts Options) (*Spool, error) {
 	if opts.Log == nil {
 		return nil, errors.New("spool: no logger")
 	}
-	s := &Spool{opts: opts, segSize: opts.SegmentSize}
-	if s.segSize <= 0 {
-		s.segSize = min(opts.MaxSize/8, maxSegmentSize)
-	}
+	s := &Spool{opts: opts}
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
-		return nil, fmt.Errorf("creating the spool directory: %w", err)
+		return nil, openErr("creating the spool directory", err)
 	}
 	if err := statedir.CheckPrivate(opts.Dir); err != nil {
 		return nil, fmt.Errorf("spool directory: %w", err)
@@ -223,12 +284,12 @@ func Open(ctx context.Context, opts Options) (*Spool, error) {
 		return nil, err
 	}
 	s.lock = lock
+	s.ready = make(chan struct{})
+	s.space = make(chan struct{})
 	if err := s.recover(); err != nil {
 		s.closeFiles()
 		return nil, err
 	}
-	s.ready = make(chan struct{})
-	s.space = make(chan struct{})
 	s.stop = make(chan struct{})
 	s.done = make(chan struct{})
 	go s.syncLoop()
@@ -239,8 +300,13 @@ func Open(ctx context.Context, opts Options) (*Spool, error) {
 // process holds it. The holder's process ID is in the file, for the message.
 func acquireLock(ctx context.Context, path string, log telegraf.Logger) (*os.File, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if errors.Is(err, syscall.EROFS) {
+		// A read-only filesystem: the spool still replays what it holds,
+		// and flock works on a file opened for reading.
+		f, err = os.Open(path)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("opening the spool lock: %w", err)
+		return nil, openErr("opening the spool lock", err)
 	}
 	warned := false
 	tick := time.NewTicker(100 * time.Millisecond)
@@ -279,14 +345,16 @@ func acquireLock(ctx context.Context, path string, log telegraf.Logger) (*os.Fil
 
 func segmentName(seq uint64) string { return fmt.Sprintf("%020d.seg", seq) }
 
-// recover reads the cursor and every segment, repairs what is damaged and
-// starts a new active segment.
+// recover reads the cursor and every segment, repairs what is damaged, caps
+// MaxSize by the free space and starts a new active segment. A disk that
+// fails meanwhile (a repair, a removal or the new segment) does not fail
+// it: the spool opens with the disk failed, replaying what it could read.
 func (s *Spool) recover() error {
 	dir := s.opts.Dir
 	cursor, cursorOK := s.readCursor()
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return fmt.Errorf("reading the spool directory: %w", err)
+		return openErr("reading the spool directory", err)
 	}
 	var seqs []uint64
 	for _, e := range entries {
@@ -312,29 +380,32 @@ func (s *Spool) recover() error {
 	if len(seqs) > 0 {
 		lastSeq = seqs[len(seqs)-1]
 	}
+	var emptied []uint64 // segments before the last found empty: their records are lost
 	for i, seq := range seqs {
 		path := filepath.Join(dir, segmentName(seq))
 		if cursorOK && seq < cursor.Seq {
 			// Released before the last stop: only its deletion was lost.
 			if err := os.Remove(path); err != nil {
-				return fmt.Errorf("removing released segment: %w", err)
+				s.diskFailedLocked("removing a released spool segment", err)
 			}
 			continue
 		}
 		data, err := os.ReadFile(path)
 		if err != nil {
-			return fmt.Errorf("reading spool segment: %w", err)
+			return openErr("reading spool segment", err)
 		}
-		seg, err := s.checkSegment(path, seq, data, i == len(seqs)-1)
-		if err != nil {
-			return err
+		last := i == len(seqs)-1
+		if !last && len(data) < headerSize {
+			emptied = append(emptied, seq)
 		}
+		seg := s.checkSegment(path, seq, data, last)
 		if seg == nil {
 			continue
 		}
 		s.segs = append(s.segs, seg)
 		s.total += seg.size
 	}
+	s.reportEmptied(emptied)
 
 	// The release position: the cursor when its segment is still there,
 	// else the start of the first segment (everything there is unreleased).
@@ -343,9 +414,9 @@ func (s *Spool) recover() error {
 		if cursorOK && cursor.Seq == s.segs[0].seq {
 			data, err := os.ReadFile(filepath.Join(dir, segmentName(cursor.Seq)))
 			if err != nil {
-				return fmt.Errorf("reading spool segment: %w", err)
+				return openErr("reading spool segment", err)
 			}
-			s.released = boundaryAt(data[:s.segs[0].size], cursor.Seq, cursor.Off)
+			s.released = boundaryAt(data[:min(s.segs[0].size, int64(len(data)))], cursor.Seq, cursor.Off)
 		}
 	}
 	s.read = s.released
@@ -353,21 +424,57 @@ func (s *Spool) recover() error {
 		s.stats.Replayed += int64(seg.records)
 	}
 	s.stats.Replayed -= int64(s.released.Index)
+	s.capToDisk()
 
-	// A new active segment after everything, and after the cursor.
+	// A new active segment after everything, and after the cursor. When
+	// its file cannot be created, it is created at the first write.
 	next := max(lastSeq, cursor.Seq) + 1
-	if err := s.startSegment(next); err != nil {
-		return err
+	s.segs = append(s.segs, &segment{seq: next, size: int64(headerSize)})
+	s.total += int64(headerSize)
+	if f, err := createSegment(dir, next); err != nil {
+		s.diskFailedLocked("starting a spool segment", err)
+	} else {
+		s.active = f
+		s.unsynced = true
+		s.dirDirty = true
 	}
 	if len(s.segs) == 1 {
 		s.released = Position{Seq: next, Off: int64(headerSize)}
 		s.read = s.released
 	}
-	if _, err := s.deleteReleasedLocked(); err != nil {
-		return err
-	}
+	s.deleteReleasedLocked()
 	s.cursorAt = Position{Seq: ^uint64(0)} // unknown: written at the first persist
-	return s.syncDir()
+	if err := s.syncDir(); err != nil {
+		s.diskFailedLocked("fsync of the spool directory", err)
+	}
+	return nil
+}
+
+// reportEmptied reports the segments found empty though later segments
+// exist: they were sealed with records, which a crash of the filesystem
+// (or a hand) took. Their number is estimated from the other segments.
+func (s *Spool) reportEmptied(emptied []uint64) {
+	if len(emptied) == 0 {
+		return
+	}
+	var sealed, bytes int64
+	var records int
+	for _, seg := range s.segs {
+		sealed = max(sealed, seg.size)
+		bytes += seg.size - int64(headerSize)
+		records += seg.records
+	}
+	for _, seq := range emptied {
+		if records == 0 {
+			s.opts.Log.Warnf("Spool segment %s was empty though later segments exist: its metrics were lost (how many is unknown: no other segment to estimate from)",
+				segmentName(seq))
+			continue
+		}
+		lost := (sealed - int64(headerSize)) * int64(records) / bytes
+		s.stats.LostRecords += lost
+		s.opts.Log.Warnf("Spool segment %s was empty though later segments exist: its metrics were lost, about %d (estimated from the other segments' sizes)",
+			segmentName(seq), lost)
+	}
 }
 
 // boundaryAt is the position of the first record boundary at or after off
@@ -388,49 +495,61 @@ func boundaryAt(data []byte, seq uint64, off int64) Position {
 // checkSegment checks one segment's bytes and repairs it: a torn tail of the
 // last segment is truncated, any other damage sets the file aside and keeps
 // its undamaged prefix. It returns nil when nothing of the segment is left.
-func (s *Spool) checkSegment(path string, seq uint64, data []byte, last bool) (*segment, error) {
+// A repair the disk refuses is reported and retried at the next Open; the
+// undamaged prefix replays all the same.
+func (s *Spool) checkSegment(path string, seq uint64, data []byte, last bool) *segment {
 	log := s.opts.Log
 	r := scanSegment(data)
 	switch {
 	case r.problem == "":
 	case len(data) == 0 || (r.torn && r.valid == 0):
-		// Created but never written: a stop right after a rotation.
-		if len(data) > 0 {
+		switch {
+		case !last:
+			// Reported with an estimate of what it held by reportEmptied.
+		case len(data) > 0:
 			log.Warnf("Spool segment %s has a torn header: removed it, dropping %d bytes", filepath.Base(path), len(data))
 			s.stats.TruncatedBytes += int64(len(data))
-		} else {
+		default:
+			// Created but never written: a stop right after a rotation.
 			log.Infof("Removed the empty spool segment %s", filepath.Base(path))
 		}
 		s.dirDirty = true
 		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("removing empty spool segment: %w", err)
+			s.diskFailedLocked("removing an empty spool segment", err)
 		}
-		return nil, nil
+		return nil
 	case r.torn && last:
 		dropped := int64(len(data)) - r.valid
 		log.Warnf("Spool segment %s ends with a torn record (an append cut short by a crash or power loss): truncated it, dropping %d bytes; its %d records before are kept",
 			filepath.Base(path), dropped, r.records)
 		s.stats.TruncatedBytes += dropped
 		if err := os.Truncate(path, r.valid); err != nil {
-			return nil, fmt.Errorf("truncating torn spool segment: %w", err)
+			s.diskFailedLocked("truncating a torn spool segment", err)
 		}
 	default:
 		aside := path + ".corrupt"
-		log.Errorf("Spool segment %s is damaged (%s): set it aside as %s; replaying its %d records before the damage and the segments after it, %d bytes after the damage are not replayed",
-			filepath.Base(path), r.problem, filepath.Base(aside), r.records, int64(len(data))-r.valid)
+		lost := r.after
+		if r.valid > 0 {
+			lost++ // the damaged record itself (at least one)
+		}
+		log.Errorf("Spool segment %s is damaged (%s): set it aside as %s; replaying its %d records before the damage and the segments after it; "+
+			"%d metrics are lost: the damaged one and %d valid ones after it (%d bytes, kept in %s)",
+			filepath.Base(path), r.problem, filepath.Base(aside), r.records, lost, r.after, int64(len(data))-r.valid, filepath.Base(aside))
 		s.stats.CorruptSegments++
+		s.stats.LostRecords += int64(lost)
 		s.dirDirty = true
 		if err := os.Rename(path, aside); err != nil {
-			return nil, fmt.Errorf("setting damaged spool segment aside: %w", err)
+			s.diskFailedLocked("setting a damaged spool segment aside", err)
+		} else if r.records > 0 {
+			if err := writeFileSync(path, data[:r.valid]); err != nil {
+				s.diskFailedLocked("rewriting a damaged spool segment", err)
+			}
 		}
 		if r.records == 0 {
-			return nil, nil
-		}
-		if err := writeFileSync(path, data[:r.valid]); err != nil {
-			return nil, fmt.Errorf("rewriting damaged spool segment: %w", err)
+			return nil
 		}
 	}
-	return &segment{seq: seq, size: r.valid, records: r.records, firstMs: r.firstMs}, nil
+	return &segment{seq: seq, size: r.valid, records: r.records, firstMs: r.firstMs}
 }
 
 // writeFileSync writes data to path through a temporary file, fsync'ed
@@ -455,24 +574,21 @@ func writeFileSync(path string, data []byte) error {
 	return os.Rename(tmp, path)
 }
 
-// startSegment creates segment seq and makes it the active one. The caller
-// holds mu (or is recover).
-func (s *Spool) startSegment(seq uint64) error {
-	path := filepath.Join(s.opts.Dir, segmentName(seq))
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
+// createSegment creates the file of segment seq with its header, open for
+// appending. A file left by an earlier failed attempt is overwritten: seq
+// is after every segment holding records.
+func createSegment(dir string, seq uint64) (*os.File, error) {
+	path := filepath.Join(dir, segmentName(seq))
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o600)
 	if err != nil {
-		return fmt.Errorf("creating spool segment: %w", err)
+		return nil, err
 	}
 	if _, err := f.Write([]byte(segmentMagic)); err != nil {
 		f.Close()
-		return fmt.Errorf("writing spool segment: %w", err)
+		_ = os.Remove(path)
+		return nil, err
 	}
-	s.active = f
-	s.segs = append(s.segs, &segment{seq: seq, size: int64(headerSize)})
-	s.total += int64(headerSize)
-	s.unsynced = true
-	s.dirDirty = true
-	return nil
+	return f, nil
 }
 
 const cursorSize = 20
@@ -491,16 +607,25 @@ func (s *Spool) readCursor() (Position, bool) {
 	return Position{Seq: binary.LittleEndian.Uint64(b[0:8]), Off: int64(binary.LittleEndian.Uint64(b[8:16]))}, true
 }
 
-// persistCursor writes the release position when it changed. A cursor that
+// persistCursor writes the release position when it changed (or always). A cursor that
 // is older than the truth only replays records again (duplicates), never
 // loses any, so it is renamed into place without an fsync of its own.
-func (s *Spool) persistCursor() error {
+func (s *Spool) persistCursor(always bool) error {
 	s.mu.Lock()
 	p := s.released
 	s.mu.Unlock()
-	if p == s.cursorAt {
+	if p == s.cursorAt && !always {
 		return nil
 	}
+	if err := s.writeCursor(p); err != nil {
+		return err
+	}
+	s.cursorAt = p
+	return nil
+}
+
+// writeCursor writes the release position p to the cursor file.
+func (s *Spool) writeCursor(p Position) error {
 	var b [cursorSize]byte
 	binary.LittleEndian.PutUint64(b[0:8], p.Seq)
 	binary.LittleEndian.PutUint64(b[8:16], uint64(p.Off))
@@ -508,17 +633,15 @@ func (s *Spool) persistCursor() error {
 	path := filepath.Join(s.opts.Dir, "cursor")
 	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, b[:], 0o600); err != nil {
-		return fmt.Errorf("writing the spool cursor: %w", err)
+		_ = os.Remove(tmp)
+		return err
 	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("writing the spool cursor: %w", err)
-	}
-	s.cursorAt = p
-	return nil
+	return os.Rename(tmp, path)
 }
 
 // Append adds one record. It is held in memory until Commit (or until
-// enough bytes are appended) and is durable after the next fsync.
+// enough bytes are appended) and is durable after the next fsync. When it
+// returns an error, the record was not appended.
 func (s *Spool) Append(payload []byte) error {
 	size := int64(recordHeader + len(payload))
 	s.mu.Lock()
@@ -526,25 +649,49 @@ func (s *Spool) Append(payload []byte) error {
 	if s.closed {
 		return ErrClosed
 	}
-	if len(payload) > MaxRecord || size > s.opts.MaxSize-s.segSize-int64(headerSize) {
+	if len(payload) > MaxRecord || size > s.maxSize-s.segSize-int64(headerSize) {
 		return fmt.Errorf("%w: %d bytes", ErrTooLarge, len(payload))
 	}
+	if s.diskErr != nil {
+		return s.diskErr
+	}
 	act := s.segs[len(s.segs)-1]
-	if act.size+int64(len(s.wbuf))+size > s.segSize && act.size+int64(len(s.wbuf)) > int64(headerSize) {
+	written := act.size + int64(len(s.wbuf))
+	if (written+size > s.segSize || s.idleLocked()) && written > int64(headerSize) {
 		// Sealed first, so that a full spool can always free the segment
 		// the record does not fit in.
 		if err := s.rotateLocked(); err != nil {
 			return err
 		}
 	}
-	for s.total+size > s.opts.MaxSize {
+	for s.total+size > s.limitLocked() {
+		if act := s.segs[len(s.segs)-1]; len(s.wbuf) == 0 && act.size > int64(headerSize) &&
+			!s.released.before(Position{Seq: act.seq, Off: act.size}) {
+			// All of it is released: a new segment frees it.
+			if err := s.rotateLocked(); err != nil {
+				return err
+			}
+			continue
+		}
 		if s.opts.Full == Backpressure || len(s.segs) < 2 {
 			if err := s.writeLocked(); err != nil {
 				return err
 			}
+			if s.total+size <= s.limitLocked() {
+				break // the filesystem had more room than last seen
+			}
+			s.fullWait = true
+			if s.diskLimit < s.maxSize {
+				return ErrDiskLow
+			}
 			return ErrFull
 		}
 		if err := s.dropOldestLocked(); err != nil {
+			return err
+		}
+	}
+	if len(s.wbuf) > 0 && int64(len(s.wbuf))+size > writeBuffer {
+		if err := s.writeLocked(); err != nil {
 			return err
 		}
 	}
@@ -555,26 +702,48 @@ func (s *Spool) Append(payload []byte) error {
 	s.wbuf = appendRecord(s.wbuf, ms, payload)
 	s.wrecords++
 	s.total += size
-	if len(s.wbuf) >= writeBuffer {
-		return s.writeLocked()
-	}
 	return nil
 }
 
-// writeLocked writes wbuf to the active segment and wakes the reader.
+// idleLocked reports whether every record of the active segment is
+// written and released, and the segment is big enough that sealing it
+// early (and deleting it) is worth a new file: with the reader keeping up,
+// the spool's footprint then stays near what is not released.
+func (s *Spool) idleLocked() bool {
+	act := s.segs[len(s.segs)-1]
+	return len(s.wbuf) == 0 && act.size >= s.segSize/4 && !s.released.before(Position{Seq: act.seq, Off: act.size})
+}
+
+// writeLocked writes wbuf to the active segment and wakes the reader. On
+// failure wbuf is kept, and the disk failed.
 func (s *Spool) writeLocked() error {
 	if len(s.wbuf) == 0 {
 		return nil
 	}
 	act := s.segs[len(s.segs)-1]
+	if s.active == nil {
+		f, err := createSegment(s.opts.Dir, act.seq)
+		if err != nil {
+			return s.diskFailedLocked("starting a spool segment", err)
+		}
+		s.active = f
+		s.dirDirty = true
+	}
+	if s.activeTail {
+		if err := s.active.Truncate(act.size); err != nil {
+			return s.diskFailedLocked("truncating the spool segment after a failed write", err)
+		}
+		s.activeTail = false
+	}
 	n, err := s.active.Write(s.wbuf)
 	if err != nil {
 		// Keep the file at a record boundary: what was written of wbuf is
-		// cut off again, and wbuf stays for the next attempt.
+		// cut off again (at the next write when the disk refuses it now),
+		// and wbuf stays for the next attempt.
 		if n > 0 {
-			_ = s.active.Truncate(act.size)
+			s.activeTail = s.active.Truncate(act.size) != nil
 		}
-		return fmt.Errorf("writing the spool: %w", err)
+		return s.diskFailedLocked("writing the spool", err)
 	}
 	if act.records == 0 {
 		act.firstMs = s.wfirstMs
@@ -590,19 +759,42 @@ func (s *Spool) writeLocked() error {
 }
 
 // rotateLocked seals the active segment (written and fsync'ed) and starts
-// the next.
+// the next; segments fully released are deleted. When the next cannot be
+// started, the active one stays.
 func (s *Spool) rotateLocked() error {
 	if err := s.writeLocked(); err != nil {
 		return err
 	}
-	err := s.active.Sync()
-	if cerr := s.active.Close(); err == nil {
-		err = cerr
+	act := s.segs[len(s.segs)-1]
+	released := !s.released.before(Position{Seq: act.seq, Off: act.size})
+	if s.active != nil {
+		// Even when all of it is released: its deletion may not survive a
+		// power cut, and a sealed segment found empty at the next start
+		// would be reported as lost.
+		if err := s.active.Sync(); err != nil {
+			return s.diskFailedLocked("sealing a spool segment", err)
+		}
 	}
+	f, err := createSegment(s.opts.Dir, act.seq+1)
 	if err != nil {
-		return fmt.Errorf("sealing spool segment: %w", err)
+		return s.diskFailedLocked("starting a spool segment", err)
 	}
-	return s.startSegment(s.segs[len(s.segs)-1].seq + 1)
+	if s.active != nil {
+		s.active.Close()
+	}
+	s.active = f
+	s.segs = append(s.segs, &segment{seq: act.seq + 1, size: int64(headerSize)})
+	s.total += int64(headerSize)
+	s.unsynced = true
+	s.dirDirty = true
+	if released {
+		s.released = Position{Seq: act.seq + 1, Off: int64(headerSize)}
+		if s.read.before(s.released) {
+			s.read = s.released
+		}
+	}
+	s.deleteReleasedLocked()
+	return nil
 }
 
 // dropOldestLocked deletes the oldest segment (never the active one),
@@ -616,7 +808,7 @@ func (s *Spool) dropOldestLocked() error {
 		dropped = 0 // read already: those in flight are delivered from memory
 	}
 	if err := os.Remove(filepath.Join(s.opts.Dir, segmentName(seg.seq))); err != nil {
-		return fmt.Errorf("dropping the oldest spool segment: %w", err)
+		return s.diskFailedLocked("dropping the oldest spool segment", err)
 	}
 	s.stats.DroppedFull += int64(dropped)
 	s.total -= seg.size
@@ -633,12 +825,22 @@ func (s *Spool) dropOldestLocked() error {
 }
 
 // Commit writes the records appended so far to the active segment, where
-// the reader finds them, and fsyncs them when SyncInterval is 0.
+// the reader finds them, and fsyncs them when SyncInterval is 0. While the
+// disk is failed it returns the failure when records wait to be written
+// (take them with Unwritten), nil when none do.
 func (s *Spool) Commit() error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return ErrClosed
+	}
+	if s.diskErr != nil {
+		err := s.diskErr
+		if len(s.wbuf) == 0 {
+			err = nil
+		}
+		s.mu.Unlock()
+		return err
 	}
 	err := s.writeLocked()
 	s.mu.Unlock()
@@ -654,7 +856,7 @@ func (s *Spool) syncActive() error {
 	f, dirty := s.active, s.unsynced
 	s.unsynced = false
 	s.mu.Unlock()
-	if !dirty {
+	if !dirty || f == nil {
 		return nil
 	}
 	if err := f.Sync(); err != nil {
@@ -663,8 +865,9 @@ func (s *Spool) syncActive() error {
 		}
 		s.mu.Lock()
 		s.unsynced = true
+		err = s.diskFailedLocked("fsync of the spool", err)
 		s.mu.Unlock()
-		return fmt.Errorf("fsync of the spool: %w", err)
+		return err
 	}
 	return nil
 }
@@ -677,7 +880,12 @@ func (s *Spool) syncDir() error {
 	if !dirty {
 		return nil
 	}
-	d, err := os.Open(s.opts.Dir)
+	return fsyncDir(s.opts.Dir)
+}
+
+// fsyncDir makes the entries created, renamed or removed in dir durable.
+func fsyncDir(dir string) error {
+	d, err := os.Open(dir)
 	if err != nil {
 		return err
 	}
@@ -687,7 +895,8 @@ func (s *Spool) syncDir() error {
 
 // syncLoop is the group commit: every SyncInterval it writes what was
 // appended, fsyncs the active segment and the directory, and persists the
-// release position.
+// release position; it checks the free space of the filesystem, and while
+// the disk is failed it tries it again.
 func (s *Spool) syncLoop() {
 	defer close(s.done)
 	interval := s.opts.SyncInterval
@@ -702,15 +911,22 @@ func (s *Spool) syncLoop() {
 			return
 		case <-tick.C:
 		}
-		if err := s.flush(s.opts.SyncInterval > 0); err != nil {
-			s.opts.Log.Errorf("Spool: %v", err)
-		}
+		s.checkDisk()
+		// A failure is logged once, when the disk fails (diskFailedLocked).
+		_ = s.flush(s.opts.SyncInterval > 0)
 	}
 }
 
 // flush writes and (when data) fsyncs pending appends, then syncs the
-// directory and persists the cursor.
+// directory and persists the cursor. While the disk is failed it does
+// nothing: checkDisk tries the disk.
 func (s *Spool) flush(data bool) error {
+	s.mu.Lock()
+	err := s.diskErr
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
 	if data {
 		s.mu.Lock()
 		err := s.writeLocked()
@@ -723,9 +939,12 @@ func (s *Spool) flush(data bool) error {
 		}
 	}
 	if err := s.syncDir(); err != nil {
-		return fmt.Errorf("fsync of the spool directory: %w", err)
+		return s.diskFailed("fsync of the spool directory", err)
 	}
-	return s.persistCursor()
+	if err := s.persistCursor(false); err != nil {
+		return s.diskFailed("writing the spool cursor", err)
+	}
+	return nil
 }
 
 // Ready returns a channel closed when records are next committed: take it
@@ -764,6 +983,12 @@ func (s *Spool) Read(max int) ([]Record, error) {
 			i = 0
 		}
 		pos, limit, last := s.read, s.segs[i].size, i == len(s.segs)-1
+		if s.rf != nil && s.rseq < pos.Seq {
+			// Released and deleted: holding it open would keep its blocks
+			// in use.
+			s.rf.Close()
+			s.rf = nil
+		}
 		var next uint64
 		if !last {
 			next = s.segs[i+1].seq
@@ -861,7 +1086,8 @@ func (s *Spool) recordAt(pos Position, limit int64) ([]byte, int64, int, error) 
 
 // Release marks every record up to p as delivered: fully released segments
 // are deleted, and the position is persisted within SyncInterval (100 ms
-// when 0).
+// when 0). A segment the disk refuses to delete is deleted once it works
+// again (the failure is logged once and returned by DiskErr, not here).
 func (s *Spool) Release(p Position) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -872,17 +1098,22 @@ func (s *Spool) Release(p Position) error {
 		return nil
 	}
 	s.released = p
-	freed, err := s.deleteReleasedLocked()
-	if freed {
-		close(s.space)
-		s.space = make(chan struct{})
+	if s.deleteReleasedLocked() {
+		s.signalSpaceLocked()
 	}
-	return err
+	return nil
+}
+
+// signalSpaceLocked wakes whoever waits on Space.
+func (s *Spool) signalSpaceLocked() {
+	close(s.space)
+	s.space = make(chan struct{})
+	s.fullWait = false
 }
 
 // deleteReleasedLocked deletes the segments before the active one whose
 // records are all released, and reports whether it deleted any.
-func (s *Spool) deleteReleasedLocked() (bool, error) {
+func (s *Spool) deleteReleasedLocked() bool {
 	p := s.released
 	freed := false
 	for len(s.segs) > 1 {
@@ -890,8 +1121,9 @@ func (s *Spool) deleteReleasedLocked() (bool, error) {
 		if seg.seq > p.Seq || (seg.seq == p.Seq && p.Off < seg.size) {
 			break
 		}
-		if err := os.Remove(filepath.Join(s.opts.Dir, segmentName(seg.seq))); err != nil {
-			return freed, fmt.Errorf("deleting a released spool segment: %w", err)
+		if err := os.Remove(filepath.Join(s.opts.Dir, segmentName(seg.seq))); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.diskFailedLocked("deleting a released spool segment", err)
+			break
 		}
 		s.total -= seg.size
 		s.segs = s.segs[1:]
@@ -904,7 +1136,7 @@ func (s *Spool) deleteReleasedLocked() (bool, error) {
 	if s.read.before(s.released) {
 		s.read = s.released
 	}
-	return freed, nil
+	return freed
 }
 
 // Stats returns the spool's figures now.
@@ -913,6 +1145,8 @@ func (s *Spool) Stats() Stats {
 	st := s.stats
 	st.Bytes = s.total
 	st.Segments = len(s.segs)
+	st.MaxSize = s.maxSize
+	st.UnwrittenRecords = int64(s.wrecords)
 	var records int64
 	for _, seg := range s.segs {
 		records += int64(seg.records)
@@ -958,7 +1192,11 @@ func (s *Spool) appendTimeAt(p Position) int64 {
 }
 
 // Close writes and fsyncs what was appended, persists the release position
-// and releases the lock.
+// and releases the lock. While the disk is failed it tries it once more;
+// records appended but still not written are lost then, and the error
+// (wrapping ErrDiskFailed) gives their number: take them with Unwritten
+// before Close to deliver them another way. It does not wait on the disk
+// beyond that one try.
 func (s *Spool) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -968,9 +1206,16 @@ func (s *Spool) Close() error {
 	s.mu.Unlock()
 	close(s.stop)
 	<-s.done
+	s.checkDisk()
 	err := s.flush(true)
 	s.mu.Lock()
 	s.closed = true
+	if s.diskErr != nil {
+		err = nil // logged when the disk failed
+		if s.wrecords > 0 {
+			err = fmt.Errorf("%d metrics appended to the spool were not written to its disk and are lost: %w", s.wrecords, s.diskErr)
+		}
+	}
 	s.mu.Unlock()
 	s.rmu.Lock()
 	if s.rf != nil {

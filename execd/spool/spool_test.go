@@ -237,6 +237,10 @@ func TestSpoolDamage(t *testing.T) {
 		errLine  string // an error that must be logged
 		aside    bool   // a .corrupt file is left
 		truncate bool
+		// lost is how many records Stats.LostRecords counts (0 when nil),
+		// give or take lostDelta.
+		lost      func(counts []int) int
+		lostDelta float64
 	}{
 		{
 			name: "torn last record",
@@ -266,38 +270,55 @@ func TestSpoolDamage(t *testing.T) {
 		{
 			name: "byte flipped in a middle segment",
 			damage: func(t *testing.T, segs []string) {
-				flip(t, segs[1], int64(headerSize+recordHeader+3)) // the payload of its first record
+				flip(t, segs[1], int64(headerSize+recordHeader+3), 0x55) // the payload of its first record
 			},
 			kept:    func(c []int) int { return sum(c) - c[1] },
 			errLine: "is damaged",
 			aside:   true,
+			lost:    func(c []int) int { return c[1] },
 		},
 		{
 			name: "byte flipped in the middle of a middle segment",
 			damage: func(t *testing.T, segs []string) {
 				fi, err := os.Stat(segs[2])
 				require.NoError(t, err)
-				flip(t, segs[2], fi.Size()-10) // its last record
+				flip(t, segs[2], fi.Size()-10, 0x55) // its last record
 			},
 			kept:    func(c []int) int { return sum(c) - 1 },
 			errLine: "is damaged",
 			aside:   true,
+			lost:    func([]int) int { return 1 },
+		},
+		{
+			name: "bit flipped in a length field of the last segment",
+			damage: func(t *testing.T, segs []string) {
+				last := segs[len(segs)-1]
+				flip(t, last, recordOffset(t, last, 10)+2, 0x10) // the length of its 11th record, +1 MiB
+			},
+			kept:    func(c []int) int { return sum(c) - c[len(c)-1] + 10 },
+			errLine: "metrics are lost: the damaged one and",
+			aside:   true,
+			lost:    func(c []int) int { return c[len(c)-1] - 10 },
 		},
 		{
 			name: "bad header",
 			damage: func(t *testing.T, segs []string) {
-				flip(t, segs[0], 0)
+				flip(t, segs[0], 0, 0x55)
 			},
 			kept:    func(c []int) int { return sum(c) - c[0] },
 			errLine: "not a spool segment",
 			aside:   true,
+			lost:    func(c []int) int { return c[0] },
 		},
 		{
 			name: "zero-length segment in the middle",
 			damage: func(t *testing.T, segs []string) {
 				require.NoError(t, os.Truncate(segs[1], 0))
 			},
-			kept: func(c []int) int { return sum(c) - c[1] },
+			kept:      func(c []int) int { return sum(c) - c[1] },
+			warn:      "its metrics were lost, about",
+			lost:      func(c []int) int { return c[1] },
+			lostDelta: 2,
 		},
 		{
 			name: "zero-length segment at the end",
@@ -324,6 +345,12 @@ func TestSpoolDamage(t *testing.T) {
 			segs := segments(t, dir)
 			require.GreaterOrEqual(t, len(segs), 4)
 			counts := recordCounts(t, segs)
+			sizes := map[string]int64{}
+			for _, seg := range segs {
+				fi, err := os.Stat(seg)
+				require.NoError(t, err)
+				sizes[seg+".corrupt"] = fi.Size()
+			}
 			tt.damage(t, segs)
 
 			s2, log := open(t, dir, func(o *Options) { o.SegmentSize = 2048 })
@@ -349,6 +376,13 @@ func TestSpoolDamage(t *testing.T) {
 			}
 			corrupt, _ := filepath.Glob(filepath.Join(dir, "*.corrupt"))
 			require.Equal(t, tt.aside, len(corrupt) == 1)
+			if tt.aside {
+				// Set aside whole: what was after the damage is still there.
+				fi, err := os.Stat(corrupt[0])
+				require.NoError(t, err)
+				require.Equal(t, sizes[corrupt[0]], fi.Size())
+			}
+			require.InDelta(t, lost(tt.lost, counts), s2.Stats().LostRecords, tt.lostDelta)
 			require.Equal(t, tt.truncate, s2.Stats().TruncatedBytes > 0)
 
 			// Reopening the repaired spool finds nothing more to repair.
@@ -361,6 +395,27 @@ func TestSpoolDamage(t *testing.T) {
 	}
 }
 
+func lost(f func([]int) int, counts []int) int {
+	if f == nil {
+		return 0
+	}
+	return f(counts)
+}
+
+// recordOffset is the offset of the record k (from 0) in the segment file.
+func recordOffset(t *testing.T, path string, k int) int64 {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	off := headerSize
+	for range k {
+		_, _, size, err := decodeRecord(b[off:])
+		require.NoError(t, err)
+		off += size
+	}
+	return int64(off)
+}
+
 func sum(c []int) int {
 	n := 0
 	for _, v := range c {
@@ -369,11 +424,12 @@ func sum(c []int) int {
 	return n
 }
 
-func flip(t *testing.T, path string, off int64) {
+// flip flips the bits of mask in the byte at off of the file at path.
+func flip(t *testing.T, path string, off int64, mask byte) {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	require.NoError(t, err)
-	b[off] ^= 0x55
+	b[off] ^= mask
 	require.NoError(t, os.WriteFile(path, b, 0o600))
 }
 
