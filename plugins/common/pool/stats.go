@@ -2,8 +2,7 @@ package pool
 
 import "github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 
-// MemberStatus is one member as the plugins report it (one omnicore_gateway
-// metric per member).
+// MemberStatus is one member as the pool sees it.
 type MemberStatus struct {
 	GatewayID string
 	// Up is false while the pool has moved devices away from it.
@@ -14,21 +13,22 @@ type MemberStatus struct {
 	MovedOut uint64 // devices moved from it to another member
 	Resent   uint64 // messages not acknowledged by it, sent again on another member
 	Stats    gateway.Stats
-	// Pooled is false for a plugin's single gateway (no pool fields).
-	Pooled bool
 }
 
-// PoolFields are the pool's own figures of the member, nil when not pooled.
-func (s MemberStatus) PoolFields() map[string]int64 {
-	if !s.Pooled {
-		return nil
-	}
+// FieldUp is the field of MemberStatus.Fields that says whether the pool
+// places devices on the member (1) or has moved them away (0).
+const FieldUp = "pool_up"
+
+// Fields are the pool's own figures of the member as statistics fields
+// (int64, like gateway.Stats.Fields; pool_up is 0 or 1). The member's
+// connection counters are not in them: they are its Stats.
+func (s MemberStatus) Fields() map[string]int64 {
 	up := int64(0)
 	if s.Up {
 		up = 1
 	}
 	return map[string]int64{
-		"pool_up":        up,
+		FieldUp:          up,
 		"pool_devices":   int64(s.Devices),
 		"pool_moved_in":  int64(s.MovedIn),
 		"pool_moved_out": int64(s.MovedOut),
@@ -36,38 +36,24 @@ func (s MemberStatus) PoolFields() map[string]int64 {
 	}
 }
 
-// Fields are the member's connection counters plus, in a pool, the pool's,
-// for a metric.
-func (s MemberStatus) Fields() map[string]any {
-	f := s.Stats.Fields()
-	if !s.Pooled {
-		return f
-	}
-	f["pool_up"] = s.Up
-	f["pool_devices"] = int64(s.Devices)
-	f["pool_moved_in"] = s.MovedIn
-	f["pool_moved_out"] = s.MovedOut
-	f["pool_resent"] = s.Resent
-	return f
-}
-
 // Members reports every member, first member first.
 func (p *Pool) Members() []MemberStatus {
-	stats := make([]gateway.Stats, len(p.members))
-	for i, m := range p.members {
-		stats[i] = m.conn.Stats()
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	out := make([]MemberStatus, len(p.members))
 	for i, m := range p.members {
-		out[i] = MemberStatus{
-			GatewayID: m.id, Up: !m.down, Devices: m.carried,
-			MovedIn: m.movedIn.Load(), MovedOut: m.movedOut.Load(), Resent: m.resent.Load(),
-			Stats: stats[i], Pooled: true,
-		}
+		out[i] = p.status(m)
+		out[i].Stats = m.conn.Stats()
 	}
 	return out
+}
+
+// status reports the pool's figures of member m, without its Stats.
+func (p *Pool) status(m *member) MemberStatus {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return MemberStatus{
+		GatewayID: m.id, Up: !m.down, Devices: m.carried,
+		MovedIn: m.movedIn.Load(), MovedOut: m.movedOut.Load(), Resent: m.resent.Load(),
+	}
 }
 
 // Stats implements gateway.Conn: the members' counters summed; Connected
@@ -75,32 +61,32 @@ func (p *Pool) Members() []MemberStatus {
 func (p *Pool) Stats() gateway.Stats {
 	sum := gateway.Stats{Connected: true, ErrorsByType: map[string]uint64{}, DroppedByReason: map[string]uint64{}}
 	for _, m := range p.members {
-		st := m.conn.Stats()
-		sum.Connected = sum.Connected && st.Connected
-		sum.Connects += st.Connects
-		sum.ConnectFailures += st.ConnectFailures
-		sum.ConnectionLost += st.ConnectionLost
-		sum.TokenRenewals += st.TokenRenewals
-		sum.AttachesOK += st.AttachesOK
-		sum.AttachesFailed += st.AttachesFailed
-		sum.Detaches += st.Detaches
-		sum.Attached += st.Attached
-		sum.Published += st.Published
-		sum.Acked += st.Acked
-		sum.Retries += st.Retries
-		sum.Received += st.Received
-		for k, v := range st.ErrorsByType {
-			sum.ErrorsByType[k] += v
-		}
-		for k, v := range st.DroppedByReason {
-			sum.DroppedByReason[k] += v
-		}
-		for k, v := range st.Gauges {
-			if sum.Gauges == nil {
-				sum.Gauges = make(map[string]int64)
-			}
-			sum.Gauges[k] += v
-		}
+		sum.Add(m.conn.Stats())
 	}
 	return sum
+}
+
+// Gateway is one gateway of a plugin's connection, for statistics: a
+// member of a pool, or the plugin's single gateway.
+type Gateway struct {
+	ID   string
+	Conn gateway.Conn
+	// PoolFields returns the pool's figures of the gateway (MemberStatus's
+	// Fields); nil outside a pool.
+	PoolFields func() map[string]int64
+}
+
+// Gateways lists conn's gateways, the top-level one first.
+func Gateways(conn gateway.Conn) []Gateway {
+	p, ok := conn.(*Pool)
+	if !ok {
+		return []Gateway{{ID: conn.GatewayID(), Conn: conn}}
+	}
+	out := make([]Gateway, len(p.members))
+	for i, m := range p.members {
+		out[i] = Gateway{ID: m.id, Conn: m.conn, PoolFields: func() map[string]int64 {
+			return p.status(m).Fields()
+		}}
+	}
+	return out
 }

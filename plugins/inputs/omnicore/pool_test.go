@@ -11,6 +11,7 @@ import (
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway/gatewaytest"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
 )
 
@@ -116,7 +117,7 @@ func TestPoolListensThroughEveryGateway(t *testing.T) {
 			require.NoError(t, p.Gather(&stats))
 			require.Len(t, stats.GetTelegrafMetrics(), 2)
 			for i, m := range stats.GetTelegrafMetrics() {
-				require.Equal(t, measurementGateway, m.Name())
+				require.Equal(t, gatewaystats.Measurement, m.Name())
 				require.Equal(t, []string{testGateway, "gw-b"}[i], m.Tags()["gateway_id"])
 				require.Contains(t, m.Fields(), "pool_devices")
 				_, own := m.GetField("messages_received")
