@@ -2,6 +2,9 @@ package omnicore
 
 import (
 	"context"
+	"os"
+	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -10,6 +13,7 @@ import (
 	"github.com/influxdata/telegraf/testutil"
 	"github.com/stretchr/testify/require"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway/gatewaytest"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
@@ -24,7 +28,19 @@ import (
 func TestStatisticsSameOnBothRoutes(t *testing.T) {
 	devices := []string{"dev-1", "dev-2", "dev-3", "dev-4"}
 	run := func(t *testing.T, execd bool) (gathered, internal []telegraf.Metric) {
-		p, fakes := newPoolPlugin(t, func(p *OmniCore) { p.Devices = devices })
+		p, fakes := newPoolPlugin(t, func(p *OmniCore) {
+			p.Devices = devices
+			// The fake does not count bridge errors; gw-b's session would
+			// have counted the one delivered below.
+			acquire := p.acquire
+			p.acquire = func(cfg *gateway.Config) (gateway.Conn, func(), error) {
+				conn, release, err := acquire(cfg)
+				if cfg.GatewayID == "gw-b" {
+					conn = countedErrors{conn}
+				}
+				return conn, release, err
+			}
+		})
 		p.execd = execd
 		var acc testutil.Accumulator
 		require.NoError(t, p.Start(&acc))
@@ -93,11 +109,60 @@ func TestStatisticsSameOnBothRoutes(t *testing.T) {
 		require.Equal(t, want, top[field], field)
 	}
 	require.Equal(t, int64(1), second["dropped_too_large"])
+	require.Equal(t, int64(1), second["errors_gateway_device_not_found"])
 	require.Equal(t, int64(len(devices)), top["pool_devices"].(int64)+second["pool_devices"].(int64))
 	for _, field := range []string{"devices_known", "devices_refused", "resent_after_error"} {
 		require.Contains(t, top, field)
 	}
 	require.NotContains(t, second, "messages_received", "the plugin's own counters on the top-level gateway only")
+
+	// The README's table documents exactly these fields (a field per error
+	// type, drop reason and spool gauge as one row each).
+	emitted := map[string]bool{}
+	for _, m := range execd {
+		for k := range m.Fields() {
+			for prefix, row := range map[string]string{"errors_": "errors_<error_type>", "dropped_": "dropped_<reason>", "spool_": "spool_*"} {
+				if strings.HasPrefix(k, prefix) {
+					k = row
+				}
+			}
+			emitted[k] = true
+		}
+	}
+	require.Equal(t, emitted, readmeStatisticsFields(t))
+}
+
+// readmeStatisticsFields are the fields the README's statistics table
+// lists: the backticked names in the first column of its rows.
+func readmeStatisticsFields(t *testing.T) map[string]bool {
+	t.Helper()
+	buf, err := os.ReadFile("README.md")
+	require.NoError(t, err)
+	section := string(buf)
+	start := strings.Index(section, "\n### Gateway statistics\n")
+	require.NotEqual(t, -1, start)
+	section = section[start+1:]
+	section = section[:strings.Index(section, "\n## ")]
+	fields := map[string]bool{}
+	for _, line := range strings.Split(section, "\n") {
+		if !strings.HasPrefix(line, "| `") {
+			continue
+		}
+		first := strings.Split(line, "|")[1]
+		for _, name := range regexp.MustCompile("`([^`]+)`").FindAllStringSubmatch(first, -1) {
+			fields[name[1]] = true
+		}
+	}
+	return fields
+}
+
+// countedErrors is a fake that counted one GATEWAY_DEVICE_NOT_FOUND.
+type countedErrors struct{ gateway.Conn }
+
+func (c countedErrors) Stats() gateway.Stats {
+	s := c.Conn.Stats()
+	s.ErrorsByType = map[string]uint64{"GATEWAY_DEVICE_NOT_FOUND": 1}
+	return s
 }
 
 // internalSeries returns the internal_omnicore series of the gateways, in
