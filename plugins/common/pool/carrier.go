@@ -60,14 +60,10 @@ func (p *Pool) enter(ctx context.Context, device string) (*placement, *member, c
 		}
 		pl := p.placementLocked(device)
 		if pl.moving != nil {
-			ch := pl.moving
-			p.mu.Unlock()
-			select {
-			case <-ch:
-				continue
-			case <-ctx.Done():
-				return nil, nil, nil, ctx.Err()
+			if err := p.waitMove(ctx, pl); err != nil {
+				return nil, nil, nil, err
 			}
+			continue
 		}
 		if pl.carrier < 0 {
 			idx := p.chooseLocked(pl, time.Now(), !pl.placed, true)
@@ -88,6 +84,20 @@ func (p *Pool) enter(ctx context.Context, device string) (*placement, *member, c
 		actx := pl.actx
 		p.mu.Unlock()
 		return pl, m, actx, nil
+	}
+}
+
+// waitMove, called with p.mu held while pl moves, releases p.mu and waits
+// until the move ends (nil: the caller looks at the device again) or ctx
+// is done.
+func (p *Pool) waitMove(ctx context.Context, pl *placement) error {
+	ch := pl.moving
+	p.mu.Unlock()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 

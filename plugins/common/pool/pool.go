@@ -323,14 +323,10 @@ func (p *Pool) Detach(ctx context.Context, device string) error {
 			return nil
 		}
 		if pl.moving != nil {
-			ch := pl.moving
-			p.mu.Unlock()
-			select {
-			case <-ch:
-				continue
-			case <-ctx.Done():
-				return ctx.Err()
+			if err := p.waitMove(ctx, pl); err != nil {
+				return err
 			}
+			continue
 		}
 		from := pl.carrier
 		pl.wanted = false
