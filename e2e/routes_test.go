@@ -28,13 +28,10 @@ func (r route) bin() string {
 	return telegrafBin
 }
 
-// stats is the name of the gateway statistics metric: inputs.internal's
-// internal_omnicore inside Telegraf, the input's omnicore_gateway under
-// execd.
+// stats is the name of the gateway statistics metric: the input's
+// omnicore_gateway on both routes (built in, inputs.internal's
+// internal_omnicore carries the same series).
 func (r route) stats() string {
-	if r.builtin {
-		return "internal_omnicore"
-	}
 	return "omnicore_gateway"
 }
 

@@ -150,7 +150,7 @@ func waitOursConnected(ctx context.Context, timeout time.Duration) error {
 	defer cancel()
 	for {
 		for _, m := range selfstat.Metrics() {
-			if m.Name() != "internal_"+gatewaystats.Measurement {
+			if m.Name() != gatewaystats.InternalMeasurement {
 				continue
 			}
 			if gw, _ := m.GetTag("gateway_id"); gw != gatewayID {

@@ -186,34 +186,80 @@ func (b *gaugeBook) sum(now time.Time) map[string]int64 {
 	return out
 }
 
-// Snapshot fields as a flat map for a metric; keys are snake_case.
-func (s Stats) Fields() map[string]any {
-	f := map[string]any{
-		"connected":          s.Connected,
-		"connects":           s.Connects,
-		"connect_failures":   s.ConnectFailures,
-		"connection_lost":    s.ConnectionLost,
-		"token_renewals":     s.TokenRenewals,
-		"attaches_ok":        s.AttachesOK,
-		"attaches_failed":    s.AttachesFailed,
-		"detaches":           s.Detaches,
-		"attached":           int64(s.Attached),
-		"published":          s.Published,
-		"acked":              s.Acked,
-		"retries":            s.Retries,
-		"received":           s.Received,
-		"devices_known":      int64(s.Known),
-		"devices_refused":    s.DevicesRefused,
-		"resent_after_error": s.ResentAfterError,
+// Fields are the statistics fields of s, the one source of both exports of
+// a gateway's statistics: the omnicore_gateway metric of inputs.omnicore and
+// internal_omnicore through selfstat. Every value is an int64, because
+// selfstat carries nothing else and both exports must match: connected is 0
+// or 1. Each bridge error type is a field errors_<type> and each drop reason
+// a field dropped_<reason> (snake_case), so that every series of a gateway
+// is one metric; the gauges other processes report (ReportGauges: spool_*)
+// keep their names. The schema is documented in the input plugin's README,
+// "Metrics".
+func (s Stats) Fields() map[string]int64 {
+	connected := int64(0)
+	if s.Connected {
+		connected = 1
 	}
+	f := make(map[string]int64, 17+len(s.ErrorsByType)+len(s.DroppedByReason)+len(s.Gauges))
+	f["connected"] = connected
+	f["connects"] = int64(s.Connects)
+	f["connect_failures"] = int64(s.ConnectFailures)
+	f["connection_lost"] = int64(s.ConnectionLost)
+	f["token_renewals"] = int64(s.TokenRenewals)
+	f["attaches_ok"] = int64(s.AttachesOK)
+	f["attaches_failed"] = int64(s.AttachesFailed)
+	f["detaches"] = int64(s.Detaches)
+	f["attached"] = int64(s.Attached)
+	f["published"] = int64(s.Published)
+	f["acked"] = int64(s.Acked)
+	f["retries"] = int64(s.Retries)
+	f["received"] = int64(s.Received)
+	f["devices_known"] = int64(s.Known)
+	f["devices_refused"] = int64(s.DevicesRefused)
+	f["resent_after_error"] = int64(s.ResentAfterError)
 	for k, v := range s.ErrorsByType {
-		f["errors_"+snake(k)] = v
+		f["errors_"+snake(k)] += int64(v)
 	}
 	for k, v := range s.DroppedByReason {
-		f["dropped_"+snake(k)] = v
+		f["dropped_"+snake(k)] += int64(v)
 	}
 	for k, v := range s.Gauges {
-		f[snake(k)] = v
+		f[snake(k)] += v
 	}
 	return f
+}
+
+// Add adds o's counters, devices, errors, drops and gauges to s (a pool's
+// members summed); s stays Connected only while o is too.
+func (s *Stats) Add(o Stats) {
+	s.Connected = s.Connected && o.Connected
+	s.Connects += o.Connects
+	s.ConnectFailures += o.ConnectFailures
+	s.ConnectionLost += o.ConnectionLost
+	s.TokenRenewals += o.TokenRenewals
+	s.AttachesOK += o.AttachesOK
+	s.AttachesFailed += o.AttachesFailed
+	s.Detaches += o.Detaches
+	s.Attached += o.Attached
+	s.Published += o.Published
+	s.Acked += o.Acked
+	s.Retries += o.Retries
+	s.Received += o.Received
+	s.Known += o.Known
+	s.DevicesRefused += o.DevicesRefused
+	s.ResentAfterError += o.ResentAfterError
+	s.ErrorsByType = addCounts(s.ErrorsByType, o.ErrorsByType)
+	s.DroppedByReason = addCounts(s.DroppedByReason, o.DroppedByReason)
+	s.Gauges = addCounts(s.Gauges, o.Gauges)
+}
+
+// addCounts adds src to dst, allocating dst when src has entries.
+func addCounts[V uint64 | int64](dst, src map[string]V) map[string]V {
+	for k, v := range src {
+		if dst == nil {
+			dst = make(map[string]V, len(src))
+		}
+		dst[k] += v
+	}
+	return dst
 }

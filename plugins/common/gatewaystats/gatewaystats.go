@@ -1,199 +1,111 @@
-// Package gatewaystats publishes a gateway connection's counters through
-// Telegraf's selfstat when the plugins run inside Telegraf, so that
-// inputs.internal reports them as the internal_omnicore measurement next to
-// Telegraf's own internal_write, internal_gather... (Under the execd binary
-// selfstat would stay in the plugin's process; there the input's Gather
-// emits omnicore_gateway instead.)
+// Package gatewaystats is the statistics of a plugin's gateway connection:
+// one series per gateway (each member of a pool, or the plugin's one
+// gateway), in one schema on both routes, exported two ways:
 //
-// One series per gateway (tags gateway_id, registry_id) carries the
-// counters and gauges as fields; drops and bridge errors are one series per
-// reason and error type (tags reason, error_type) with a "dropped" or
-// "errors" field, so that a new reason is a new series, not a new field.
+//   - Gather adds them to an accumulator as the omnicore_gateway metric: it
+//     is inputs.omnicore's Gather, built into Telegraf and under execd alike;
+//   - Export and ExportEach publish them through Telegraf's selfstat when the
+//     plugins run inside Telegraf, so that inputs.internal reports them as
+//     internal_omnicore next to Telegraf's own internal_write,
+//     internal_gather... (Under execd selfstat would stay in the plugin's
+//     process, which nothing gathers.)
+//
+// Both take a series' fields from the same place: the connection's counters
+// (gateway.Stats.Fields), the pool's figures of the gateway
+// (pool.MemberStatus.Fields) and the plugin's own counters on the top-level
+// gateway's series; tags gateway_id and registry_id. Every field is an
+// int64, the only type selfstat carries. The schema is documented once, in
+// the input plugin's README ("Metrics").
 package gatewaystats
 
 import (
-	"maps"
-	"sync"
-	"time"
-
-	"github.com/influxdata/telegraf/selfstat"
+	"github.com/influxdata/telegraf"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
 )
 
-// Measurement is the selfstat measurement; inputs.internal prefixes it with
-// "internal_".
-const Measurement = "omnicore"
+// Measurement is the statistics metric Gather emits.
+const Measurement = "omnicore_gateway"
 
-// refreshInterval is how often the counters are copied into selfstat:
-// selfstat holds values, it cannot ask for them when inputs.internal
-// gathers, and its shortest useful interval is a second.
-const refreshInterval = time.Second
+// selfstatName is the selfstat measurement of the same series;
+// inputs.internal emits it as InternalMeasurement.
+const selfstatName = "omnicore"
 
-// exporters holds one exporter per connection: the output and the input of
-// one gateway share the connection and so its counters.
-var exporters = struct {
-	mu sync.Mutex
-	m  map[gateway.Conn]*exporter
-}{m: make(map[gateway.Conn]*exporter)}
+// InternalMeasurement is the name inputs.internal gives the series that
+// Export publishes.
+const InternalMeasurement = "internal_" + selfstatName
 
-type exporter struct {
-	conn gateway.Conn
-	tags map[string]string
-	stop chan struct{}
-	done chan struct{}
-
-	mu    sync.Mutex
-	users map[*user]struct{}
-
-	// refreshMu serialises refresh and unregister, which own registered:
-	// the stats created so far, keyed by field and the extra tag value.
-	refreshMu  sync.Mutex
-	registered map[statKey]selfstat.Stat
+// Tags are the tags of gateway gatewayID's series.
+func Tags(gatewayID, registryID string) map[string]string {
+	return map[string]string{"gateway_id": gatewayID, "registry_id": registryID}
 }
 
-// user is one Export call; own is its plugin's counters (nil for none).
-type user struct {
-	own func() map[string]int64
-}
-
-type statKey struct {
-	field, tagKey, tagValue string
-}
-
-// Export publishes conn's counters under the gateway's tags, plus the
-// plugin's own counters (own, may be nil) as more fields of the same series,
-// until the returned stop is called. Calls for the same conn share one
-// exporter (the fields of several own functions are summed), and the last
-// stop removes the series, so that a reloaded Telegraf does not report a
-// closed connection's figures.
-func Export(conn gateway.Conn, gatewayID, registryID string, own func() map[string]int64) (stop func()) {
-	u := &user{own: own}
-	exporters.mu.Lock()
-	e, ok := exporters.m[conn]
-	if !ok {
-		e = &exporter{
-			conn:       conn,
-			tags:       map[string]string{"gateway_id": gatewayID, "registry_id": registryID},
-			stop:       make(chan struct{}),
-			done:       make(chan struct{}),
-			users:      make(map[*user]struct{}),
-			registered: make(map[statKey]selfstat.Stat),
+// Gather adds one Measurement metric per gateway of conn to acc, the
+// top-level gateway first, with the plugin's own counters (own, may be nil)
+// on the top-level gateway's series.
+func Gather(acc telegraf.Accumulator, conn gateway.Conn, registryID string, own func() map[string]int64) {
+	for i, g := range pool.Gateways(conn) {
+		var extra []map[string]int64
+		if add := plugin(g, i == 0, own); add != nil {
+			extra = append(extra, add())
 		}
-		exporters.m[conn] = e
-	}
-	e.mu.Lock()
-	e.users[u] = struct{}{}
-	e.mu.Unlock()
-	exporters.mu.Unlock()
-	// A new user's own fields show at once, not at the next tick.
-	e.refresh()
-	if !ok {
-		go e.loop()
-	}
-
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			exporters.mu.Lock()
-			e.mu.Lock()
-			delete(e.users, u)
-			last := len(e.users) == 0
-			e.mu.Unlock()
-			if last {
-				delete(exporters.m, conn)
-			}
-			exporters.mu.Unlock()
-			if last {
-				close(e.stop)
-				<-e.done
-				e.unregister()
-			}
-		})
-	}
-}
-
-func (e *exporter) loop() {
-	defer close(e.done)
-	t := time.NewTicker(refreshInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-e.stop:
-			return
-		case <-t.C:
-			e.refresh()
+		f := fields(g.Conn.Stats(), extra...)
+		anyFields := make(map[string]any, len(f))
+		for k, v := range f {
+			anyFields[k] = v
 		}
+		acc.AddFields(Measurement, anyFields, Tags(g.ID, registryID))
 	}
 }
 
-// refresh copies a snapshot of the counters into selfstat.
-func (e *exporter) refresh() {
-	e.refreshMu.Lock()
-	defer e.refreshMu.Unlock()
-	s := e.conn.Stats()
-	connected := int64(0)
-	if s.Connected {
-		connected = 1
+// plugin returns what one plugin adds to the series of gateway g of its
+// connection: the pool's figures of g and, on the top-level gateway
+// (first), the plugin's own counters. nil when nothing.
+func plugin(g pool.Gateway, first bool, own func() map[string]int64) func() map[string]int64 {
+	var parts []func() map[string]int64
+	if g.PoolFields != nil {
+		parts = append(parts, g.PoolFields)
 	}
-	fields := map[string]int64{
-		"connected":        connected,
-		"connects":         int64(s.Connects),
-		"connect_failures": int64(s.ConnectFailures),
-		"connection_lost":  int64(s.ConnectionLost),
-		"token_renewals":   int64(s.TokenRenewals),
-		"attaches_ok":      int64(s.AttachesOK),
-		"attaches_failed":  int64(s.AttachesFailed),
-		"detaches":         int64(s.Detaches),
-		"attached":         int64(s.Attached),
-		"published":        int64(s.Published),
-		"acked":            int64(s.Acked),
-		"retries":          int64(s.Retries),
-		"received":         int64(s.Received),
+	if first && own != nil {
+		parts = append(parts, own)
 	}
-	maps.Copy(fields, s.Gauges)
-	e.mu.Lock()
-	for u := range e.users {
-		if u.own == nil {
-			continue
+	if len(parts) == 0 {
+		return nil
+	}
+	return func() map[string]int64 {
+		f := make(map[string]int64)
+		for _, part := range parts {
+			merge(f, part())
 		}
-		for k, v := range u.own() {
-			fields[k] += v
+		return f
+	}
+}
+
+// fields are a gateway's series: its connection's counters plus what each
+// plugin that uses the connection adds.
+func fields(stats gateway.Stats, plugins ...map[string]int64) map[string]int64 {
+	f := stats.Fields()
+	for _, p := range plugins {
+		merge(f, p)
+	}
+	return f
+}
+
+// merge adds src to dst: counters and gauges add up (two plugins' own
+// counters, two pools' figures of one gateway, built in where the output
+// and the input share the gateway's series); pool_up takes the lower, so
+// that it is 1 only while the gateway is up in each pool.
+func merge(dst, src map[string]int64) {
+	for k, v := range src {
+		old, ok := dst[k]
+		switch {
+		case !ok:
+			dst[k] = v
+		case k == pool.FieldUp:
+			dst[k] = min(old, v)
+		default:
+			dst[k] = old + v
 		}
-	}
-	e.mu.Unlock()
-	for f, v := range fields {
-		e.stat(statKey{field: f}).Set(v)
-	}
-	for reason, n := range s.DroppedByReason {
-		e.stat(statKey{field: "dropped", tagKey: "reason", tagValue: reason}).Set(int64(n))
-	}
-	for typ, n := range s.ErrorsByType {
-		e.stat(statKey{field: "errors", tagKey: "error_type", tagValue: typ}).Set(int64(n))
-	}
-}
-
-func (e *exporter) tagsOf(k statKey) map[string]string {
-	tags := maps.Clone(e.tags)
-	if k.tagKey != "" {
-		tags[k.tagKey] = k.tagValue
-	}
-	return tags
-}
-
-func (e *exporter) stat(k statKey) selfstat.Stat {
-	s, ok := e.registered[k]
-	if !ok {
-		s = selfstat.Register(Measurement, k.field, e.tagsOf(k))
-		e.registered[k] = s
-	}
-	return s
-}
-
-func (e *exporter) unregister() {
-	e.refreshMu.Lock()
-	defer e.refreshMu.Unlock()
-	for k := range e.registered {
-		selfstat.Unregister(Measurement, k.field, e.tagsOf(k))
 	}
 }

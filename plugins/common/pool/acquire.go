@@ -78,52 +78,10 @@ func Connect(cfgs []*gateway.Config, acquire AcquireFunc, log telegraf.Logger) (
 	return p, release, nil
 }
 
-// Status reports conn's gateways: each member of a pool, or conn's one
-// gateway.
-func Status(conn gateway.Conn) []MemberStatus {
-	if p, ok := conn.(*Pool); ok {
-		return p.Members()
-	}
-	return []MemberStatus{{GatewayID: conn.GatewayID(), Up: true, Stats: conn.Stats()}}
-}
-
 // IDs lists conn's gateway IDs: every member of a pool, or conn's one.
 func IDs(conn gateway.Conn) []string {
 	if p, ok := conn.(*Pool); ok {
 		return p.GatewayIDs()
 	}
 	return []string{conn.GatewayID()}
-}
-
-// Gateway is one gateway of a plugin's connection, for statistics: a
-// member of a pool, or the plugin's single gateway.
-type Gateway struct {
-	ID   string
-	Conn gateway.Conn
-	// PoolFields returns the pool's figures of the gateway (pool_devices,
-	// pool_moved_in, pool_moved_out, pool_resent); nil outside a pool.
-	PoolFields func() map[string]int64
-}
-
-// Gateways lists conn's gateways, the top-level one first.
-func Gateways(conn gateway.Conn) []Gateway {
-	p, ok := conn.(*Pool)
-	if !ok {
-		return []Gateway{{ID: conn.GatewayID(), Conn: conn}}
-	}
-	out := make([]Gateway, len(p.members))
-	for i, m := range p.members {
-		out[i] = Gateway{ID: m.id, Conn: m.conn, PoolFields: func() map[string]int64 {
-			p.mu.Lock()
-			carried := m.carried
-			p.mu.Unlock()
-			return map[string]int64{
-				"pool_devices":   int64(carried),
-				"pool_moved_in":  int64(m.movedIn.Load()),
-				"pool_moved_out": int64(m.movedOut.Load()),
-				"pool_resent":    int64(m.resent.Load()),
-			}
-		}}
-	}
-	return out
 }

@@ -581,9 +581,9 @@ func TestStatsAndErrors(t *testing.T) {
 	ms := tp.Members()
 	require.Len(t, ms, 2)
 	require.Equal(t, "gw-b", ms[1].GatewayID)
-	f := ms[1].Fields()
-	require.Equal(t, false, f["connected"])
-	require.Contains(t, f, "pool_devices")
+	require.False(t, ms[1].Stats.Connected)
+	require.Equal(t, map[string]int64{"pool_up": 1, "pool_devices": 0, "pool_moved_in": 0, "pool_moved_out": 0, "pool_resent": 0}, ms[1].Fields(),
+		"up: the pool has not moved devices away from it yet")
 }
 
 func TestClosedPool(t *testing.T) {

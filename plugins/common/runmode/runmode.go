@@ -4,13 +4,15 @@
 // plugins must do themselves:
 //
 //   - Inside Telegraf, Telegraf's output buffer keeps what a Write did not
-//     deliver (partial writes), statistics go through selfstat
-//     (internal_omnicore, gathered by inputs.internal), and parsed metrics go
-//     to Telegraf as they are.
+//     deliver (partial writes), the statistics are also exported through
+//     selfstat (internal_omnicore, gathered by inputs.internal), and parsed
+//     metrics go to Telegraf as they are.
 //   - Under execd, the execd binary's own loop retries a failed batch (the
-//     output skips what an earlier attempt settled), the input's Gather
-//     emits the omnicore_gateway statistics metric, and parsed metrics must
-//     survive line protocol on the way to Telegraf.
+//     output skips what an earlier attempt settled), nothing is exported
+//     through selfstat (nothing gathers it in the binary's process), and
+//     parsed metrics must survive line protocol on the way to Telegraf.
+//
+// The input's Gather emits the omnicore_gateway statistics on both.
 //
 // The execd binary calls SetExecd before it loads a plugin; nothing else
 // does.

@@ -44,7 +44,6 @@ const (
 	measurementConfig  = "omnicore_config"
 	measurementCommand = "omnicore_command"
 	measurementError   = "omnicore_error"
-	measurementGateway = "omnicore_gateway"
 
 	kindConfig  = "config"
 	kindCommand = "command"
@@ -94,9 +93,10 @@ type OmniCore struct {
 	parserFunc telegraf.ParserFunc
 	cfg        *gateway.Config   // the top-level gateway's
 	cfgs       []*gateway.Config // every gateway of the pool, cfg first
-	// execd is runmode.Execd() at Init: Gather emits omnicore_gateway and
-	// parsed metrics must survive line protocol. Inside Telegraf the
-	// statistics go through selfstat (gatewaystats) instead.
+	// execd is runmode.Execd() at Init: parsed metrics must survive line
+	// protocol, and the statistics are not exported through selfstat
+	// (internal_omnicore), which no inputs.internal would gather in the
+	// execd binary's process.
 	execd bool
 
 	mu        sync.Mutex
@@ -188,6 +188,7 @@ func (p *OmniCore) Start(acc telegraf.Accumulator) error {
 	p.sem = make(chan struct{}, p.MaxUndeliveredMessages)
 	p.stopStats = nil
 	if !p.execd {
+		// The same series as Gather's, for users of inputs.internal.
 		sem := p.sem
 		p.stopStats = gatewaystats.ExportEach(conn, p.RegistryID, func() map[string]int64 {
 			return p.ownCounters(sem)
@@ -231,38 +232,23 @@ func (p *OmniCore) Start(acc telegraf.Accumulator) error {
 	return nil
 }
 
-// Gather emits the gateway's counters and the plugin's own as
-// omnicore_gateway under the execd binary: one series per gateway of the
-// pool, the plugin's own counters with the top-level gateway's. Inside
-// Telegraf it emits nothing: the counters are in internal_omnicore
-// (inputs.internal).
+// Gather emits the gateway statistics as omnicore_gateway, built into
+// Telegraf and under execd alike: one series per gateway of the pool, the
+// plugin's own counters with the top-level gateway's (gatewaystats, the
+// schema of the README's "Metrics").
 func (p *OmniCore) Gather(acc telegraf.Accumulator) error {
-	if !p.execd {
-		return nil
-	}
 	p.mu.Lock()
 	conn, sem, stopped := p.conn, p.sem, p.stopped
 	p.mu.Unlock()
 	if conn == nil || stopped {
 		return nil
 	}
-	for i, st := range pool.Status(conn) {
-		fields := st.Fields()
-		if i == 0 {
-			fields["messages_received"] = p.received.Load()
-			fields["parse_errors"] = p.parseErrors.Load()
-			fields["undelivered"] = int64(len(sem))
-		}
-		acc.AddFields(measurementGateway, fields, map[string]string{
-			"gateway_id":  st.GatewayID,
-			"registry_id": p.RegistryID,
-		})
-	}
+	gatewaystats.Gather(acc, conn, p.RegistryID, func() map[string]int64 { return p.ownCounters(sem) })
 	return nil
 }
 
-// ownCounters are the plugin's own figures for internal_omnicore (Gather
-// emits the same ones in omnicore_gateway).
+// ownCounters are the plugin's own fields of the statistics, on the
+// top-level gateway's series.
 func (p *OmniCore) ownCounters(sem chan struct{}) map[string]int64 {
 	return map[string]int64{
 		"messages_received": int64(p.received.Load()),

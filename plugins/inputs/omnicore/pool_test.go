@@ -11,6 +11,7 @@ import (
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway/gatewaytest"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
 )
 
@@ -56,23 +57,30 @@ func TestPoolListensThroughEveryGateway(t *testing.T) {
 			pl := p.conn.(*pool.Pool)
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			for id, f := range fakes {
-				require.NoError(t, f.WaitFor(ctx, func() bool {
-					n := 0
-					for _, d := range devices {
-						if pl.Carrier(d) == "" {
+			// Every device placed and attached on its carrier, and each
+			// gateway's subscriptions made. The condition reads the pool
+			// and both fakes, so it is checked after a change of either
+			// fake: waiting on one fake alone missed the last change when
+			// it happened on the other (the test then timed out with the
+			// condition true, about 1 run in 15).
+			listening := func(id string) bool {
+				f, n := fakes[id], 0
+				for _, d := range devices {
+					switch pl.Carrier(d) {
+					case "":
+						return false
+					case id:
+						if !f.Attached(d) {
 							return false
 						}
-						if pl.Carrier(d) == id {
-							if !f.Attached(d) {
-								return false
-							}
-							n++
-						}
+						n++
 					}
-					return f.Subscribers() == tt.wantSubs(n)
-				}), "gateway %s: %d subscribers", id, f.Subscribers())
+				}
+				return f.Subscribers() == tt.wantSubs(n)
 			}
+			require.NoError(t, gatewaytest.WaitForAll(ctx, func() bool {
+				return listening(testGateway) && listening("gw-b")
+			}, fakes[testGateway], fakes["gw-b"]), "%d and %d subscribers", fakes[testGateway].Subscribers(), fakes["gw-b"].Subscribers())
 			// Config and commands of each device from its carrier only; each
 			// gateway's own config from itself.
 			for _, d := range devices {
@@ -109,7 +117,7 @@ func TestPoolListensThroughEveryGateway(t *testing.T) {
 			require.NoError(t, p.Gather(&stats))
 			require.Len(t, stats.GetTelegrafMetrics(), 2)
 			for i, m := range stats.GetTelegrafMetrics() {
-				require.Equal(t, measurementGateway, m.Name())
+				require.Equal(t, gatewaystats.Measurement, m.Name())
 				require.Equal(t, []string{testGateway, "gw-b"}[i], m.Tags()["gateway_id"])
 				require.Contains(t, m.Fields(), "pool_devices")
 				_, own := m.GetField("messages_received")

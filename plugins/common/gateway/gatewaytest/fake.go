@@ -6,6 +6,7 @@ package gatewaytest
 import (
 	"context"
 	"fmt"
+	"reflect"
 	"sync"
 	"time"
 
@@ -333,6 +334,32 @@ func (c *Conn) WaitFor(ctx context.Context, cond func() bool) error {
 		select {
 		case <-ch:
 		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// WaitForAll blocks until cond holds, checked after every change of any of
+// conns, or ctx ends. Use it when cond reads the state of several fakes, or
+// of something that changes only together with them (a pool's placement of
+// a device is followed by an attach on its member): WaitFor on one fake
+// misses the changes of the others, and would wait for ever for a
+// condition that already holds.
+func WaitForAll(ctx context.Context, cond func() bool, conns ...*Conn) error {
+	cases := make([]reflect.SelectCase, len(conns)+1)
+	cases[len(conns)] = reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(ctx.Done())}
+	for {
+		// The channels before cond, so that a change during cond wakes the
+		// select below.
+		for i, c := range conns {
+			c.mu.Lock()
+			cases[i] = reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(c.changed)}
+			c.mu.Unlock()
+		}
+		if cond() {
+			return nil
+		}
+		if i, _, _ := reflect.Select(cases); i == len(conns) {
 			return ctx.Err()
 		}
 	}
