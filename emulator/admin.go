@@ -31,11 +31,21 @@ const maxAdminBody = omnicore.MaxTelemetryBytes
 // that is not loopback (or an AdminHost), and a POST or PUT without
 // Content-Type: application/json. AdminToken adds a bearer token.
 func (s *Server) AdminHandler(opts ...AdminOption) http.Handler {
-	g := &adminGuard{}
+	mux := http.NewServeMux()
+	s.adminRoutes(mux)
+	return newGuard(mux, nil, opts)
+}
+
+// newGuard puts the admin guard in front of next; public requests need no token.
+func newGuard(next http.Handler, public func(*http.Request) bool, opts []AdminOption) *adminGuard {
+	g := &adminGuard{next: next, public: public}
 	for _, o := range opts {
 		o(g)
 	}
-	mux := http.NewServeMux()
+	return g
+}
+
+func (s *Server) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("PUT /v1/registries/{reg}/devices/{dev}/config", s.adminConfig)
 	mux.HandleFunc("POST /v1/registries/{reg}/devices/{dev}/config", s.adminConfig)
 	mux.HandleFunc("POST /v1/registries/{reg}/devices/{dev}/commands", s.adminCommand)
@@ -60,8 +70,6 @@ func (s *Server) AdminHandler(opts ...AdminOption) http.Handler {
 		s.KickAll()
 		writeJSON(w, http.StatusOK, map[string]int{"kicked": n})
 	})
-	g.next = mux
-	return g
 }
 
 func (s *Server) adminConfig(w http.ResponseWriter, r *http.Request) {

@@ -397,7 +397,7 @@ func (c *conn) handleData(pk packets.Packet, pt omnicore.ParsedTopic, r *Rules) 
 		}
 		return
 	}
-	dev := s.registries[c.registry].devices[pt.Device] // attached devices and the connection's own exist
+	dev := s.lookupLocked(c.registry, pt.Device) // nil when deleted since
 	if pt.Kind == omnicore.KindState && r.StateInterval > 0 && dev != nil &&
 		!dev.lastState.IsZero() && now.Sub(dev.lastState) < r.StateInterval {
 		s.stats.DroppedStateRate++
@@ -429,8 +429,8 @@ func (c *conn) handleData(pk packets.Packet, pt omnicore.ParsedTopic, r *Rules) 
 		s.mu.Unlock()
 		return
 	}
-	if pt.Kind == omnicore.KindState && dev != nil {
-		dev.lastState = now
+	if dev != nil {
+		dev.recordData(pt.Kind, pk.Payload, now)
 	}
 	msg := Message{
 		Index: s.recvTotal, Time: now, ClientID: c.clientID, Registry: c.registry, Device: pt.Device,
@@ -466,10 +466,10 @@ func (c *conn) handleAttach(pk packets.Packet, pt omnicore.ParsedTopic, r *Rules
 		method AuthMethod
 		bound  bool
 	)
+	now := time.Now()
 	s.mu.Lock()
-	reg := s.registries[c.registry]
-	dev := reg.devices[devID]
-	gw := reg.devices[c.device]
+	dev := s.lookupLocked(c.registry, devID)
+	gw := s.lookupLocked(c.registry, c.device)
 	switch {
 	case devID == c.device:
 		desc = fmt.Sprintf("The gateway '%s' cannot attach itself; it speaks for itself without attaching.", devID)
@@ -482,7 +482,7 @@ func (c *conn) handleAttach(pk packets.Packet, pt omnicore.ParsedTopic, r *Rules
 	case gw == nil:
 		desc = fmt.Sprintf("The gateway '%s' no longer exists.", c.device)
 	default:
-		keys, method, bound = dev.keys, gw.AuthMethod, dev.boundTo[c.device]
+		keys, method, bound = dev.usableKeys(now), gw.AuthMethod, dev.boundTo[c.device]
 	}
 	s.mu.Unlock()
 
@@ -498,7 +498,7 @@ func (c *conn) handleAttach(pk packets.Packet, pt omnicore.ParsedTopic, r *Rules
 		case method.needsToken() && authz == "":
 			desc = fmt.Sprintf("The gateway's auth method %s needs the device's JWT in the attach payload {\"authorization\": \"<JWT>\"}.", method)
 		case method.needsToken():
-			if _, err := omnicore.VerifyToken(authz, s.subscription, keys, time.Now(), r.ClockSkew, r.MaxTokenLifetime); err != nil {
+			if _, err := omnicore.VerifyToken(authz, s.subscription, keys, now, r.ClockSkew, r.MaxTokenLifetime); err != nil {
 				desc = fmt.Sprintf("The JWT in the attach payload for '%s' was rejected: %v.", devID, err)
 			}
 		}
