@@ -49,7 +49,7 @@ func AdminToken(token string) AdminOption { return func(g *adminGuard) { g.token
 // requests without Sec-Fetch-Site/Origin, and nothing in the standard library
 // checks Host, hence this small handler.
 type adminGuard struct {
-	hosts []string // accepted besides loopback names, normalized
+	hosts  []string // accepted besides loopback names, normalized
 	token  string
 	public func(*http.Request) bool // requests that need no token
 	next   http.Handler
