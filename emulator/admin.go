@@ -23,7 +23,8 @@ const maxAdminBody = omnicore.MaxTelemetryBytes
 //
 //	PUT|POST /v1/registries/{reg}/devices/{dev}/config    body = config payload
 //	POST     /v1/registries/{reg}/devices/{dev}/commands  body = command payload, ?subfolder=a/b
-//	GET      /v1/devices | /v1/attachments | /v1/connections | /v1/errors | /v1/stats
+//	GET      /v1/info | /v1/devices | /v1/attachments | /v1/connections | /v1/stats
+//	GET      /v1/errors[?limit=N]  (the latest N)
 //	GET      /v1/telemetry?since=N&limit=M
 //	POST     /v1/kick[?client_id=...]
 //
@@ -54,7 +55,18 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 		writeJSON(w, http.StatusOK, nonNil(s.AllAttachments()))
 	})
 	mux.HandleFunc("GET /v1/connections", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, s.Connections()) })
-	mux.HandleFunc("GET /v1/errors", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, nonNil(s.ErrorsSent())) })
+	mux.HandleFunc("GET /v1/errors", func(w http.ResponseWriter, r *http.Request) {
+		limit, err := queryInt(r.URL.Query().Get("limit"), maxErrorsKept, 1, maxErrorsKept)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, "limit must be an integer from 1 to "+strconv.Itoa(maxErrorsKept))
+			return
+		}
+		errs := s.ErrorsSent()
+		writeJSON(w, http.StatusOK, nonNil(errs[max(len(errs)-limit, 0):]))
+	})
+	mux.HandleFunc("GET /v1/info", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"subscription": s.subscription, "mqtt": s.URL, "mqtts": s.TLSURL})
+	})
 	mux.HandleFunc("GET /v1/stats", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, s.Stats()) })
 	mux.HandleFunc("GET /v1/telemetry", s.adminTelemetry)
 	mux.HandleFunc("POST /v1/kick", func(w http.ResponseWriter, r *http.Request) {
