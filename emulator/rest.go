@@ -60,11 +60,11 @@ func (s *Server) restRoutes(mux *http.ServeMux) {
 	route("POST "+restReg+"/unbindDeviceFromGateway", "unBindDevice", s.restBind(false, false))
 	route("POST "+restReg+"/unbindDevicesFromGateway", "unBindDevices", s.restBind(false, true))
 	route("PUT "+restDev+"/communication", "blockDeviceCommuncation", s.restCommunication)
-	route("GET "+restDev+"/configVersions", "getConfig", s.restConfigVersions)
+	route("GET "+restDev+"/configVersions", "getConfig", restHistory("numVersions", "deviceConfigs", s.ConfigVersions, koreConfigOf))
 	route("POST "+restDev+"/updateConfigurationToDevice", "updateConfigurationToDevice", s.restUpdateConfig)
 	route("POST "+restDev+"/sendCommandToDevice", "sendCommandToDevice", s.restSendCommand)
 	route("POST "+restReg+"/sendBroadcastToDevice", "sendBroadcastToDevices", s.restBroadcast)
-	route("GET "+restDev+"/states", "getStates", s.restStates)
+	route("GET "+restDev+"/states", "getStates", restHistory("numStates", "deviceStates", s.States, koreStateOf))
 	mux.HandleFunc("/omnicore/", func(w http.ResponseWriter, r *http.Request) {
 		writeKoreError(w, "", &restError{http.StatusNotFound, "NOT_FOUND", r.Method + " " + r.URL.Path + " is not part of the emulated API"})
 	})

@@ -46,6 +46,16 @@ type deviceFilter struct {
 	gatewayType               string
 }
 
+// parseDeviceList reads the paging and filter parameters of a device list.
+func parseDeviceList(q url.Values) (page, deviceFilter, error) {
+	p, err := parsePage(q)
+	if err != nil {
+		return p, deviceFilter{}, err
+	}
+	f, err := parseDeviceFilter(q)
+	return p, f, err
+}
+
 func parseDeviceFilter(q url.Values) (deviceFilter, error) {
 	var f deviceFilter
 	var err error
@@ -108,11 +118,7 @@ func (f deviceFilter) matchLocked(reg *registry, strict bool) ([]*device, error)
 
 func (s *Server) restListDevices(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
-	p, err := parsePage(q)
-	if err != nil {
-		return err
-	}
-	f, err := parseDeviceFilter(q)
+	p, f, err := parseDeviceList(q)
 	if err != nil {
 		return err
 	}
@@ -171,11 +177,7 @@ func withFields(d koreDevice, mask []string) (json.RawMessage, error) {
 
 func (s *Server) restDevicesLastSeen(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
-	p, err := parsePage(q)
-	if err != nil {
-		return err
-	}
-	f, err := parseDeviceFilter(q)
+	p, f, err := parseDeviceList(q)
 	if err != nil {
 		return err
 	}
@@ -208,14 +210,23 @@ func (s *Server) restDevicesLastSeen(w http.ResponseWriter, r *http.Request) err
 	return nil
 }
 
-func (s *Server) restCreateDevice(w http.ResponseWriter, r *http.Request) error {
+// readDevice reads a Device body in the emulator's terms.
+func readDevice(w http.ResponseWriter, r *http.Request) (DeviceSpec, error) {
 	var in koreDeviceIn
 	if err := decodeBody(w, r, &in); err != nil {
-		return err
+		return DeviceSpec{}, err
 	}
 	spec, err := in.spec()
 	if err != nil {
-		return badRequest(err.Error())
+		return spec, badRequest(err.Error())
+	}
+	return spec, nil
+}
+
+func (s *Server) restCreateDevice(w http.ResponseWriter, r *http.Request) error {
+	spec, err := readDevice(w, r)
+	if err != nil {
+		return err
 	}
 	if err := s.CreateDevice(r.PathValue("reg"), spec); err != nil {
 		return err
@@ -247,13 +258,9 @@ func (s *Server) restUpdateDevice(w http.ResponseWriter, r *http.Request) error 
 	if err != nil {
 		return err
 	}
-	var in koreDeviceIn
-	if err := decodeBody(w, r, &in); err != nil {
-		return err
-	}
-	spec, err := in.spec()
+	spec, err := readDevice(w, r)
 	if err != nil {
-		return badRequest(err.Error())
+		return err
 	}
 	if err := s.UpdateDevice(r.PathValue("reg"), r.PathValue("dev"), mask, spec); err != nil {
 		return err
@@ -343,12 +350,18 @@ func (b binaryBody) payload(limit int) ([]byte, error) {
 	return data, nil
 }
 
-func (s *Server) restUpdateConfig(w http.ResponseWriter, r *http.Request) error {
+// readBinary reads a DeviceConfiguration or DeviceCommand body and its payload.
+func readBinary(w http.ResponseWriter, r *http.Request) (binaryBody, []byte, error) {
 	var in binaryBody
 	if err := decodeBody(w, r, &in); err != nil {
-		return err
+		return in, nil, err
 	}
 	data, err := in.payload(maxAdminBody)
+	return in, data, err
+}
+
+func (s *Server) restUpdateConfig(w http.ResponseWriter, r *http.Request) error {
+	in, data, err := readBinary(w, r)
 	if err != nil {
 		return err
 	}
@@ -367,11 +380,7 @@ func (s *Server) restUpdateConfig(w http.ResponseWriter, r *http.Request) error 
 }
 
 func (s *Server) restSendCommand(w http.ResponseWriter, r *http.Request) error {
-	var in binaryBody
-	if err := decodeBody(w, r, &in); err != nil {
-		return err
-	}
-	data, err := in.payload(maxAdminBody)
+	in, data, err := readBinary(w, r)
 	if err != nil {
 		return err
 	}
@@ -383,11 +392,7 @@ func (s *Server) restSendCommand(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) restBroadcast(w http.ResponseWriter, r *http.Request) error {
-	var in binaryBody
-	if err := decodeBody(w, r, &in); err != nil {
-		return err
-	}
-	data, err := in.payload(maxAdminBody)
+	in, data, err := readBinary(w, r)
 	if err != nil {
 		return err
 	}
@@ -398,40 +403,23 @@ func (s *Server) restBroadcast(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (s *Server) restConfigVersions(w http.ResponseWriter, r *http.Request) error {
-	n, err := queryInt(r.URL.Query().Get("numVersions"), 0, 0, 1<<30)
-	if err != nil {
-		return badRequest("numVersions must be a non-negative integer")
+// restHistory serves configVersions and states: the device's latest items,
+// newest first, at most the count parameter (0 or absent: all kept).
+func restHistory[T, J any](param, field string, list func(reg, dev string, n int) ([]T, error), view func(T) J) func(http.ResponseWriter, *http.Request) error {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		n, err := queryInt(r.URL.Query().Get(param), 0, 0, 1<<30)
+		if err != nil {
+			return badRequest(param + " must be a non-negative integer")
+		}
+		items, err := list(r.PathValue("reg"), r.PathValue("dev"), n)
+		if err != nil {
+			return err
+		}
+		out := make([]J, 0, len(items))
+		for _, it := range items {
+			out = append(out, view(it))
+		}
+		writeJSON(w, http.StatusOK, map[string][]J{field: out})
+		return nil
 	}
-	cvs, err := s.ConfigVersions(r.PathValue("reg"), r.PathValue("dev"), n)
-	if err != nil {
-		return err
-	}
-	out := struct {
-		DeviceConfigs []koreConfig `json:"deviceConfigs"`
-	}{DeviceConfigs: []koreConfig{}}
-	for _, cv := range cvs {
-		out.DeviceConfigs = append(out.DeviceConfigs, koreConfigOf(cv))
-	}
-	writeJSON(w, http.StatusOK, out)
-	return nil
-}
-
-func (s *Server) restStates(w http.ResponseWriter, r *http.Request) error {
-	n, err := queryInt(r.URL.Query().Get("numStates"), 0, 0, 1<<30)
-	if err != nil {
-		return badRequest("numStates must be a non-negative integer")
-	}
-	sts, err := s.States(r.PathValue("reg"), r.PathValue("dev"), n)
-	if err != nil {
-		return err
-	}
-	out := struct {
-		DeviceStates []koreState `json:"deviceStates"`
-	}{DeviceStates: []koreState{}}
-	for _, st := range sts {
-		out.DeviceStates = append(out.DeviceStates, koreStateOf(st))
-	}
-	writeJSON(w, http.StatusOK, out)
-	return nil
 }
