@@ -189,10 +189,14 @@ func TestRESTProvisioningFlow(t *testing.T) {
 	require.NoError(t, o.Write(ms))
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
-	got, err := srv.WaitReceived(ctx, 1)
+	got, err := srv.WaitReceived(ctx, len(ms)) // one message per metric, in any order
 	require.NoError(t, err)
-	require.Equal(t, "boiler-1", got[0].Device)
-	require.Contains(t, string(got[0].Payload), "temp=71.5")
+	var payloads []string
+	for _, m := range got {
+		require.Equal(t, "boiler-1", m.Device)
+		payloads = append(payloads, string(m.Payload))
+	}
+	require.ElementsMatch(t, []string{"boiler temp=71.5 1700000000000000000\n", "boiler temp=72 1700000001000000000\n"}, payloads)
 
 	_, d := api.do("GET", koreBase+"/registries/plant/devices/boiler-1", "")
 	require.Equal(t, true, d["clientOnline"])
