@@ -179,6 +179,25 @@ func TestConsoleInBrowser(t *testing.T) {
 	}
 	require.NoError(t, os.WriteFile(path, shot, 0o644))
 
+	// The tail is bounded: of 250 more messages the page keeps the last
+	// 200, newest first, read over several telemetry pages.
+	burst := make([]telegraf.Metric, 250)
+	for i := range burst {
+		burst[i] = metric.New("boiler", map[string]string{"device_id": "boiler-1"}, map[string]any{"n": i}, time.Unix(1700000100+int64(i), 0))
+	}
+	require.NoError(t, out.Write(burst))
+	wctx, cancel := context.WithTimeout(context.Background(), eventTimeout)
+	defer cancel()
+	all, err := srv.WaitReceived(wctx, 2+len(burst))
+	require.NoError(t, err)
+	last := all[len(all)-1].Index // the plugin sends in parallel: the newest is whichever came last
+	require.NoError(t, chromedp.Do(ctx, chromedp.Poll[chromedp.Void](
+		fmt.Sprintf(`document.querySelector("#tail tbody tr:first-child td")?.textContent === "%d"`, last),
+		chromedp.WithPollingMutation(), chromedp.WithPollingTimeout(eventTimeout))))
+	rows, err := chromedp.Run(ctx, chromedp.Evaluate[int](`document.querySelectorAll("#tail tbody tr").length`))
+	require.NoError(t, err)
+	require.Equal(t, 200, rows)
+
 	// A command from the page reaches the gateway's own subscription.
 	require.NoError(t, chromedp.Do(ctx,
 		chromedp.Click(`#devices tr[data-device="plant-gw"]`),
