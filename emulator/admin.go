@@ -19,7 +19,8 @@ import (
 // no documented limit, so they get the telemetry limit.
 const maxAdminBody = omnicore.MaxTelemetryBytes
 
-// AdminHandler is the HTTP admin API (JSON), as the command serves it:
+// AdminHandler is the HTTP admin API (JSON) alone; the command serves it
+// with KORE's REST API and the console (HTTPHandler):
 //
 //	PUT|POST /v1/registries/{reg}/devices/{dev}/config    body = config payload
 //	POST     /v1/registries/{reg}/devices/{dev}/commands  body = command payload, ?subfolder=a/b
@@ -29,8 +30,8 @@ const maxAdminBody = omnicore.MaxTelemetryBytes
 //	POST     /v1/kick[?client_id=...]
 //
 // It refuses what a web page could send (see adminGuard): a Host or Origin
-// that is not loopback (or an AdminHost), and a POST or PUT without
-// Content-Type: application/json. AdminToken adds a bearer token.
+// that is not loopback (or an AdminHost), and a request with a body without
+// Content-Type: application/json. AdminToken adds a token.
 func (s *Server) AdminHandler(opts ...AdminOption) http.Handler {
 	mux := http.NewServeMux()
 	s.adminRoutes(mux)

@@ -7,12 +7,15 @@
 //	srv := emulator.NewServer()
 //	defer srv.Close()
 //
-// and drive it with the registry calls (AddRegistry, AddDevice, Bind), the
-// cloud-side calls (SetConfig, SendCommand), the inspection calls (Received,
+// and drive it with the registry calls (AddRegistry, AddDevice, Bind; the
+// provisioning calls of KORE's REST API: CreateDevice, UpdateDevice,
+// DeleteDevice, SetBindings, BlockDevice), the cloud-side calls (SetConfig,
+// UpdateConfig, SendCommand, Broadcast), the inspection calls (Received,
 // Connections, ErrorsSent, Stats, WaitFor) and the fault switches (KickAll,
 // Stop/Restart, WithholdPubacks, SetPubackDelay, RefuseConnections, SetRules).
-// See README.md for the rules it enforces and the choices made where the
-// bridge's behaviour is unknown.
+// HTTPHandler serves KORE's device-manager REST API, the admin API and the
+// web console on the same registry. See README.md for the rules it enforces
+// and the choices made where the bridge's behaviour is unknown.
 package emulator
 
 import (
