@@ -449,3 +449,29 @@ func TestRESTPersistence(t *testing.T) {
 	_, err = emulator.Start(emulator.WithStateDir(state), emulator.WithSubscription("other"))
 	require.ErrorContains(t, err, "subscription")
 }
+
+// TestRESTAndAdminShareTheStore: the REST API and the /v1 admin API act on
+// one registry.
+func TestRESTAndAdminShareTheStore(t *testing.T) {
+	t.Parallel()
+	srv := emulator.NewServer()
+	t.Cleanup(srv.Close)
+	api := newRESTAPI(t, srv)
+	for _, st := range []struct{ path, body string }{
+		{koreBase + "/registries", `{"id":"r1"}`},
+		{koreBase + "/registries/r1/devices", `{"id":"dev1","blocked":true}`},
+	} {
+		code, body := api.do("POST", st.path, st.body)
+		require.Equal(t, 200, code, "%v", body)
+	}
+	code, raw := httpDo(t, "GET", api.url+"/v1/devices", "")
+	require.Equal(t, 200, code)
+	var devs []emulator.DeviceStatus
+	require.NoError(t, json.Unmarshal(raw, &devs))
+	require.Equal(t, []emulator.DeviceStatus{{Registry: "r1", ID: "dev1", Blocked: true}}, devs)
+
+	code, raw = httpDo(t, "PUT", api.url+"/v1/registries/r1/devices/dev1/config", `{"from":"admin"}`)
+	require.Equal(t, 200, code, string(raw))
+	_, cfgs := api.do("GET", koreBase+"/registries/r1/devices/dev1/configVersions", "")
+	require.Equal(t, b64(`{"from":"admin"}`), cfgs["deviceConfigs"].([]any)[0].(map[string]any)["binaryData"])
+}
