@@ -19,23 +19,35 @@ import (
 // no documented limit, so they get the telemetry limit.
 const maxAdminBody = omnicore.MaxTelemetryBytes
 
-// AdminHandler is the HTTP admin API (JSON), as the command serves it:
+// AdminHandler is the HTTP admin API (JSON) alone; the command serves it
+// with KORE's REST API and the console (HTTPHandler):
 //
 //	PUT|POST /v1/registries/{reg}/devices/{dev}/config    body = config payload
 //	POST     /v1/registries/{reg}/devices/{dev}/commands  body = command payload, ?subfolder=a/b
-//	GET      /v1/devices | /v1/attachments | /v1/connections | /v1/errors | /v1/stats
+//	GET      /v1/info | /v1/devices | /v1/attachments | /v1/connections | /v1/stats
+//	GET      /v1/errors[?limit=N]  (the latest N)
 //	GET      /v1/telemetry?since=N&limit=M
 //	POST     /v1/kick[?client_id=...]
 //
 // It refuses what a web page could send (see adminGuard): a Host or Origin
-// that is not loopback (or an AdminHost), and a POST or PUT without
-// Content-Type: application/json. AdminToken adds a bearer token.
+// that is not loopback (or an AdminHost), and a request with a body without
+// Content-Type: application/json. AdminToken adds a token.
 func (s *Server) AdminHandler(opts ...AdminOption) http.Handler {
-	g := &adminGuard{}
+	mux := http.NewServeMux()
+	s.adminRoutes(mux)
+	return newGuard(mux, nil, opts)
+}
+
+// newGuard puts the admin guard in front of next; public requests need no token.
+func newGuard(next http.Handler, public func(*http.Request) bool, opts []AdminOption) *adminGuard {
+	g := &adminGuard{next: next, public: public}
 	for _, o := range opts {
 		o(g)
 	}
-	mux := http.NewServeMux()
+	return g
+}
+
+func (s *Server) adminRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("PUT /v1/registries/{reg}/devices/{dev}/config", s.adminConfig)
 	mux.HandleFunc("POST /v1/registries/{reg}/devices/{dev}/config", s.adminConfig)
 	mux.HandleFunc("POST /v1/registries/{reg}/devices/{dev}/commands", s.adminCommand)
@@ -44,7 +56,18 @@ func (s *Server) AdminHandler(opts ...AdminOption) http.Handler {
 		writeJSON(w, http.StatusOK, nonNil(s.AllAttachments()))
 	})
 	mux.HandleFunc("GET /v1/connections", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, s.Connections()) })
-	mux.HandleFunc("GET /v1/errors", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, nonNil(s.ErrorsSent())) })
+	mux.HandleFunc("GET /v1/errors", func(w http.ResponseWriter, r *http.Request) {
+		limit, err := queryInt(r.URL.Query().Get("limit"), maxErrorsKept, 1, maxErrorsKept)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, "limit must be an integer from 1 to "+strconv.Itoa(maxErrorsKept))
+			return
+		}
+		errs := s.ErrorsSent()
+		writeJSON(w, http.StatusOK, nonNil(errs[max(len(errs)-limit, 0):]))
+	})
+	mux.HandleFunc("GET /v1/info", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"subscription": s.subscription, "mqtt": s.URL, "mqtts": s.TLSURL})
+	})
 	mux.HandleFunc("GET /v1/stats", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, s.Stats()) })
 	mux.HandleFunc("GET /v1/telemetry", s.adminTelemetry)
 	mux.HandleFunc("POST /v1/kick", func(w http.ResponseWriter, r *http.Request) {
@@ -60,8 +83,6 @@ func (s *Server) AdminHandler(opts ...AdminOption) http.Handler {
 		s.KickAll()
 		writeJSON(w, http.StatusOK, map[string]int{"kicked": n})
 	})
-	g.next = mux
-	return g
 }
 
 func (s *Server) adminConfig(w http.ResponseWriter, r *http.Request) {

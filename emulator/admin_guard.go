@@ -23,7 +23,9 @@ func AdminHost(host string) AdminOption {
 	}
 }
 
-// AdminToken requires "Authorization: Bearer <token>" on every request.
+// AdminToken requires the token on every request, as "Authorization: Bearer
+// <token>" or "x-api-key: <token>" (KORE's two ways), except for the
+// console's static files, which hold no data and no token.
 func AdminToken(token string) AdminOption { return func(g *adminGuard) { g.token = token } }
 
 // adminGuard keeps web pages away from the admin API. A page the developer
@@ -36,48 +38,72 @@ func AdminToken(token string) AdminOption { return func(g *adminGuard) { g.token
 //     page sends its own name;
 //   - an Origin header, which browsers add to cross-origin requests, must be
 //     one of those hosts too;
-//   - a request with a body (POST, PUT) must say Content-Type:
-//     application/json, which a browser only sends after a CORS preflight
-//     (OPTIONS) that this API never grants;
-//   - with a token, every request must carry it.
+//   - a request with a body (POST, PUT, PATCH; a DELETE that has one) must
+//     say Content-Type: application/json, which a browser only sends after
+//     a CORS preflight (OPTIONS) that this API never grants; a DELETE
+//     without a body always needs that preflight;
+//   - with a token, every request must carry it (but public ones: GETs of
+//     the console's files).
 //
 // net/http's CrossOriginProtection covers only the unsafe methods and trusts
 // requests without Sec-Fetch-Site/Origin, and nothing in the standard library
 // checks Host, hence this small handler.
 type adminGuard struct {
-	hosts []string // accepted besides loopback names, normalized
-	token string
-	next  http.Handler
+	hosts  []string // accepted besides loopback names, normalized
+	token  string
+	public func(*http.Request) bool // requests that need no token
+	next   http.Handler
 }
 
 func (g *adminGuard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !g.hostAllowed(r.Host) {
-		writeError(w, http.StatusForbidden, "the Host header is not a loopback name or the admin host: refused (DNS rebinding protection)")
+		g.refuse(w, r, http.StatusForbidden, "PERMISSION_DENIED", "the Host header is not a loopback name or the admin host: refused (DNS rebinding protection)")
 		return
 	}
 	for _, origin := range r.Header.Values("Origin") {
 		u, err := url.Parse(origin)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || !g.hostAllowed(u.Host) {
-			writeError(w, http.StatusForbidden, "cross-origin request refused: the Origin is not a loopback or admin host")
+			g.refuse(w, r, http.StatusForbidden, "PERMISSION_DENIED", "cross-origin request refused: the Origin is not a loopback or admin host")
 			return
 		}
 	}
-	if g.token != "" {
-		scheme, got, _ := strings.Cut(r.Header.Get("Authorization"), " ")
-		if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare([]byte(got), []byte(g.token)) != 1 {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="omnicore-emulator"`)
-			writeError(w, http.StatusUnauthorized, "missing or wrong bearer token")
-			return
-		}
+	if g.token != "" && (g.public == nil || !g.public(r)) && !g.tokenGiven(r) {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="omnicore-emulator"`)
+		g.refuse(w, r, http.StatusUnauthorized, "UNAUTHENTICATED", "missing or wrong token (Authorization: Bearer or x-api-key)")
+		return
 	}
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+	bodyless := r.Method == http.MethodGet || r.Method == http.MethodHead ||
+		(r.Method == http.MethodDelete && r.ContentLength == 0)
+	if !bodyless {
 		mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
 		if err != nil || mt != "application/json" {
-			writeError(w, http.StatusUnsupportedMediaType, "requests other than GET need Content-Type: application/json (whatever the body holds)")
+			g.refuse(w, r, http.StatusUnsupportedMediaType, "INVALID_ARGUMENT", "requests other than GET need Content-Type: application/json (whatever the body holds)")
 			return
 		}
 	}
 	g.next.ServeHTTP(w, r)
+}
+
+func (g *adminGuard) tokenGiven(r *http.Request) bool {
+	got := r.Header.Get("x-api-key")
+	if got == "" {
+		scheme, bearer, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+		if !strings.EqualFold(scheme, "Bearer") {
+			return false
+		}
+		got = bearer
+	}
+	return subtle.ConstantTimeCompare([]byte(got), []byte(g.token)) == 1
+}
+
+// refuse answers in the shape of the API asked: KORE's error body under
+// /omnicore/, the admin API's elsewhere.
+func (g *adminGuard) refuse(w http.ResponseWriter, r *http.Request, code int, status, msg string) {
+	if strings.HasPrefix(r.URL.Path, "/omnicore/") {
+		writeKoreError(w, "", &restError{code, status, msg})
+		return
+	}
+	writeError(w, code, msg)
 }
 
 // hostAllowed checks a Host header or URL host (with or without port).

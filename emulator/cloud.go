@@ -17,19 +17,28 @@ var ErrConfigTooLarge = errors.New("config is larger than 64 KB")
 // own, or a gateway it is attached to). Later config subscriptions receive it
 // right after their SUBACK. It returns the new version (1, 2, ...).
 func (s *Server) SetConfig(registryID, deviceID string, payload []byte) (int, error) {
+	cv, err := s.UpdateConfig(registryID, deviceID, payload, 0)
+	return cv.Version, err
+}
+
+// UpdateConfig is SetConfig with KORE's versionToUpdate: when ifVersion is
+// not 0 and not the device's latest version, nothing changes and it returns
+// ErrVersionMismatch.
+func (s *Server) UpdateConfig(registryID, deviceID string, payload []byte, ifVersion int) (ConfigVersion, error) {
 	if len(payload) > omnicore.MaxConfigBytes {
-		return 0, fmt.Errorf("%w: %d bytes", ErrConfigTooLarge, len(payload))
+		return ConfigVersion{}, fmt.Errorf("%w: %d bytes", ErrConfigTooLarge, len(payload))
 	}
 	s.mu.Lock()
 	dev, err := s.deviceLocked(registryID, deviceID)
 	if err != nil {
 		s.mu.Unlock()
-		return 0, err
+		return ConfigVersion{}, err
 	}
-	dev.config.version++
-	dev.config.payload = slices.Clone(payload)
-	dev.config.updated = time.Now()
-	version := dev.config.version
+	if ifVersion != 0 && ifVersion != dev.config.version {
+		s.mu.Unlock()
+		return ConfigVersion{}, fmt.Errorf("%w: versionToUpdate %d, the latest is %d", ErrVersionMismatch, ifVersion, dev.config.version)
+	}
+	cv := dev.config.push(payload, time.Now())
 	var targets []*conn
 	for _, c := range s.conns {
 		if c.registry == registryID && c.subscribedLocked(deviceID, omnicore.KindConfig) >= 0 {
@@ -41,7 +50,20 @@ func (s *Server) SetConfig(registryID, deviceID string, payload []byte) (int, er
 	for _, c := range targets {
 		s.deliverConfig(c, deviceID, false)
 	}
-	return version, nil
+	return cv, s.save()
+}
+
+// push stores a new config version, keeping the latest maxConfigVersionsKept.
+func (cs *configState) push(payload []byte, now time.Time) ConfigVersion {
+	cs.version++
+	cs.payload = slices.Clone(payload)
+	cs.updated = now
+	if len(cs.history) >= maxConfigVersionsKept {
+		cs.history = slices.Delete(cs.history, 0, len(cs.history)-maxConfigVersionsKept+1)
+	}
+	cv := ConfigVersion{Version: cs.version, Payload: cs.payload, Updated: now}
+	cs.history = append(cs.history, cv)
+	return cv
 }
 
 // deliverConfig sends a device's latest config on one connection. force is
@@ -59,7 +81,7 @@ func (s *Server) deliverConfig(c *conn, deviceID string, force bool) {
 func (s *Server) deliverConfigHeld(c *conn, deviceID string, force bool) {
 	s.mu.Lock()
 	ds := c.subs[deviceID]
-	dev := s.registries[c.registry].devices[deviceID]
+	dev := s.lookupLocked(c.registry, deviceID)
 	if ds == nil || ds.config < 0 || dev == nil {
 		s.mu.Unlock()
 		return
@@ -121,10 +143,16 @@ func (s *Server) configAcked(c *conn, id uint16) {
 		return
 	}
 	delete(c.outstanding, id)
-	dev := s.registries[c.registry].devices[a.device]
+	dev := s.lookupLocked(c.registry, a.device)
 	if dev != nil && a.version > dev.config.ackedVersion {
+		now := time.Now()
 		dev.config.ackedVersion = a.version
-		dev.config.acked = time.Now()
+		dev.config.acked = now
+		for i := range dev.config.history {
+			if h := &dev.config.history[i]; h.Version == a.version && h.Acked.IsZero() {
+				h.Acked = now
+			}
+		}
 		s.notifyLocked()
 	}
 }
@@ -188,4 +216,41 @@ func (s *Server) SendCommand(registryID, deviceID, subfolder string, payload []b
 		return fmt.Errorf("%w: %v", ErrNotSubscribed, lastErr)
 	}
 	return nil
+}
+
+// Broadcast sends a command to every device of the registry that a live
+// connection has subscribed to commands/# for (on each device's commands
+// topic, as SendCommand does) and returns how many deliveries it made; none
+// is not an error. The bridge's broadcast topic is unknown, so this is the
+// emulator's stand-in for KORE's sendBroadcastToDevice.
+func (s *Server) Broadcast(registryID, subfolder string, payload []byte) (int, error) {
+	if subfolder != "" {
+		if err := omnicore.ValidateSubfolder(subfolder); err != nil {
+			return 0, err
+		}
+	}
+	s.mu.Lock()
+	if _, ok := s.registries[registryID]; !ok {
+		s.mu.Unlock()
+		return 0, fmt.Errorf("registry %q: %w", registryID, ErrNotFound)
+	}
+	devices := map[string]bool{}
+	for _, c := range s.conns {
+		if c.registry != registryID {
+			continue
+		}
+		for dev, ds := range c.subs {
+			if ds.commands >= 0 {
+				devices[dev] = true
+			}
+		}
+	}
+	s.mu.Unlock()
+	n := 0
+	for dev := range devices {
+		if err := s.SendCommand(registryID, dev, subfolder, payload); err == nil {
+			n++
+		}
+	}
+	return n, nil
 }

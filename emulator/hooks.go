@@ -1,6 +1,7 @@
 package emulator
 
 import (
+	"crypto"
 	"errors"
 	"fmt"
 	"io"
@@ -143,13 +144,14 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 
 	regID, devID, err := s.parseClientID(cl.ID)
 	var (
-		dev              *device
+		keys             []crypto.PublicKey
 		blocked, gateway bool
 	)
 	if err == nil {
 		s.mu.Lock()
+		var dev *device
 		if dev, err = s.deviceLocked(regID, devID); err == nil {
-			blocked, gateway = dev.Blocked, dev.Gateway
+			keys, blocked, gateway = dev.usableKeys(now), dev.Blocked, dev.Gateway
 		}
 		s.mu.Unlock()
 	}
@@ -157,7 +159,7 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		s.refuse(cl, cl.ID, 2, RefusedClientID, trunc(err.Error()))
 		return packets.ErrClientIdentifierNotValid
 	}
-	return s.authenticate(cl, pk, r, now, regID, dev, blocked, gateway)
+	return s.authenticate(cl, pk, r, now, regID, devID, keys, blocked, gateway)
 }
 
 // parseClientID accepts subscriptions/{this subscription}/registries/{reg}/devices/{dev}
@@ -181,14 +183,13 @@ func (s *Server) parseClientID(clientID string) (regID, devID string, err error)
 
 // authenticate checks the JWT password (outside the lock: it is CPU work) and
 // admits the connection as pending until its CONNACK is out.
-func (s *Server) authenticate(cl *mqtt.Client, pk packets.Packet, r *Rules, now time.Time, regID string, dev *device, blocked, gateway bool) error {
+func (s *Server) authenticate(cl *mqtt.Client, pk packets.Packet, r *Rules, now time.Time, regID, devID string, keys []crypto.PublicKey, blocked, gateway bool) error {
 	code := r.badCredentialsCode()
 	if !pk.Connect.PasswordFlag || len(pk.Connect.Password) == 0 {
 		s.refuse(cl, cl.ID, code, RefusedCredentials, "no password (the password is the JWT)")
 		return packets.ErrBadUsernameOrPassword
 	}
-	// dev.keys is never mutated after AddDevice.
-	claims, err := omnicore.VerifyToken(string(pk.Connect.Password), s.subscription, dev.keys, now, r.ClockSkew, r.MaxTokenLifetime)
+	claims, err := omnicore.VerifyToken(string(pk.Connect.Password), s.subscription, keys, now, r.ClockSkew, r.MaxTokenLifetime)
 	if err != nil {
 		s.refuse(cl, cl.ID, code, RefusedCredentials, err.Error())
 		return packets.ErrBadUsernameOrPassword
@@ -197,7 +198,7 @@ func (s *Server) authenticate(cl *mqtt.Client, pk packets.Packet, r *Rules, now 
 		s.refuse(cl, cl.ID, code, RefusedBlocked, "")
 		return packets.ErrNotAuthorized
 	}
-	c := newConn(s, cl, regID, dev.ID, gateway, claims.ExpiresAt)
+	c := newConn(s, cl, regID, devID, gateway, claims.ExpiresAt)
 	s.mu.Lock()
 	s.pending[cl] = c
 	s.byNet[cl.Net.Conn] = c

@@ -29,6 +29,8 @@ const (
 	ReasonWriteFailed      = "write to client failed"
 	ReasonKicked           = "admin kick"
 	ReasonServerStop       = "server stop"
+	ReasonBlocked          = "device blocked" // blocked through the REST API
+	ReasonDeleted          = "device deleted" // deleted through the REST API
 
 	RefusedProtocol    = "refused: protocol level is not MQTT 3.1.1"
 	RefusedClientID    = "refused: unknown client ID"

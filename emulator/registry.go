@@ -7,8 +7,6 @@ import (
 	"slices"
 	"sort"
 	"time"
-
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
 // AuthMethod is a gateway's gatewayAuthMethod: how it proves it may speak for
@@ -47,6 +45,13 @@ var (
 type PublicKey struct {
 	Algorithm string
 	PEM       []byte
+	// Format is KORE's name for the key's kind (RSA_PEM, ES256_PEM,
+	// RSA_X509_PEM, ES256_X509_PEM); when empty it is derived from Algorithm
+	// and the PEM block, and Algorithm from it when that is empty.
+	Format string
+	// Expires is when the key stops being accepted for new connections and
+	// attaches (zero: never), like KORE's credential expirationTime.
+	Expires time.Time
 }
 
 // Device is a registry entry. A gateway's AuthMethod defaults to
@@ -62,10 +67,19 @@ type Device struct {
 // device is the emulator's state for one registry entry. Guarded by Server.mu.
 type device struct {
 	Device
-	keys      []crypto.PublicKey // parsed once; never mutated afterwards, so readable without the lock
-	boundTo   map[string]bool    // gateway IDs
+	// keys are PublicKeys parsed, index for index. A credential update
+	// replaces both slices (never changes them in place), so a slice read
+	// under the lock stays valid after it.
+	keys      []crypto.PublicKey
+	numID     int64
+	meta      DeviceMeta
+	created   time.Time
+	updated   time.Time
+	boundTo   map[string]bool // gateway IDs
 	config    configState
 	lastState time.Time // last accepted state message, for StateInterval
+	lastEvent time.Time
+	states    []DeviceState // the latest maxStatesKept, oldest first
 }
 
 type configState struct {
@@ -74,68 +88,26 @@ type configState struct {
 	updated      time.Time
 	ackedVersion int
 	acked        time.Time
+	history      []ConfigVersion // the latest maxConfigVersionsKept, oldest first
 }
 
 type registry struct {
-	id      string
-	devices map[string]*device
+	id       string
+	created  time.Time
+	updated  time.Time
+	settings RegistrySettings
+	devices  map[string]*device
 }
 
 // AddRegistry creates an empty registry.
 func (s *Server) AddRegistry(id string) error {
-	if err := omnicore.ValidateID(id); err != nil {
-		return fmt.Errorf("registry: %w", err)
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if _, ok := s.registries[id]; ok {
-		return fmt.Errorf("registry %q: %w", id, ErrExists)
-	}
-	s.registries[id] = &registry{id: id, devices: map[string]*device{}}
-	s.notifyLocked()
-	return nil
+	return s.CreateRegistry(id, RegistrySettings{})
 }
 
 // AddDevice adds a device (or gateway) to a registry. Its keys are parsed now,
 // so a bad PEM fails here rather than at CONNECT.
 func (s *Server) AddDevice(registryID string, d Device) error {
-	if err := omnicore.ValidateID(d.ID); err != nil {
-		return fmt.Errorf("device: %w", err)
-	}
-	if d.Gateway {
-		if d.AuthMethod == "" {
-			d.AuthMethod = AssociationOnly
-		}
-		if !d.AuthMethod.needsBinding() && !d.AuthMethod.needsToken() {
-			return fmt.Errorf("device %q: unknown auth method %q", d.ID, d.AuthMethod)
-		}
-	} else if d.AuthMethod != "" {
-		return fmt.Errorf("device %q: only gateways have an auth method", d.ID)
-	}
-	if len(d.PublicKeys) > maxCredentials {
-		return fmt.Errorf("device %q: %d public keys, the bridge allows %d", d.ID, len(d.PublicKeys), maxCredentials)
-	}
-	dev := &device{Device: d, boundTo: map[string]bool{}}
-	dev.PublicKeys = slices.Clone(d.PublicKeys)
-	for i, k := range d.PublicKeys {
-		key, err := omnicore.ParsePublicKey(k.PEM, k.Algorithm)
-		if err != nil {
-			return fmt.Errorf("device %q: public key %d: %w", d.ID, i+1, err)
-		}
-		dev.keys = append(dev.keys, key)
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	reg, ok := s.registries[registryID]
-	if !ok {
-		return fmt.Errorf("registry %q: %w", registryID, ErrNotFound)
-	}
-	if _, ok := reg.devices[d.ID]; ok {
-		return fmt.Errorf("device %q in registry %q: %w", d.ID, registryID, ErrExists)
-	}
-	reg.devices[d.ID] = dev
-	s.notifyLocked()
-	return nil
+	return s.CreateDevice(registryID, DeviceSpec{Device: d})
 }
 
 // Bind associates a device with a gateway (needed for the association auth methods).
@@ -150,44 +122,14 @@ func (s *Server) Unbind(registryID, gatewayID, deviceID string) error {
 }
 
 func (s *Server) setBinding(registryID, gatewayID, deviceID string, bound bool) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	gw, err := s.deviceLocked(registryID, gatewayID)
-	if err != nil {
-		return err
-	}
-	dev, err := s.deviceLocked(registryID, deviceID)
-	if err != nil {
-		return err
-	}
-	if !gw.Gateway {
-		return fmt.Errorf("%q is not a gateway", gatewayID)
-	}
-	if dev.Gateway {
-		return fmt.Errorf("%q is a gateway; gateways cannot be bound to gateways", deviceID)
-	}
-	if bound {
-		dev.boundTo[gatewayID] = true
-	} else {
-		delete(dev.boundTo, gatewayID)
-	}
-	s.notifyLocked()
-	return nil
+	return s.SetBindings(registryID, gatewayID, []string{deviceID}, bound)
 }
 
 // SetBlocked blocks or unblocks a device. A blocked device cannot connect or be
 // attached; connections and attachments made before stay up (use KickAll to
 // force a reconnect).
 func (s *Server) SetBlocked(registryID, deviceID string, blocked bool) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	dev, err := s.deviceLocked(registryID, deviceID)
-	if err != nil {
-		return err
-	}
-	dev.Blocked = blocked
-	s.notifyLocked()
-	return nil
+	return s.setBlocked(registryID, deviceID, blocked, false)
 }
 
 func (s *Server) deviceLocked(registryID, deviceID string) (*device, error) {

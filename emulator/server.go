@@ -7,12 +7,15 @@
 //	srv := emulator.NewServer()
 //	defer srv.Close()
 //
-// and drive it with the registry calls (AddRegistry, AddDevice, Bind), the
-// cloud-side calls (SetConfig, SendCommand), the inspection calls (Received,
+// and drive it with the registry calls (AddRegistry, AddDevice, Bind; the
+// provisioning calls of KORE's REST API: CreateDevice, UpdateDevice,
+// DeleteDevice, SetBindings, BlockDevice), the cloud-side calls (SetConfig,
+// UpdateConfig, SendCommand, Broadcast), the inspection calls (Received,
 // Connections, ErrorsSent, Stats, WaitFor) and the fault switches (KickAll,
 // Stop/Restart, WithholdPubacks, SetPubackDelay, RefuseConnections, SetRules).
-// See README.md for the rules it enforces and the choices made where the
-// bridge's behaviour is unknown.
+// HTTPHandler serves KORE's device-manager REST API, the admin API and the
+// web console on the same registry. See README.md for the rules it enforces
+// and the choices made where the bridge's behaviour is unknown.
 package emulator
 
 import (
@@ -64,6 +67,7 @@ type config struct {
 	certHosts      []string
 	connectTimeout time.Duration
 	writeTimeout   time.Duration
+	stateDir       string
 }
 
 // WithSubscription sets the subscription ID: the first part of every client
@@ -145,8 +149,15 @@ type Server struct {
 	// without taking mu; conns (under mu) is the same set for iteration.
 	live sync.Map // *mqtt.Client -> *conn
 
+	// stateDir holds the saved provisioning ("": not saved); see persist.go.
+	stateDir string
+	saveMu   sync.Mutex // serialises writes of the state file
+	savedGen uint64     // generation on disk; guarded by saveMu
+
 	mu            sync.Mutex
 	registries    map[string]*registry
+	nextNumID     int64                  // last numId given to a device
+	saveGen       uint64                 // generation of the provisioning, bumped by each save
 	pending       map[*mqtt.Client]*conn // admitted at CONNECT, not live yet
 	conns         map[*mqtt.Client]*conn // live
 	byNet         map[net.Conn]*conn     // pending and live, by the socket mochi was given
@@ -212,6 +223,12 @@ func Start(opts ...Option) (*Server, error) {
 	}
 	rules := cfg.rules
 	s.rules.Store(&rules)
+	if cfg.stateDir != "" {
+		s.stateDir = cfg.stateDir
+		if err := s.load(); err != nil {
+			return nil, err
+		}
+	}
 
 	var err error
 	if cfg.caCertPEM != nil {

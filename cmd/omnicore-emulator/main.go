@@ -1,8 +1,11 @@
-// Command omnicore-emulator runs the OmniCore MQTT bridge emulator: MQTT and
-// MQTTS listeners enforcing the bridge's rules against a registry file, and an
-// HTTP admin API to set configs, send commands and read what arrived.
+// Command omnicore-emulator runs the OmniCore emulator: MQTT and MQTTS
+// listeners enforcing the bridge's rules, KORE's device-manager REST API to
+// provision registries, devices and gateways (saved in the state directory;
+// a registry file can seed it), a web console, and an admin API to read what
+// arrived and inject faults.
 //
 //	omnicore-emulator -registry testdata/registry.json
+//	omnicore-emulator -subscription demo-sub          # provision with the REST API
 //	omnicore-emulator token -key KEY.pem -alg RS256 -aud demo-sub
 //
 // See emulator/README.md.
@@ -72,19 +75,20 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("omnicore-emulator", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: omnicore-emulator -registry FILE [flags]\n       omnicore-emulator token -key FILE -alg RS256|ES256 -aud SUBSCRIPTION [-lifetime 1h]\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: omnicore-emulator [-registry FILE | -subscription ID] [flags]\n       omnicore-emulator token -key FILE -alg RS256|ES256 -aud SUBSCRIPTION [-lifetime 1h]\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	var (
-		registryPath = fs.String("registry", "", "registry JSON file (required; see emulator/README.md)")
+		registryPath = fs.String("registry", "", "registry JSON file that seeds an empty state directory (see emulator/README.md)")
+		subscription = fs.String("subscription", "", "subscription ID (default: the saved state's, else the registry file's)")
 		mqttAddr     = fs.String("mqtt", "127.0.0.1:1883", "plain MQTT listen address (empty disables it)")
 		mqttsAddr    = fs.String("mqtts", "127.0.0.1:8883", "MQTT over TLS listen address (empty disables it)")
-		adminAddr    = fs.String("admin", "127.0.0.1:8080", "HTTP admin API listen address (empty disables it)")
-		stateDir     = fs.String("state-dir", "omnicore-emulator-state", "directory for ca.pem, the CA key and generated device keys")
+		adminAddr    = fs.String("admin", "127.0.0.1:8080", "HTTP listen address of the REST API, the console and the admin API (empty disables it)")
+		stateDir     = fs.String("state-dir", "omnicore-emulator-state", "directory for the provisioning, ca.pem, the CA key and generated device keys")
 		certHosts    = fs.String("cert-hosts", "", "comma-separated extra DNS names or IPs for the server certificate")
 		logReceived  = fs.Bool("log-received", false, "print one line per accepted events/state message on stdout")
 		maxReceived  = fs.Int("max-received", 100000, "messages kept for GET /v1/telemetry (older ones are dropped; 0: no limit)")
-		tokenFile    = fs.String("admin-token-file", "", "file holding a bearer token every admin API request must carry (required when -admin is not on loopback)")
+		tokenFile    = fs.String("admin-token-file", "", "file holding the token every REST and admin API request must carry (required when -admin is not on loopback)")
 		verbose      = fs.Bool("v", false, "debug logging")
 		pubackDelay  = fs.Duration("puback-delay", 0, "delay every PUBACK by this much")
 		badCode      = fs.Uint("bad-credentials-code", 5, "CONNACK code for a bad JWT or blocked device: 5 (not authorized) or 4 (bad user name or password)")
@@ -116,8 +120,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	switch {
 	case fs.NArg() > 0:
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
-	case *registryPath == "":
-		return errors.New("-registry is required")
 	case *mqttAddr == "" && *mqttsAddr == "":
 		return errors.New("-mqtt and -mqtts cannot both be empty")
 	case *badCode != 4 && *badCode != 5:
@@ -143,11 +145,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	rules.BadCredentialsCode = byte(*badCode)
 	rules.RateAction = emulator.RateAction(*rateAction)
 
-	rf, err := emulator.ReadRegistryFile(*registryPath)
-	if err != nil {
+	if err := os.MkdirAll(*stateDir, 0o700); err != nil {
 		return err
 	}
-	if err := os.MkdirAll(*stateDir, 0o700); err != nil {
+	seed, sub, err := provisioning(*registryPath, *subscription, *stateDir)
+	if err != nil {
 		return err
 	}
 	caCert, caKey, err := loadOrCreateCA(*stateDir)
@@ -162,7 +164,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	out := &lockedWriter{w: stdout}
 	opts := []emulator.Option{
-		emulator.WithSubscription(rf.Subscription),
+		emulator.WithSubscription(sub),
+		emulator.WithStateDir(*stateDir),
 		emulator.WithTCPAddr(*mqttAddr),
 		emulator.WithTLSAddr(*mqttsAddr),
 		emulator.WithRules(func(r *emulator.Rules) { *r = rules }),
@@ -182,8 +185,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer srv.Close()
-	generated, err := srv.ApplyRegistryFile(rf, filepath.Dir(*registryPath), filepath.Join(*stateDir, "keys"))
-	if err != nil {
+	var generated []emulator.GeneratedKey
+	if seed != nil {
+		if generated, err = srv.ApplyRegistryFile(seed, filepath.Dir(*registryPath), filepath.Join(*stateDir, "keys")); err != nil {
+			return err
+		}
+	} else if generated, err = keptKeys(filepath.Join(*stateDir, "keys")); err != nil {
 		return err
 	}
 	srv.SetPubackDelay(*pubackDelay)
@@ -200,7 +207,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		admin = &http.Server{
-			Handler:           srv.AdminHandler(guard...),
+			Handler:           srv.HTTPHandler(guard...),
 			ReadHeaderTimeout: 5 * time.Second,
 			ReadTimeout:       30 * time.Second,
 			WriteTimeout:      30 * time.Second,
@@ -215,7 +222,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}()
 	}
 
-	out.println("subscription: " + rf.Subscription)
+	out.println("subscription: " + sub)
+	if *registryPath != "" && seed == nil {
+		out.println("registry: " + *registryPath + " not applied: " + filepath.Join(*stateDir, emulator.ProvisioningFile) + " holds the provisioning")
+	}
 	if srv.URL != "" {
 		out.println("mqtt: " + srv.URL)
 	}
@@ -224,6 +234,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if adminURL != "" {
 		out.println("admin: " + adminURL)
+		out.println("api: " + adminURL + "/omnicore/subscriptions/" + sub)
+		out.println("console: " + adminURL + "/console/")
 	}
 	out.println("ca: " + caPath)
 	for _, g := range generated {

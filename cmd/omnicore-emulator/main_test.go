@@ -60,12 +60,15 @@ func (in *instance) stop(t *testing.T) error {
 
 func start(t *testing.T, extra ...string) *instance {
 	t.Helper()
+	return startArgs(t, append([]string{"-registry", registryFile, "-state-dir", t.TempDir()}, extra...)...)
+}
+
+// startArgs runs the command on loopback ports with args.
+func startArgs(t *testing.T, extra ...string) *instance {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	pr, pw := io.Pipe()
-	args := append([]string{
-		"-registry", registryFile, "-state-dir", t.TempDir(),
-		"-mqtt", "127.0.0.1:0", "-mqtts", "127.0.0.1:0", "-admin", "127.0.0.1:0",
-	}, extra...)
+	args := append([]string{"-mqtt", "127.0.0.1:0", "-mqtts", "127.0.0.1:0", "-admin", "127.0.0.1:0"}, extra...)
 	in := &instance{info: map[string]string{}, lines: make(chan string, 1000), done: make(chan error, 1), cancel: cancel}
 	go func() {
 		in.done <- run(ctx, args, pw, io.Discard)
@@ -303,7 +306,8 @@ func TestRunFlagErrors(t *testing.T) {
 		args    []string
 		wantErr string
 	}{
-		{"no registry", []string{}, "-registry is required"},
+		{"no registry nor subscription", []string{}, "give -subscription or -registry"},
+		{"bad subscription", []string{"-subscription", "1-bad"}, "-subscription"},
 		{"missing registry file", []string{"-registry", "nope.json"}, "no such file"},
 		{"no listener", []string{"-registry", registryFile, "-mqtt", "", "-mqtts", ""}, "cannot both be empty"},
 		{"bad credentials code", []string{"-registry", registryFile, "-bad-credentials-code", "3"}, "must be 4 or 5"},
