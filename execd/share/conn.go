@@ -47,9 +47,9 @@ import (
 
 	"github.com/influxdata/telegraf"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/statedir"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
-	"github.com/telegraf-omnicore/telegraf-omnicore/execd/statedir"
 )
 
 // Environment variables that control sharing.

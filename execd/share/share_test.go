@@ -20,9 +20,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/statedir"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
-	"github.com/telegraf-omnicore/telegraf-omnicore/execd/statedir"
 )
 
 // ---------------------------------------------------------------------------
