@@ -94,7 +94,7 @@ func (r *runner) connectGateway(b *bridgeChecks, g *gatewayCheck) {
 	if r.outOfTime(name) {
 		return
 	}
-	if held, why := heldElsewhere(g.clientID); held {
+	if held, why := heldElsewhere(g); held {
 		r.skip(name, "%s; the check does not connect, which would take the connection over", why)
 		return
 	}
@@ -103,14 +103,20 @@ func (r *runner) connectGateway(b *bridgeChecks, g *gatewayCheck) {
 	}
 }
 
-// heldElsewhere tells whether a process of this host holds the gateway's
-// connection through the sharing rendezvous (execd/share.Holder), or
-// whether that cannot be told.
-func heldElsewhere(clientID string) (bool, string) {
+// heldElsewhere tells whether a process of this host may hold the
+// gateway's connection: through the sharing rendezvous (execd/share.Holder),
+// or as a Telegraf or telegraf-omnicore started with one of the checked
+// files that name the gateway (runningWith); or whether that cannot be told.
+func heldElsewhere(g *gatewayCheck) (bool, string) {
+	for _, f := range g.files {
+		if pid := runningWith(f); pid != 0 {
+			return true, fmt.Sprintf("process %d, started with %s, may hold the gateway's connection", pid, f)
+		}
+	}
 	if share.Off() {
 		return false, ""
 	}
-	pid, held, err := share.Holder(clientID)
+	pid, held, err := share.Holder(g.clientID)
 	switch {
 	case err != nil:
 		return true, fmt.Sprintf("cannot tell whether a running process holds the gateway's connection (%v)", err)

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -284,6 +285,26 @@ func TestCheck(t *testing.T) {
 				return []string{path}
 			},
 			skips: [][]string{{"token of gateway gw-1", fmt.Sprintf("process %d", os.Getpid()), "does not connect"}, {"devices of gateway gw-1"}},
+		},
+		{
+			name: "gateway of a running built-in Telegraf: no connect",
+			prepare: func(t *testing.T, s *setup) []string {
+				path := s.file(t, "outputs.omnicore", `  devices = ["dev-a"]`)
+				// A process named telegraf started with the checked file,
+				// waiting on its stdin.
+				fake := filepath.Join(t.TempDir(), "telegraf")
+				require.NoError(t, os.WriteFile(fake, []byte("#!/bin/sh\nread x\n"), 0o700))
+				cmd := exec.Command(fake, "--config", path)
+				stdin, err := cmd.StdinPipe()
+				require.NoError(t, err)
+				require.NoError(t, cmd.Start())
+				t.Cleanup(func() {
+					stdin.Close()
+					_ = cmd.Wait()
+				})
+				return []string{path}
+			},
+			skips: [][]string{{"token of gateway gw-1", "started with", "may hold the gateway's connection"}, {"devices of gateway gw-1"}},
 		},
 	}
 	for _, tc := range cases {
