@@ -166,6 +166,9 @@ func (r *runner) checkTLS(cfg *gateway.Config, g *gatewayCheck, srv string) *x50
 	}
 	var verr *tls.CertificateVerificationError
 	if !errors.As(err, &verr) || len(verr.UnverifiedCertificates) == 0 {
+		if errors.Is(err, context.DeadlineExceeded) {
+			err = fmt.Errorf("no answer within %s", tlsTimeout)
+		}
 		r.fail(name, fmt.Sprintf("no TLS handshake with %s: %v", u.Host, err),
 			"check servers, the network and the firewall (the bridge listens on port 8883)")
 		return nil
@@ -309,16 +312,18 @@ func (r *runner) checkConnect(cfg *gateway.Config, name string, g *gatewayCheck)
 	closeCtx, cancelClose := context.WithTimeout(context.Background(), closeTimeout)
 	_ = s.Close(closeCtx)
 	cancelClose()
-	fix := "check servers and the network"
+	detail, fix := "not connected: "+err.Error(), "check servers and the network"
 	switch {
 	case errors.Is(err, gateway.ErrNotAuthorized):
+		detail = "the bridge refused the connection: " + err.Error()
 		fix = fmt.Sprintf("register the public key of %s for gateway %s in OmniCore (or correct algorithm and subscription_id), and check the clock", g.opts.PrivateKey, g.opts.GatewayID)
 	case strings.Contains(err.Error(), "dentifier rejected"):
+		detail = "the bridge refused the connection: " + err.Error()
 		fix = "correct subscription_id, registry_id and gateway_id (the client ID " + g.clientID + ")"
 	case strings.Contains(err.Error(), "TLS"):
 		fix = "see the TLS check"
 	}
-	r.fail(name, "the bridge refused the connection: "+err.Error(), fix)
+	r.fail(name, detail, fix)
 	return nil
 }
 
@@ -339,7 +344,7 @@ func waitConnect(ctx context.Context, s *gateway.Session) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("no answer from the bridge within %s", connectTimeout)
+			return errors.New("no CONNACK from the bridge in time")
 		case <-tick.C:
 		}
 	}

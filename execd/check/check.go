@@ -106,7 +106,13 @@ func Main(args []string, env Env) int {
 		fmt.Fprintf(env.Stdout, "usage: %s\n", Usage)
 		return 2
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	if *timeout < 2*closeTimeout {
+		fmt.Fprintf(env.Stdout, "-timeout %s is too short: at least %s\n", *timeout, 2*closeTimeout)
+		return 2
+	}
+	// The checks end closeTimeout early: closing the check's connections
+	// takes up to that after them.
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout-closeTimeout)
 	defer cancel()
 	results := Run(ctx, cfgs, env)
 	failed := 0

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -87,20 +88,28 @@ func (s *setup) file(t *testing.T, table string, extra ...string) string {
 	return path
 }
 
-func (s *setup) run(t *testing.T, env check.Env, files ...string) (int, []string) {
+func (s *setup) run(t *testing.T, env check.Env, flags []string, files ...string) (int, []string) {
 	t.Helper()
 	var out bytes.Buffer
 	env.Stdout = &out
 	if env.DateURL == nil {
 		env.DateURL = func(string) string { return s.dateURL }
 	}
-	args := []string{}
+	args := append([]string{}, flags...)
 	for _, f := range files {
 		args = append(args, "-config", f)
 	}
+	timeout := check.DefaultTimeout
+	for i, a := range args {
+		if a == "-timeout" {
+			var err error
+			timeout, err = time.ParseDuration(args[i+1])
+			require.NoError(t, err)
+		}
+	}
 	start := time.Now()
 	code := check.Main(args, env)
-	require.Less(t, time.Since(start), check.DefaultTimeout)
+	require.Less(t, time.Since(start), timeout, "the check took longer than -timeout")
 	t.Logf("output:\n%s", out.String())
 	return code, strings.Split(strings.TrimSpace(out.String()), "\n")
 }
@@ -129,6 +138,7 @@ func TestCheck(t *testing.T) {
 		// prepare returns the files to check; it may change the setup.
 		prepare func(t *testing.T, s *setup) []string
 		env     check.Env
+		args    []string // more flags
 		// fails are the ✘ lines expected, each as substrings; no other
 		// line may be ✘.
 		fails  [][]string
@@ -306,12 +316,45 @@ func TestCheck(t *testing.T) {
 			},
 			skips: [][]string{{"token of gateway gw-1", "started with", "may hold the gateway's connection"}, {"devices of gateway gw-1"}},
 		},
+		{
+			name: "bridge that never answers: within -timeout",
+			prepare: func(t *testing.T, s *setup) []string {
+				// Accepts connections and says nothing: no TLS handshake.
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				require.NoError(t, err)
+				t.Cleanup(func() { ln.Close() })
+				go func() {
+					var held []net.Conn
+					defer func() {
+						for _, c := range held {
+							c.Close()
+						}
+					}()
+					for {
+						c, err := ln.Accept()
+						if err != nil {
+							return
+						}
+						held = append(held, c)
+					}
+				}()
+				path := s.file(t, "outputs.omnicore", `  devices = ["dev-a"]`)
+				data, err := os.ReadFile(path)
+				require.NoError(t, err)
+				data = []byte(strings.Replace(string(data), s.srv.TLSURL, "tls://"+ln.Addr().String(), 1))
+				require.NoError(t, os.WriteFile(path, data, 0o600))
+				return []string{path}
+			},
+			args:  []string{"-timeout", "10s"},
+			fails: [][]string{{"TLS 127.0.0.1", "no TLS handshake"}, {"token of gateway gw-1", "no CONNACK"}},
+			skips: [][]string{{"devices of gateway gw-1"}},
+		},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newSetup(t)
 			files := tc.prepare(t, s)
-			code, lines := s.run(t, tc.env, files...)
+			code, lines := s.run(t, tc.env, tc.args, files...)
 			for _, f := range tc.fails {
 				require.Len(t, find(lines, "✘", f...), 1, "one ✘ line with %q", f)
 			}
