@@ -145,6 +145,8 @@ type runner struct {
 	env     Env
 	ctx     context.Context
 	results []Result
+	// stateDirBad is set when the state directory failed its check.
+	stateDirBad bool
 }
 
 func (r *runner) add(res Result) {

@@ -349,6 +349,20 @@ func TestCheck(t *testing.T) {
 			fails: [][]string{{"TLS 127.0.0.1", "no TLS handshake"}, {"token of gateway gw-1", "no CONNACK"}},
 			skips: [][]string{{"devices of gateway gw-1"}},
 		},
+		{
+			name: "state directory writable by others",
+			prepare: func(t *testing.T, s *setup) []string {
+				dir := filepath.Join(t.TempDir(), "open")
+				require.NoError(t, os.Mkdir(dir, 0o700))
+				require.NoError(t, os.Chmod(dir, 0o777))
+				t.Setenv("STATE_DIRECTORY", dir)
+				return []string{s.file(t, "outputs.omnicore", `  devices = ["dev-a"]`)}
+			},
+			fails: [][]string{{"state directory", "mode 0777", "chmod go-w"}},
+			// Whether a running process holds the gateway cannot be told
+			// without the sharing directory: no connect.
+			skips: [][]string{{"spool of [[outputs.omnicore]]", "fails its check above"}, {"token of gateway gw-1", "cannot tell"}, {"devices of gateway gw-1"}},
+		},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -49,6 +49,7 @@ func (r *runner) checkKey(g *gatewayCheck) (usable bool) {
 func (r *runner) checkStateDir() {
 	name := "state directory"
 	dir, err := statedir.Resolve()
+	r.stateDirBad = err != nil
 	if err != nil {
 		r.fail(name, err.Error(), "run the check as the user Telegraf runs as (sudo -u telegraf ...); otherwise see the message ($STATE_DIRECTORY chooses another directory)")
 		return
@@ -73,6 +74,10 @@ func (r *runner) checkSpool(p *plugin) {
 		return
 	}
 	name := "spool of " + p.name()
+	if p.output.SpoolDir == "" && r.stateDirBad {
+		r.skip(name, "it is in the state directory, which fails its check above")
+		return
+	}
 	dir, err := p.output.SpoolPath(p.alias)
 	if err != nil {
 		r.fail(name, err.Error(), "set spool_dir to a private directory of the user Telegraf runs as")
