@@ -192,7 +192,8 @@ func (r *runner) run(paths []string) {
 			continue
 		}
 		if len(ps) == 0 {
-			r.fail("config "+p, "no [[outputs.omnicore]] or [[inputs.omnicore]] table", "name a plugin file or the telegraf.conf that holds the omnicore tables")
+			r.fail("config "+p, "no [[outputs.omnicore]] or [[inputs.omnicore]] table",
+				"name the files that hold them: for Telegraf's execd, the plugin file after -config in each [[outputs.execd]] and [[inputs.execd]] command")
 			continue
 		}
 		plugins = append(plugins, ps...)
