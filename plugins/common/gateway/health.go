@@ -190,6 +190,7 @@ type healthPublisher struct {
 	connects       uint64
 	failures       uint64
 	lost           uint64
+	refusedCount   uint64
 }
 
 func newHealthPublisher(conn Conn, set HealthSettings) *healthPublisher {
@@ -259,11 +260,13 @@ func (p *healthPublisher) publish(payload []byte) error {
 }
 
 // observe follows the connection from the counters and reports whether it
-// changed meaningfully: connected, disconnected, or a connect failed.
+// changed meaningfully: connected, disconnected, a connect failed, a device
+// refused.
 func (p *healthPublisher) observe(st Stats, now time.Time) bool {
 	if !p.seen {
 		p.seen = true
 		p.connected, p.connects, p.failures, p.lost = st.Connected, st.Connects, st.ConnectFailures, st.ConnectionLost
+		p.refusedCount = st.AttachesFailed + st.DevicesRefused
 		if st.Connected {
 			p.connectedSince = now
 		}
@@ -288,6 +291,12 @@ func (p *healthPublisher) observe(st Stats, now time.Time) bool {
 		changed = true
 	}
 	if !st.Connected && p.connected {
+		changed = true
+	}
+	// A refused device: the bridge's error may have been published before
+	// the session counted the refusal.
+	if refused := st.AttachesFailed + st.DevicesRefused; refused > p.refusedCount {
+		p.refusedCount = refused
 		changed = true
 	}
 	p.connected, p.connects, p.failures, p.lost = st.Connected, st.Connects, st.ConnectFailures, st.ConnectionLost

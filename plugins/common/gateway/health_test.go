@@ -125,7 +125,7 @@ func TestHealthState(t *testing.T) {
 
 	// So is a refused device.
 	require.ErrorIs(t, s.Attach(testCtx(t, 5*time.Second), "dev-unbound"), ErrAttachRefused)
-	refused := w.wait(t, func(h Health) bool { return h.LastError != nil })
+	refused := w.wait(t, func(h Health) bool { return h.Devices.Refused == 1 })
 	require.Equal(t, omnicore.ErrorAttachment, refused.LastError.Type)
 	require.Equal(t, "dev-unbound", refused.LastError.Device)
 	require.Contains(t, refused.LastError.Message, "not bound")
