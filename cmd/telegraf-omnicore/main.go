@@ -33,6 +33,7 @@ import (
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/check"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/outputs/omnicore"
@@ -148,6 +149,10 @@ func run(args []string, env environment) (status int) {
 		return 1
 	}
 	defer remove()
+	if len(args) > 0 && args[0] == "check" {
+		// telegraf-omnicore check -config FILE...: see execd/check.
+		return check.Main(args[1:], check.Env{Stdout: env.stdout})
+	}
 	log := logger.New("", "", "") // this program's own messages, without a plugin prefix
 	ignoreSignals(log)
 

@@ -600,11 +600,15 @@ func (s *Spool) readCursor() (Position, bool) {
 	if errors.Is(err, fs.ErrNotExist) {
 		return Position{}, false
 	}
-	if err != nil || len(b) != cursorSize || crc32.Checksum(b[:16], castagnoli) != binary.LittleEndian.Uint32(b[16:]) {
-		s.opts.Log.Warnf("The spool's release cursor is damaged or unreadable: replaying every segment (metrics already delivered may be sent again)")
-		return Position{}, false
+	var p Position
+	ok := false
+	if err == nil {
+		p, ok = decodeCursor(b)
 	}
-	return Position{Seq: binary.LittleEndian.Uint64(b[0:8]), Off: int64(binary.LittleEndian.Uint64(b[8:16]))}, true
+	if !ok {
+		s.opts.Log.Warnf("The spool's release cursor is damaged or unreadable: replaying every segment (metrics already delivered may be sent again)")
+	}
+	return p, ok
 }
 
 // persistCursor writes the release position when it changed (or always). A cursor that
@@ -1178,18 +1182,7 @@ func (s *Spool) Stats() Stats {
 }
 
 // appendTimeAt reads the append time of the record at p (0 when it cannot).
-func (s *Spool) appendTimeAt(p Position) int64 {
-	f, err := os.Open(filepath.Join(s.opts.Dir, segmentName(p.Seq)))
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	var h [recordHeader]byte
-	if _, err := f.ReadAt(h[:], p.Off); err != nil {
-		return 0
-	}
-	return int64(binary.LittleEndian.Uint64(h[8:16]))
-}
+func (s *Spool) appendTimeAt(p Position) int64 { return appendTimeIn(s.opts.Dir, p) }
 
 // Close writes and fsyncs what was appended, persists the release position
 // and releases the lock. While the disk is failed it tries it once more;

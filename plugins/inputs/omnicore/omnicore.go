@@ -17,6 +17,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/influxdata/telegraf"
+	"github.com/influxdata/telegraf/config"
 	"github.com/influxdata/telegraf/metric"
 	"github.com/influxdata/telegraf/plugins/inputs"
 	influxparser "github.com/influxdata/telegraf/plugins/parsers/influx"
@@ -86,6 +87,11 @@ type OmniCore struct {
 	// through a pool of gateways, the top-level one first.
 	Gateways []pool.GatewayOptions `toml:"gateways"`
 	Log      telegraf.Logger       `toml:"-"`
+
+	// HealthStateInterval publishes the gateway's health as its state
+	// (gateway.StartHealth); 0 is off.
+	HealthStateInterval config.Duration `toml:"health_state_interval"`
+	stopHealth          func()
 
 	// acquire returns a gateway's connection; gateway.Acquire outside tests.
 	acquire    func(*gateway.Config) (gateway.Conn, func(), error)
@@ -157,6 +163,9 @@ func (p *OmniCore) Init() error {
 	if slices.Contains(reservedTags, p.TopicTag) {
 		return fmt.Errorf("topic_tag %q would overwrite a tag the plugin sets; choose another name", p.TopicTag)
 	}
+	if err := gateway.ValidateHealthInterval(time.Duration(p.HealthStateInterval)); err != nil {
+		return err
+	}
 	if p.MaxUndeliveredMessages < 1 {
 		return fmt.Errorf("max_undelivered_messages %d must be at least 1", p.MaxUndeliveredMessages)
 	}
@@ -193,6 +202,10 @@ func (p *OmniCore) Start(acc telegraf.Accumulator) error {
 		p.stopStats = gatewaystats.ExportEach(conn, p.RegistryID, func() map[string]int64 {
 			return p.ownCounters(sem)
 		})
+	}
+	p.stopHealth = nil
+	if p.HealthStateInterval > 0 {
+		p.stopHealth = pool.StartHealth(conn, gateway.HealthSettings{Interval: time.Duration(p.HealthStateInterval), Route: gateway.Route(p.execd), Log: p.Log})
 	}
 	p.ctx, p.cancel = ctx, cancel
 	p.subs = nil
@@ -268,7 +281,7 @@ func (p *OmniCore) Stop() {
 	p.stopped = true
 	subs := p.subs
 	p.subs = nil
-	release, stopStats := p.release, p.stopStats
+	release, stopStats, stopHealth := p.release, p.stopStats, p.stopHealth
 	p.mu.Unlock()
 
 	for _, s := range subs {
@@ -279,6 +292,9 @@ func (p *OmniCore) Stop() {
 	p.wg.Wait()
 	if stopStats != nil {
 		stopStats()
+	}
+	if stopHealth != nil {
+		stopHealth()
 	}
 	release()
 }

@@ -101,6 +101,9 @@ type OmniCore struct {
 	StateMetrics  []string        `toml:"state_metrics"`
 	StateTag      string          `toml:"state_tag"`
 	WriteTimeout  config.Duration `toml:"write_timeout"`
+	// HealthStateInterval publishes the gateway's health as its state
+	// (gateway.StartHealth); 0 is off.
+	HealthStateInterval config.Duration `toml:"health_state_interval"`
 
 	// The spool options apply to the execd program only (see SpoolSettings).
 	Spool             bool            `toml:"spool"`
@@ -133,6 +136,7 @@ type OmniCore struct {
 	conn        gateway.Conn
 	release     func()
 	stopStats   func()
+	stopHealth  func()
 	stopAttach  context.CancelFunc
 	attachingWG sync.WaitGroup
 
@@ -176,6 +180,9 @@ func (o *OmniCore) Init() error {
 		return fmt.Errorf("write_timeout %s must be positive", time.Duration(o.WriteTimeout))
 	}
 	if err := o.checkSpoolOptions(); err != nil {
+		return err
+	}
+	if err := gateway.ValidateHealthInterval(time.Duration(o.HealthStateInterval)); err != nil {
 		return err
 	}
 	for _, d := range o.Devices {
@@ -249,6 +256,9 @@ func (o *OmniCore) Connect() error {
 	if !o.execd {
 		o.stopStats = gatewaystats.ExportEach(conn, o.RegistryID, nil)
 	}
+	if o.HealthStateInterval > 0 {
+		o.stopHealth = pool.StartHealth(conn, gateway.HealthSettings{Interval: time.Duration(o.HealthStateInterval), Route: gateway.Route(o.execd), Log: o.Log})
+	}
 	if len(o.Devices) > 0 {
 		ctx, cancel := context.WithCancel(context.Background())
 		o.stopAttach = cancel
@@ -302,6 +312,10 @@ func (o *OmniCore) Close() error {
 	if o.stopStats != nil {
 		o.stopStats()
 		o.stopStats = nil
+	}
+	if o.stopHealth != nil {
+		o.stopHealth()
+		o.stopHealth = nil
 	}
 	if o.release != nil {
 		o.release()

@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -60,14 +61,33 @@ func (o *OmniCore) SpoolSettings(output string) (SpoolSettings, error) {
 	if err != nil {
 		return st, fmt.Errorf("spool: %w (or set spool_dir)", err)
 	}
-	identity := o.cfg.ClientID() + "@" + strings.Join(o.cfg.Servers, ",")
-	sum := sha256.Sum256([]byte(identity + "\x00" + output))
-	dir, err := statedir.Private(base, "spool", o.cfg.GatewayID+"-"+hex.EncodeToString(sum[:8]))
+	dir, err := statedir.Private(base, "spool", o.spoolName(output))
 	if err != nil {
 		return st, fmt.Errorf("spool: %w", err)
 	}
 	st.Dir = dir
 	return st, nil
+}
+
+// SpoolPath is the directory SpoolSettings returns, without creating it
+// (telegraf-omnicore check reads a spool that may belong to another user's
+// process); "" when the spool is off.
+func (o *OmniCore) SpoolPath(output string) (string, error) {
+	if !o.Spool || o.SpoolDir != "" {
+		return o.SpoolDir, nil
+	}
+	base, err := statedir.Resolve()
+	if err != nil {
+		return "", fmt.Errorf("spool: %w (or set spool_dir)", err)
+	}
+	return filepath.Join(base, "spool", o.spoolName(output)), nil
+}
+
+// spoolName is the default spool directory's name under {state}/spool.
+func (o *OmniCore) spoolName(output string) string {
+	identity := o.cfg.ClientID() + "@" + strings.Join(o.cfg.Servers, ",")
+	sum := sha256.Sum256([]byte(identity + "\x00" + output))
+	return o.cfg.GatewayID + "-" + hex.EncodeToString(sum[:8])
 }
 
 // GatewayConn is the gateway connection after Connect (nil before): the
