@@ -20,6 +20,7 @@ import (
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/internal/redact"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/ratelog"
 )
 
 // Session is one gateway connection to the OmniCore bridge. It follows paho
@@ -54,8 +55,17 @@ type Session struct {
 	// stateNext keeps, for devices forgotten by Detach, the earliest time
 	// of their next state message, so that pacing survives a detach.
 	stateNext map[string]time.Time
-	// refusedLog rate-limits the max_devices warning.
-	refusedLog time.Time
+	// refused keeps the devices the bridge refused while they back off,
+	// apart from devices, so that they hold no max_devices slot (see
+	// refusal). probation counts the devices of devices on their first
+	// attach, which hold a slot only until it ends; slotFreed is closed
+	// and replaced whenever a device leaves devices.
+	refused   map[string]*refusal
+	probation int
+	slotFreed chan struct{}
+	// warn logs each kind of per-device warning at most once per
+	// warnInterval, with the count held back.
+	warn *ratelog.Limiter
 
 	c counters
 }
@@ -204,7 +214,25 @@ type device struct {
 	hasConfig   bool
 	stateTurn   chan struct{} // one state message of the device at a time
 	nextState   time.Time     // earliest time the next state message may go
+	// probation: admitted for a first attach that has not succeeded yet,
+	// by a caller that does not listen to the device. It leaves devices
+	// when that attach fails, so a junk ID holds its slot for one round
+	// trip, never for detach_idle.
+	probation bool
 }
+
+// refusal is what the session remembers of a device the bridge refused,
+// outside the device table: enough to answer at once while it backs off
+// and to lengthen the next back-off. At most maxRefusals are kept.
+type refusal struct {
+	failures int
+	retryAt  time.Time
+	err      error
+}
+
+// warnInterval is how often one kind of per-device warning is logged, as
+// the README promises; the others go to debug level and are counted.
+const warnInterval = 10 * time.Second
 
 type attachAttempt struct {
 	gen     uint64
@@ -276,6 +304,9 @@ func New(cfg *Config) (*Session, error) {
 		devices:   make(map[string]*device),
 		handlers:  make(map[uint64]*handlerEntry),
 		stateNext: make(map[string]time.Time),
+		refused:   make(map[string]*refusal),
+		slotFreed: make(chan struct{}),
+		warn:      ratelog.New(log, warnInterval),
 	}
 	s.c.errorsByType = make(map[string]uint64)
 	s.c.droppedByReason = make(map[string]uint64)
@@ -597,7 +628,7 @@ func (s *Session) rebuild(cs *connection, renewing bool) error {
 					}
 					if s.wantsSubscription(id) {
 						if err := s.subscribeDevice(cs, id); err != nil {
-							s.log.Warnf("Restoring subscriptions of device %q failed: %v", id, err)
+							s.warn.Warnf("subscribe_failed", "Restoring subscriptions of device %q failed: %v", id, err)
 						}
 					}
 				}
@@ -1022,10 +1053,21 @@ func (s *Session) attachOn(ctx context.Context, cs *connection, id string, use b
 		s.mu.Unlock()
 		return ErrClosed
 	}
-	d, err := s.admitDeviceLocked(id)
+	if r, ok := s.refused[id]; ok && !s.wantsSubscriptionLocked(id) {
+		if wait := time.Until(r.retryAt); wait > 0 {
+			s.mu.Unlock()
+			return fmt.Errorf("%w (next attempt in %s)", r.err, wait.Round(time.Second))
+		}
+	}
+	d, err := s.admitDeviceLocked(ctx, id)
 	if err != nil {
 		s.mu.Unlock()
 		return err
+	}
+	if r, ok := s.refused[id]; ok {
+		// Back from its back-off: the next refusal waits longer.
+		d.failures = max(d.failures, r.failures)
+		delete(s.refused, id)
 	}
 	d.wanted = true
 	if use || d.lastUsed.IsZero() {
@@ -1062,6 +1104,7 @@ func (s *Session) attachOn(ctx context.Context, cs *connection, id string, use b
 		d.attachedGen = cs.gen
 		d.failures = 0
 		d.lastErr = nil
+		s.endProbationLocked(d)
 		s.c.attachesOK.Add(1)
 	case errors.Is(a.err, ErrAttachRefused):
 		// Refused devices wait before the next attempt, so that a device
@@ -1070,14 +1113,17 @@ func (s *Session) attachOn(ctx context.Context, cs *connection, id string, use b
 		d.lastErr = a.err
 		d.retryAt = time.Now().Add(retryBackoff(d.failures))
 		s.c.attachesFailed.Add(1)
-		s.log.Warnf("Attaching device %q failed: %v", id, a.err)
+		s.warn.Warnf("attach_refused", "Attaching device %q failed: %v", id, a.err)
 	case errors.Is(a.err, errAckTimeout):
 		// Neither PUBACK nor error: try again at once on the next call.
 		s.c.attachesFailed.Add(1)
-		s.log.Warnf("Attaching device %q: %v", id, a.err)
+		s.warn.Warnf("attach_timeout", "Attaching device %q: %v", id, a.err)
 	}
 	if d.attempt == a {
 		d.attempt = nil
+		if a.err != nil {
+			s.settleFailedAttachLocked(id, d)
+		}
 	}
 	subscribe := a.err == nil && s.wantsSubscriptionLocked(id)
 	s.mu.Unlock()
@@ -1087,7 +1133,7 @@ func (s *Session) attachOn(ctx context.Context, cs *connection, id string, use b
 		// SubscribeAll handlers too; not awaited, so telemetry is not held.
 		go func() {
 			if err := s.subscribeDevice(cs, id); err != nil && !cs.isLost() {
-				s.log.Warnf("Subscribing config and commands of %q failed: %v", id, err)
+				s.warn.Warnf("subscribe_failed", "Subscribing config and commands of %q failed: %v", id, err)
 			}
 		}()
 	}
@@ -1201,31 +1247,112 @@ func (s *Session) deviceLocked(id string) *device {
 	return d
 }
 
-// admitDeviceLocked is deviceLocked for a device about to be attached: a
-// device the session does not know yet is refused when max_devices are
-// known already (counted, with a warning at most once a minute).
-func (s *Session) admitDeviceLocked(id string) (*device, error) {
-	if d, ok := s.devices[id]; ok {
-		return d, nil
-	}
-	if s.cfg.MaxDevices > 0 && len(s.devices) >= s.cfg.MaxDevices {
-		s.c.devicesRefused.Add(1)
-		if now := time.Now(); now.Sub(s.refusedLog) >= time.Minute {
-			s.refusedLog = now
-			s.log.Warnf("Refusing device %q: the gateway already handles max_devices = %d devices (%d refused so far); idle devices are forgotten after detach_idle = %s",
-				id, s.cfg.MaxDevices, s.c.devicesRefused.Load(), s.cfg.DetachIdle)
+// admitDeviceLocked is deviceLocked for a device about to be attached. A
+// device the session does not know yet takes a slot on probation. When
+// max_devices are known already it waits (until ctx ends) while some of
+// them are on probation, whose slots free within a round trip; when none
+// are, it is refused (counted, with a warning at most once per
+// warnInterval). It unlocks s.mu while it waits.
+func (s *Session) admitDeviceLocked(ctx context.Context, id string) (*device, error) {
+	for {
+		if d, ok := s.devices[id]; ok {
+			return d, nil
 		}
-		return nil, fmt.Errorf("%w: device %q: %w (%d)", ErrAttachRefused, id, ErrTooManyDevices, s.cfg.MaxDevices)
+		if s.closed {
+			return nil, ErrClosed
+		}
+		if s.cfg.MaxDevices <= 0 || len(s.devices) < s.cfg.MaxDevices {
+			d := s.deviceLocked(id)
+			if !s.wantsSubscriptionLocked(id) {
+				d.probation = true
+				s.probation++
+			}
+			return d, nil
+		}
+		if s.probation == 0 {
+			s.c.devicesRefused.Add(1)
+			s.warn.Warnf("max_devices", "Refusing device %q: the gateway already handles max_devices = %d devices (%d refused so far); idle devices are forgotten after detach_idle = %s",
+				id, s.cfg.MaxDevices, s.c.devicesRefused.Load(), s.cfg.DetachIdle)
+			return nil, fmt.Errorf("%w: device %q: %w (%d)", ErrAttachRefused, id, ErrTooManyDevices, s.cfg.MaxDevices)
+		}
+		freed := s.slotFreed
+		s.mu.Unlock()
+		select {
+		case <-freed:
+		case <-ctx.Done():
+		case <-s.ctx.Done():
+		}
+		s.mu.Lock()
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
 	}
-	return s.deviceLocked(id), nil
 }
 
-// forgetLocked removes a device, keeping its state pacing for later.
+// endProbationLocked makes d a full member of the device table.
+func (s *Session) endProbationLocked(d *device) {
+	if d.probation {
+		d.probation = false
+		s.probation--
+	}
+}
+
+// settleFailedAttachLocked decides where a device goes after its attach
+// failed. A device someone listens to stays in the table (healLoop retries
+// it). Any other device the bridge refused leaves it for the refused
+// table, where it waits out its back-off without holding a max_devices
+// slot; one on probation that failed otherwise (timeout, connection lost)
+// leaves it too, to be admitted again on its next message.
+func (s *Session) settleFailedAttachLocked(id string, d *device) {
+	if s.wantsSubscriptionLocked(id) {
+		s.endProbationLocked(d)
+		return
+	}
+	refused := d.lastErr != nil && time.Now().Before(d.retryAt)
+	if refused {
+		s.rememberRefusalLocked(id, &refusal{failures: d.failures, retryAt: d.retryAt, err: d.lastErr})
+	}
+	if refused || d.probation {
+		s.forgetLocked(id, d)
+	}
+}
+
+// maxRefusals bounds the refused table. Past it, entries whose back-off
+// has ended go first, then any: a device forgotten early is only tried
+// again sooner.
+const maxRefusals = 16384
+
+func (s *Session) rememberRefusalLocked(id string, r *refusal) {
+	if len(s.refused) >= maxRefusals {
+		now := time.Now()
+		for k, old := range s.refused {
+			if now.After(old.retryAt) {
+				delete(s.refused, k)
+			}
+		}
+		for k := range s.refused {
+			if len(s.refused) < maxRefusals*3/4 {
+				break
+			}
+			delete(s.refused, k)
+		}
+	}
+	s.refused[id] = r
+}
+
+// forgetLocked removes a device, keeping its state pacing for later, and
+// wakes the callers waiting for a slot.
 func (s *Session) forgetLocked(id string, d *device) {
 	if time.Now().Before(d.nextState) {
 		s.stateNext[id] = d.nextState
 	}
+	if s.devices[id] != d {
+		return
+	}
+	s.endProbationLocked(d)
 	delete(s.devices, id)
+	close(s.slotFreed)
+	s.slotFreed = make(chan struct{})
 }
 
 // keepAcked records an acknowledged data message under its packet ID.
@@ -1256,7 +1383,7 @@ func (s *Session) resend(msg Message, errType string) {
 	defer cancel()
 	if err := s.Publish(ctx, msg); err != nil {
 		s.CountDrop(dropErrorAfterAck, 1)
-		s.log.Errorf("The bridge acknowledged a message of device %q and then reported %s for it; sending it again failed: %v", msg.Device, errType, err)
+		s.warn.Errorf(dropErrorAfterAck, "The bridge acknowledged a message of device %q and then reported %s for it; sending it again failed: %v", msg.Device, errType, err)
 		return
 	}
 	s.log.Debugf("Sent a message of device %q again: the bridge reported %s after acknowledging it", msg.Device, errType)
@@ -1433,7 +1560,7 @@ func (s *Session) SubscribeAll(h Handler) Subscription {
 		}
 		for _, id := range ids {
 			if err := s.subscribeDevice(cs, id); err != nil {
-				s.log.Warnf("Subscribing config and commands of %q failed: %v", id, err)
+				s.warn.Warnf("subscribe_failed", "Subscribing config and commands of %q failed: %v", id, err)
 			}
 		}
 	}()
@@ -1542,7 +1669,7 @@ func (s *Session) onMessage(cs *connection, m mqtt.Message) {
 	p, err := omnicore.ParseTopic(m.Topic())
 	if err != nil || p.Registry != s.cfg.RegistryID {
 		s.CountDrop(dropInboundUnroutable, 1)
-		s.log.Warnf("Dropping a message on unexpected topic %q", m.Topic())
+		s.warn.Warnf(dropInboundUnroutable, "Dropping a message on unexpected topic %q", m.Topic())
 		return
 	}
 	in := Inbound{
@@ -1559,7 +1686,7 @@ func (s *Session) onMessage(cs *connection, m mqtt.Message) {
 	case omnicore.KindCommands, omnicore.KindConfig:
 	default:
 		s.CountDrop(dropInboundUnroutable, 1)
-		s.log.Warnf("Dropping a message on unexpected topic %q", m.Topic())
+		s.warn.Warnf(dropInboundUnroutable, "Dropping a message on unexpected topic %q", m.Topic())
 		return
 	}
 	if p.Kind == omnicore.KindConfig {
@@ -1612,7 +1739,7 @@ func (s *Session) handleBridgeError(cs *connection, payload []byte) {
 			why = redact.Error(err, payload)
 		}
 		// The size, never the bytes (no payload in any log).
-		s.log.Warnf("Unparseable message of %d bytes on the errors topic: %s", len(payload), why)
+		s.warn.Warnf("errors_unparseable", "Unparseable message of %d bytes on the errors topic: %s", len(payload), why)
 		return
 	}
 	s.countError(e.ErrorType)
@@ -1635,7 +1762,7 @@ func (s *Session) handleBridgeError(cs *connection, payload []byte) {
 		}
 		s.mu.Unlock()
 	case omnicore.ErrorDeviceNotFound, omnicore.ErrorDetachedByError:
-		s.log.Warnf("Bridge error %s for device %q: %s", e.ErrorType, e.DeviceID, e.Description)
+		s.warn.Warnf("bridge_error_"+e.ErrorType, "Bridge error %s for device %q: %s", e.ErrorType, e.DeviceID, e.Description)
 		s.markDetached(cs, e.DeviceID)
 		if e.MessageInfo != nil && e.MessageInfo.PacketID != 0 {
 			cs.mu.Lock()
@@ -1657,7 +1784,7 @@ func (s *Session) handleBridgeError(cs *connection, payload []byte) {
 		// A subscribed device the bridge detached is re-attached by
 		// healLoop within healInterval; others on their next publish.
 	default:
-		s.log.Warnf("Bridge error %s for device %q: %s", e.ErrorType, e.DeviceID, e.Description)
+		s.warn.Warnf("bridge_error_"+e.ErrorType, "Bridge error %s for device %q: %s", e.ErrorType, e.DeviceID, e.Description)
 	}
 }
 

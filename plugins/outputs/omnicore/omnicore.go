@@ -27,6 +27,7 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/ratelog"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 )
@@ -122,7 +123,7 @@ type OmniCore struct {
 	stateFilter filter.Filter
 	routingTags []string
 	parallel    int
-	warnings    *warnLimiter
+	warnings    *ratelog.Limiter
 	// execd is runmode.Execd() at Init: the execd binary reports the
 	// gateway's figures itself (omnicore_gateway), so no selfstat export.
 	execd bool
@@ -231,7 +232,7 @@ func (o *OmniCore) Init() error {
 		o.serializer = s
 	}
 	o.execd = runmode.Execd()
-	o.warnings = newWarnLimiter(o.Log, warnInterval)
+	o.warnings = ratelog.New(o.Log, warnInterval)
 	o.nextState = make(map[string]time.Time)
 	return nil
 }
@@ -469,7 +470,7 @@ func (o *OmniCore) route(m telegraf.Metric, st *writeStats) (destination, bool) 
 	if !ok {
 		if o.MissingDevice == missingDrop {
 			o.drop(st, dropMissingDevice, m)
-			o.warnings.warnf(dropMissingDevice, "Dropping metric %q without the device tag %q (missing_device = %q)",
+			o.warnings.Warnf(dropMissingDevice, "Dropping metric %q without the device tag %q (missing_device = %q)",
 				m.Name(), o.DeviceIDTag, o.MissingDevice)
 			return destination{}, false
 		}
@@ -477,7 +478,7 @@ func (o *OmniCore) route(m telegraf.Metric, st *writeStats) (destination, bool) 
 	}
 	if err := omnicore.ValidateID(device); err != nil {
 		o.drop(st, dropInvalidDevice, m)
-		o.warnings.warnf(dropInvalidDevice, "Dropping metric %q: tag %q is not a valid device ID: %v", m.Name(), o.DeviceIDTag, err)
+		o.warnings.Warnf(dropInvalidDevice, "Dropping metric %q: tag %q is not a valid device ID: %v", m.Name(), o.DeviceIDTag, err)
 		return destination{}, false
 	}
 	dst := destination{device: device, kind: omnicore.KindEvents}
@@ -491,7 +492,7 @@ func (o *OmniCore) route(m telegraf.Metric, st *writeStats) (destination, bool) 
 	}
 	if err != nil {
 		o.drop(st, dropInvalidSubfolder, m)
-		o.warnings.warnf(dropInvalidSubfolder, "Dropping metric %q of device %q: %v", m.Name(), device, err)
+		o.warnings.Warnf(dropInvalidSubfolder, "Dropping metric %q of device %q: %v", m.Name(), device, err)
 		return destination{}, false
 	}
 	dst.subfolder = sub
@@ -671,7 +672,7 @@ func (o *OmniCore) serializeOne(dst destination, e entry, st *writeStats) ([]byt
 	payload, err := o.serializer.Serialize(e.out)
 	if err != nil {
 		o.drop(st, dropSerialize, e.orig)
-		o.warnings.warnf(dropSerialize, "Dropping metric %q of device %q: serializing failed: %v", e.orig.Name(), dst.device, err)
+		o.warnings.Warnf(dropSerialize, "Dropping metric %q of device %q: serializing failed: %v", e.orig.Name(), dst.device, err)
 		return nil, false
 	}
 	if len(payload) > limit(dst.kind) {
@@ -683,7 +684,7 @@ func (o *OmniCore) serializeOne(dst destination, e entry, st *writeStats) ([]byt
 
 func (o *OmniCore) dropTooLarge(st *writeStats, dst destination, m telegraf.Metric, size int) {
 	o.drop(st, dropTooLarge, m)
-	o.warnings.warnf(dropTooLarge, "Dropping metric %q of device %q: its %s payload is %d bytes, over the bridge's limit of %d",
+	o.warnings.Warnf(dropTooLarge, "Dropping metric %q of device %q: its %s payload is %d bytes, over the bridge's limit of %d",
 		m.Name(), dst.device, dst.kind, size, limit(dst.kind))
 }
 
@@ -701,7 +702,7 @@ func (o *OmniCore) serializeBatch(msgs []message, dst destination, entries []ent
 		return append(msgs, o.newMessage(dst, payload, entries...))
 	case len(entries) == 1 && err != nil:
 		o.drop(st, dropSerialize, entries[0].orig)
-		o.warnings.warnf(dropSerialize, "Dropping metric %q of device %q: serializing failed: %v", entries[0].orig.Name(), dst.device, err)
+		o.warnings.Warnf(dropSerialize, "Dropping metric %q of device %q: serializing failed: %v", entries[0].orig.Name(), dst.device, err)
 		return msgs
 	case len(entries) == 1:
 		o.dropTooLarge(st, dst, entries[0].orig, len(payload))
@@ -792,7 +793,7 @@ func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) 
 			return
 		default:
 			st.dropped[reason] += len(msg.metrics)
-			o.warnings.warnf(reason, "Dropping %d metrics of device %q: %v", len(msg.metrics), msg.Device, err)
+			o.warnings.Warnf(reason, "Dropping %d metrics of device %q: %v", len(msg.metrics), msg.Device, err)
 		}
 		for _, m := range msg.metrics {
 			st.settled[m] = err == nil
@@ -889,42 +890,6 @@ func formatCounts(counts map[string]int) string {
 		parts[i] = fmt.Sprintf("%s=%d", k, counts[k])
 	}
 	return strings.Join(parts, " ")
-}
-
-// warnLimiter logs a warning per key at most once per interval; the rest go
-// to debug level and are summed up in the next warning.
-type warnLimiter struct {
-	log      telegraf.Logger
-	interval time.Duration
-
-	mu         sync.Mutex
-	last       map[string]time.Time
-	suppressed map[string]int
-}
-
-func newWarnLimiter(log telegraf.Logger, interval time.Duration) *warnLimiter {
-	return &warnLimiter{log: log, interval: interval, last: make(map[string]time.Time), suppressed: make(map[string]int)}
-}
-
-func (w *warnLimiter) warnf(key, format string, args ...any) {
-	w.mu.Lock()
-	now := time.Now()
-	last, seen := w.last[key]
-	if seen && now.Sub(last) < w.interval {
-		w.suppressed[key]++
-		w.mu.Unlock()
-		w.log.Debugf(format, args...)
-		return
-	}
-	n := w.suppressed[key]
-	w.last[key] = now
-	w.suppressed[key] = 0
-	w.mu.Unlock()
-	msg := fmt.Sprintf(format, args...)
-	if n > 0 {
-		msg += fmt.Sprintf(" (and %d more like it in the last %s)", n, now.Sub(last).Round(time.Second))
-	}
-	w.log.Warn(msg)
 }
 
 func init() {
