@@ -135,6 +135,11 @@ type Stats struct {
 	ErrorsByType     map[string]uint64
 	DroppedByReason  map[string]uint64
 	Gauges           map[string]int64 `json:",omitempty"` // ReportGauges, summed over live sources
+
+	// DuplicateSuspected counts connections the bridge closed soon after
+	// connecting, from the 3rd in a row: a probable second connection with
+	// the same client ID.
+	DuplicateSuspected uint64
 }
 
 // GaugeTTL is how long a source's ReportGauges figures stay in Stats without

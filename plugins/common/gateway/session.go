@@ -66,6 +66,9 @@ type Session struct {
 	// warn logs each kind of per-device warning at most once per
 	// warnInterval, with the count held back.
 	warn *ratelog.Limiter
+	// dupLog reports a probable duplicate client ID at most once per
+	// duplicateLogInterval.
+	dupLog *ratelog.Limiter
 
 	c counters
 }
@@ -268,6 +271,7 @@ type counters struct {
 	attachesOK, attachesFailed, detaches                atomic.Uint64
 	published, acked, retries, received                 atomic.Uint64
 	devicesRefused, resentAfterError                    atomic.Uint64
+	duplicateSuspected                                  atomic.Uint64
 	mu                                                  sync.Mutex
 	errorsByType, droppedByReason                       map[string]uint64
 	gauges                                              gaugeBook
@@ -307,6 +311,7 @@ func New(cfg *Config) (*Session, error) {
 		refused:   make(map[string]*refusal),
 		slotFreed: make(chan struct{}),
 		warn:      ratelog.New(log, warnInterval),
+		dupLog:    ratelog.New(log, duplicateLogInterval),
 	}
 	s.c.errorsByType = make(map[string]uint64)
 	s.c.droppedByReason = make(map[string]uint64)
@@ -409,6 +414,9 @@ func (s *Session) run() {
 	// renewing: this connect follows a token renewal, which is routine
 	// (every token_lifetime) and logged at debug level.
 	renewing := false
+	// shortLived counts the connections in a row the bridge closed soon
+	// after connecting (see noteLoss).
+	shortLived := 0
 	for s.ctx.Err() == nil {
 		gen++
 		cs, err := s.connect(gen)
@@ -429,8 +437,9 @@ func (s *Session) run() {
 		backoff = s.cfg.MinReconnect
 		s.c.connects.Add(1)
 		s.setLastErr(nil)
+		connectedAt := time.Now()
 		s.mu.Lock()
-		s.prevConnect, s.lastConnect = s.lastConnect, time.Now()
+		s.prevConnect, s.lastConnect = s.lastConnect, connectedAt
 		s.mu.Unlock()
 		if renewing {
 			s.log.Debugf("Connected to the bridge as %q with the renewed token", s.clientID)
@@ -459,7 +468,8 @@ func (s *Session) run() {
 				break
 			}
 			s.c.connectionLost.Add(1)
-			s.log.Warnf("Connection to the bridge lost; reconnecting")
+			s.warn.Warnf("connection_lost", "Connection to the bridge lost; reconnecting")
+			shortLived = s.noteLoss(shortLived, time.Since(connectedAt))
 		case <-renew.C:
 			planned, renewing = true, true
 			s.c.renewals.Add(1)
@@ -468,6 +478,9 @@ func (s *Session) run() {
 			planned = true
 		}
 		renew.Stop()
+		if planned {
+			shortLived = 0
+		}
 		s.takeDown(cs, planned)
 		if !planned {
 			// A short pause before the first retry avoids a hot loop when
@@ -477,6 +490,37 @@ func (s *Session) run() {
 			}
 		}
 	}
+}
+
+// A connection the bridge closes within shortLivedConnection of its CONNACK,
+// duplicateAfter times in a row, is most likely a second connection with the
+// same client ID: the bridge keeps one per client ID and closes the older
+// one whenever the other connects, so two processes of one gateway kick
+// each other off in turn.
+const (
+	shortLivedConnection = 5 * time.Second
+	duplicateAfter       = 3
+	// duplicateLogInterval is how often the duplicate is reported while
+	// the kicks go on.
+	duplicateLogInterval = time.Minute
+)
+
+// noteLoss counts an unplanned loss of a connection that lived for lived
+// and returns the new count of short-lived connections in a row; from
+// duplicateAfter on it reports a probable duplicate client ID.
+func (s *Session) noteLoss(shortLived int, lived time.Duration) int {
+	if lived > shortLivedConnection {
+		return 0
+	}
+	shortLived++
+	if shortLived >= duplicateAfter {
+		s.c.duplicateSuspected.Add(1)
+		s.dupLog.Errorf("duplicate_client_id", "The bridge closed %d connections in a row within %s of connecting: probably a second connection "+
+			"with the same gateway ID %q (another host, a cloned image, a test run or `telegraf --test` with this configuration). "+
+			"The bridge keeps one connection per client ID %q and closes the other whenever one connects; stop the other process or give it its own gateway",
+			shortLived, shortLivedConnection, s.cfg.GatewayID, s.clientID)
+	}
+	return shortLived
 }
 
 // connect makes one MQTT connection with a freshly minted token.
@@ -1885,24 +1929,25 @@ func (s *Session) Stats() Stats {
 	}
 	s.mu.Unlock()
 	st := Stats{
-		Connected:        connected,
-		Connects:         s.c.connects.Load(),
-		ConnectFailures:  s.c.connectFailures.Load(),
-		ConnectionLost:   s.c.connectionLost.Load(),
-		TokenRenewals:    s.c.renewals.Load(),
-		AttachesOK:       s.c.attachesOK.Load(),
-		AttachesFailed:   s.c.attachesFailed.Load(),
-		Detaches:         s.c.detaches.Load(),
-		Attached:         attached,
-		Published:        s.c.published.Load(),
-		Acked:            s.c.acked.Load(),
-		Retries:          s.c.retries.Load(),
-		Received:         s.c.received.Load(),
-		DevicesRefused:   s.c.devicesRefused.Load(),
-		ResentAfterError: s.c.resentAfterError.Load(),
-		Known:            known,
-		ErrorsByType:     make(map[string]uint64),
-		DroppedByReason:  make(map[string]uint64),
+		Connected:          connected,
+		Connects:           s.c.connects.Load(),
+		ConnectFailures:    s.c.connectFailures.Load(),
+		ConnectionLost:     s.c.connectionLost.Load(),
+		TokenRenewals:      s.c.renewals.Load(),
+		AttachesOK:         s.c.attachesOK.Load(),
+		AttachesFailed:     s.c.attachesFailed.Load(),
+		Detaches:           s.c.detaches.Load(),
+		Attached:           attached,
+		Published:          s.c.published.Load(),
+		Acked:              s.c.acked.Load(),
+		Retries:            s.c.retries.Load(),
+		Received:           s.c.received.Load(),
+		DevicesRefused:     s.c.devicesRefused.Load(),
+		ResentAfterError:   s.c.resentAfterError.Load(),
+		DuplicateSuspected: s.c.duplicateSuspected.Load(),
+		Known:              known,
+		ErrorsByType:       make(map[string]uint64),
+		DroppedByReason:    make(map[string]uint64),
 	}
 	s.c.mu.Lock()
 	for k, v := range s.c.errorsByType {
