@@ -1,9 +1,3 @@
-// Package gateway is the OmniCore gateway session: one MQTT connection to the
-// bridge that speaks for many devices. It owns the connection (JWT minting and
-// renewal, reconnects with back-off), the attachments (pipelined QoS 1
-// attaches, re-attached after every connect), publishing with acknowledgement,
-// and routing of inbound config, commands and errors. Both plugins use it
-// through the Conn interface and never see paho.
 package gateway
 
 import (
