@@ -80,9 +80,11 @@ type Inbound struct {
 	Gateway string
 }
 
-// Handler receives inbound messages. It runs on the session's dispatch
-// goroutine: it may block briefly (back-pressure) but must not call back into
-// the session synchronously.
+// Handler receives inbound messages. Each subscription's handler runs on its
+// own goroutine, in order, fed by a bounded queue: a handler that blocks
+// delays only its own messages, and those its full queue cannot take are
+// dropped (counted as dropped_inbound_queue_full) rather than holding the
+// connection.
 type Handler func(Inbound)
 
 // Errors a caller can act on.

@@ -13,24 +13,43 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
-// queued is an inbound message waiting for dispatch; to, when set, limits it
-// to one handler (a config replayed to a late subscriber).
+// queued is an inbound message waiting in a subscriber's queue; replay
+// marks a config replayed to a late subscriber.
 type queued struct {
-	in Inbound
-	to *handlerEntry
+	in     Inbound
+	replay bool
 }
 
+// subscriberQueue is how many inbound messages wait for one subscriber's
+// handler. Past it, messages for that subscriber are dropped and counted
+// (dropInboundQueueFull): a slow or blocked handler costs its own messages,
+// never the connection's (see route).
+const subscriberQueue = 1024
+
+// handlerEntry is one subscriber: its filter, its handler, and its queue,
+// drained in order by its own goroutine (deliver).
 type handlerEntry struct {
 	device string // "" for SubscribeAll and errors
 	all    bool
 	errors bool
 	h      Handler
 
-	// Touched only by the dispatch goroutine: which devices' config this
+	queue chan queued
+	stop  chan struct{} // closed by Unsubscribe
+
+	// Touched only by the entry's goroutine: which devices' config this
 	// handler has had, and configs replayed to it that the bridge may still
 	// send too (the same payload arriving next is then not delivered twice).
 	hadConfig map[string]bool
 	replayed  map[string]string
+}
+
+// wants says whether in goes to this subscriber.
+func (e *handlerEntry) wants(in Inbound) bool {
+	if in.Kind == omnicore.KindErrors {
+		return e.errors
+	}
+	return e.all || (!e.errors && e.device == in.Device)
 }
 
 // Subscribe implements Conn.
@@ -126,14 +145,22 @@ type subscription struct {
 func (u subscription) Unsubscribe() {
 	u.s.mu.Lock()
 	defer u.s.mu.Unlock()
-	delete(u.s.handlers, u.id)
+	if e, ok := u.s.handlers[u.id]; ok {
+		delete(u.s.handlers, u.id)
+		close(e.stop)
+	}
 }
 
+// addHandler registers a subscriber and starts the goroutine that feeds
+// its handler.
 func (s *Session) addHandler(e *handlerEntry) Subscription {
+	e.queue = make(chan queued, subscriberQueue)
+	e.stop = make(chan struct{})
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.nextSubID++
 	s.handlers[s.nextSubID] = e
+	go s.deliver(e)
 	return subscription{s: s, id: s.nextSubID}
 }
 
@@ -244,14 +271,44 @@ func (s *Session) onMessage(cs *connection, m mqtt.Message) {
 		s.mu.Unlock()
 	}
 	s.c.received.Add(1)
-	s.enqueue(queued{in: in})
+	s.route(in)
 }
 
-func (s *Session) enqueue(q queued) {
-	select {
-	case s.inbound <- q:
-	case <-s.ctx.Done():
+// route queues in for every subscriber that wants it. It runs on paho's
+// router goroutine and never blocks: a QoS 1 Publish waits until what paho
+// read before its PUBACK is routed (waitRouted, so that a bridge error
+// about the message is seen first), and a blocked router would stall paho's
+// reader, so a slow handler would hold every outbound publish. A subscriber
+// whose queue is full loses the message instead, counted and logged.
+func (s *Session) route(in Inbound) {
+	full := 0
+	s.mu.Lock()
+	for _, e := range s.handlers {
+		if e.wants(in) && !e.offer(queued{in: in}) {
+			full++
+		}
 	}
+	s.mu.Unlock()
+	if full > 0 {
+		s.dropFull(in, full)
+	}
+}
+
+// offer queues q for the subscriber unless its queue is full.
+func (e *handlerEntry) offer(q queued) bool {
+	select {
+	case e.queue <- q:
+		return true
+	default:
+		return false
+	}
+}
+
+// dropFull counts and reports a message n subscribers' full queues lost.
+func (s *Session) dropFull(in Inbound, n int) {
+	s.CountDrop(dropInboundQueueFull, uint64(n))
+	s.warn.Warnf(dropInboundQueueFull, "Dropping a %s message of device %q for %d subscribers: their queue of %d messages is full (their handler is slow or blocked)",
+		in.Kind, in.Device, n, subscriberQueue)
 }
 
 // replayConfig queues device's latest config for one handler.
@@ -270,7 +327,9 @@ func (s *Session) replayConfig(e *handlerEntry, device string) {
 		Received: time.Now(),
 	}
 	s.mu.Unlock()
-	s.enqueue(queued{in: in, to: e})
+	if !e.offer(queued{in: in, replay: true}) {
+		s.dropFull(in, 1)
+	}
 }
 
 // handleBridgeError reacts to the errors topic: attachment errors fail the
@@ -334,40 +393,22 @@ func (s *Session) handleBridgeError(cs *connection, payload []byte) {
 	}
 }
 
-// dispatch hands inbound messages to the handlers, in order, off paho's
-// router goroutine.
-func (s *Session) dispatch() {
+// deliver hands the subscriber's messages to its handler, in order, off
+// paho's router goroutine, until Unsubscribe or Close.
+func (s *Session) deliver(e *handlerEntry) {
 	for {
 		var q queued
 		select {
-		case q = <-s.inbound:
+		case q = <-e.queue:
+		case <-e.stop:
+			return
 		case <-s.ctx.Done():
 			return
 		}
-		in := q.in
-		s.mu.Lock()
-		var es []*handlerEntry
-		for _, e := range s.handlers {
-			switch {
-			case q.to != nil:
-				if e == q.to {
-					es = append(es, e)
-				}
-			case in.Kind == omnicore.KindErrors:
-				if e.errors {
-					es = append(es, e)
-				}
-			case e.all || (!e.errors && e.device == in.Device):
-				es = append(es, e)
-			}
+		if q.in.Kind == omnicore.KindConfig && !e.admitConfig(q.in, q.replay) {
+			continue
 		}
-		s.mu.Unlock()
-		for _, e := range es {
-			if in.Kind == omnicore.KindConfig && !e.admitConfig(in, q.to != nil) {
-				continue
-			}
-			e.h(in)
-		}
+		e.h(q.in)
 	}
 }
 

@@ -30,7 +30,6 @@ type Session struct {
 
 	window  chan struct{} // bounds messages in flight (attaches included)
 	limiter *rate.Limiter // optional per-connection message rate
-	inbound chan queued   // routed messages waiting for handlers
 
 	mu        sync.Mutex
 	conn      *connection // current connection, nil while down
@@ -87,7 +86,6 @@ func New(cfg *Config) (*Session, error) {
 		cancel:    cancel,
 		done:      make(chan struct{}),
 		window:    make(chan struct{}, cfg.MaxInflight),
-		inbound:   make(chan queued, 1024),
 		connReady: make(chan struct{}),
 		devices:   make(map[string]*device),
 		handlers:  make(map[uint64]*handlerEntry),
@@ -106,7 +104,7 @@ func New(cfg *Config) (*Session, error) {
 	return s, nil
 }
 
-// Start launches the connection owner and the inbound dispatcher. It returns
+// Start launches the connection owner and the device loops. It returns
 // at once; use WaitReady to wait for the first connection.
 func (s *Session) Start() {
 	s.mu.Lock()
@@ -115,7 +113,6 @@ func (s *Session) Start() {
 		return
 	}
 	s.started = true
-	go s.dispatch()
 	go s.run()
 	go s.healLoop()
 	if s.cfg.DetachIdle > 0 {

@@ -20,6 +20,9 @@ type counters struct {
 // Internal drop reasons.
 const (
 	dropInboundUnroutable = "inbound_unroutable"
+	// dropInboundQueueFull counts inbound messages a subscriber lost
+	// because its queue was full (its handler slow or blocked).
+	dropInboundQueueFull = "inbound_queue_full"
 	// dropErrorAfterAck counts messages the bridge acknowledged, then
 	// reported as not delivered, and that could not be sent again.
 	dropErrorAfterAck = "error_after_ack"
