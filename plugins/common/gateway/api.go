@@ -28,6 +28,9 @@ type Conn interface {
 	// device first when needed). At QoS 1 it returns nil only once the bridge
 	// acknowledged the message; across reconnects and timeouts it retries
 	// until ctx is done. At QoS 0 it returns once the message is written.
+	// A state message less than omnicore.StateInterval after the device's
+	// previous state is kept by the gateway, the latest per device, and
+	// sent when its turn comes; Publish then returns at once.
 	Publish(ctx context.Context, msg Message) error
 	// Subscribe delivers device's config and commands to h (attaching the
 	// device first when it is not the gateway). Subscriptions are restored
@@ -39,7 +42,8 @@ type Conn interface {
 	// SubscribeErrors delivers every message of the gateway's errors topic.
 	SubscribeErrors(h Handler) Subscription
 	// CountDrop records a message a plugin gave up on, by reason, so that the
-	// counters of the whole gateway are in one place.
+	// counters of the whole gateway are in one place. The reason
+	// StateCoalesced is not a loss and is counted apart.
 	CountDrop(reason string, n uint64)
 	// ReportGauges publishes a plugin's own gauges (the execd output's spool:
 	// bytes, records, age of the oldest record...) with the gateway's
@@ -136,6 +140,10 @@ type Stats struct {
 	// connecting, from the 3rd in a row: a probable second connection with
 	// the same client ID.
 	DuplicateSuspected uint64
+
+	// StatesCoalesced counts states replaced by a newer state of the same
+	// device before they were sent: not a loss, and not counted as dropped.
+	StatesCoalesced uint64
 }
 
 // GaugeTTL is how long a source's ReportGauges figures stay in Stats without

@@ -121,6 +121,8 @@ func TestStatePacingSurvivesDetach(t *testing.T) {
 	require.NoError(t, s.Publish(ctx, Message{Device: dev, Kind: omnicore.KindState, Payload: []byte("s1"), QoS: 1}))
 	require.NoError(t, s.Detach(ctx, dev))
 	require.NoError(t, s.Publish(ctx, Message{Device: dev, Kind: omnicore.KindState, Payload: []byte("s2"), QoS: 1}))
+	_, err := b.srv.WaitReceived(ctx, 2)
+	require.NoError(t, err)
 	for _, e := range b.srv.ErrorsSent() {
 		require.NotEqual(t, omnicore.ErrorDetachedByError, e.Error.ErrorType, "state after a detach was paced")
 	}

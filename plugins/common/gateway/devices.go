@@ -26,8 +26,6 @@ type device struct {
 	lastUsed    time.Time
 	config      []byte // latest config received, for late subscribers
 	hasConfig   bool
-	stateTurn   chan struct{} // one state message of the device at a time
-	nextState   time.Time     // earliest time the next state message may go
 	// probation: admitted for a first attach that has not succeeded yet,
 	// by a caller that does not listen to the device. It leaves devices
 	// when that attach fails, so a junk ID holds its slot for one round
@@ -269,10 +267,6 @@ func (s *Session) deviceLocked(id string) *device {
 	d, ok := s.devices[id]
 	if !ok {
 		d = &device{id: id}
-		if next, ok := s.stateNext[id]; ok {
-			d.nextState = next
-			delete(s.stateNext, id)
-		}
 		s.devices[id] = d
 	}
 	return d
@@ -371,12 +365,9 @@ func (s *Session) rememberRefusalLocked(id string, r *refusal) {
 	s.refused[id] = r
 }
 
-// forgetLocked removes a device, keeping its state pacing for later, and
-// wakes the callers waiting for a slot.
+// forgetLocked removes a device and wakes the callers waiting for a slot.
+// Its state pacing (statePacer) is kept apart, so it survives.
 func (s *Session) forgetLocked(id string, d *device) {
-	if time.Now().Before(d.nextState) {
-		s.stateNext[id] = d.nextState
-	}
 	if s.devices[id] != d {
 		return
 	}
@@ -403,6 +394,7 @@ func (s *Session) healLoop() {
 			return
 		case <-t.C:
 		}
+		s.pacer.sweep()
 		s.mu.Lock()
 		cs := s.conn
 		var ids []string
@@ -461,11 +453,6 @@ func (s *Session) detachIdleLoop() {
 				idle = append(idle, id)
 			} else {
 				s.forgetLocked(id, d) // known but never attached: just forget
-			}
-		}
-		for id, next := range s.stateNext {
-			if now.After(next) {
-				delete(s.stateNext, id)
 			}
 		}
 		s.mu.Unlock()

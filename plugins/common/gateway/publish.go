@@ -139,15 +139,33 @@ func (cs *connection) waitRouted(target uint64, timeout time.Duration) {
 	}
 }
 
-// Publish implements Conn.
+// Publish implements Conn. A state message goes through the state pacer,
+// which sends it at once when its device's interval has passed and keeps it
+// for later (returning at once) when not.
 func (s *Session) Publish(ctx context.Context, msg Message) error {
 	if err := s.checkMessage(msg); err != nil {
 		return err
 	}
+	if msg.Kind == omnicore.KindState {
+		return s.pacer.publish(ctx, msg)
+	}
+	return s.publish(ctx, msg)
+}
+
+// publish sends a checked message until it is acknowledged, attaching its
+// device first, across reconnects and timeouts, until ctx ends.
+func (s *Session) publish(ctx context.Context, msg Message) error {
 	topic := omnicore.Topic(s.cfg.RegistryID, msg.Device, msg.Kind, msg.Subfolder)
+	state := msg.Kind == omnicore.KindState
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
 			s.c.retries.Add(1)
+			if state {
+				// The previous attempt may have reached the bridge.
+				if wait := s.pacer.wait(msg.Device); wait > 0 && !sleepCtx(ctx, wait) {
+					return ctx.Err()
+				}
+			}
 		}
 		cs, err := s.ready(ctx)
 		if err != nil {
@@ -161,10 +179,10 @@ func (s *Session) Publish(ctx context.Context, msg Message) error {
 				continue // connection lost or attach timed out: try again
 			}
 		}
-		if msg.Kind == omnicore.KindState {
-			err = s.sendState(ctx, cs, topic, msg)
-		} else {
-			err = s.sendKeep(ctx, cs, topic, msg.QoS, msg.Payload, msg.Device, &msg)
+		err = s.sendKeep(ctx, cs, topic, msg.QoS, msg.Payload, msg.Device, &msg)
+		if state {
+			// Attempts that failed count too: the bridge may have seen them.
+			s.pacer.attempted(msg.Device)
 		}
 		if err == nil {
 			s.touch(msg.Device)
@@ -191,42 +209,6 @@ var (
 	errConnLost       = errors.New("connection lost before acknowledgement")
 	errAckTimeout     = errors.New("no acknowledgement in time")
 )
-
-// sendState sends a state message no sooner than omnicore.StateInterval
-// after the device's previous one was acknowledged (so surely after it
-// arrived): the bridge detaches a device, or drops the gateway's own
-// connection, for faster state. Callers wanting "latest wins" coalesce
-// before publishing; this is the guarantee underneath.
-func (s *Session) sendState(ctx context.Context, cs *connection, topic string, msg Message) error {
-	s.mu.Lock()
-	d := s.deviceLocked(msg.Device)
-	if d.stateTurn == nil {
-		d.stateTurn = make(chan struct{}, 1)
-	}
-	turn := d.stateTurn
-	s.mu.Unlock()
-	select {
-	case turn <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	defer func() { <-turn }()
-	s.mu.Lock()
-	wait := time.Until(d.nextState)
-	s.mu.Unlock()
-	if wait > 0 && !sleepCtx(ctx, wait) {
-		return ctx.Err()
-	}
-	err := s.sendKeep(ctx, cs, topic, msg.QoS, msg.Payload, msg.Device, &msg)
-	s.mu.Lock()
-	// Attempts that failed count too: the bridge may have seen them.
-	d.nextState = time.Now().Add(omnicore.StateInterval + stateMargin)
-	s.mu.Unlock()
-	return err
-}
-
-// stateMargin covers QoS 0, where "written" is all we know.
-const stateMargin = 10 * time.Millisecond
 
 func (s *Session) checkMessage(msg Message) error {
 	if err := omnicore.ValidateID(msg.Device); err != nil {

@@ -43,9 +43,8 @@ type Session struct {
 	// prevConnect is when the connection before the current one was made:
 	// a reconnect re-attaches only devices used since then.
 	prevConnect, lastConnect time.Time
-	// stateNext keeps, for devices forgotten by Detach, the earliest time
-	// of their next state message, so that pacing survives a detach.
-	stateNext map[string]time.Time
+	// pacer keeps state messages at one per device per StateInterval.
+	pacer *statePacer
 	// refused keeps the devices the bridge refused while they back off,
 	// apart from devices, so that they hold no max_devices slot (see
 	// refusal). probation counts the devices of devices on their first
@@ -89,12 +88,12 @@ func New(cfg *Config) (*Session, error) {
 		connReady: make(chan struct{}),
 		devices:   make(map[string]*device),
 		handlers:  make(map[uint64]*handlerEntry),
-		stateNext: make(map[string]time.Time),
 		refused:   make(map[string]*refusal),
 		slotFreed: make(chan struct{}),
 		warn:      ratelog.New(log, warnInterval),
 		dupLog:    ratelog.New(log, duplicateLogInterval),
 	}
+	s.pacer = newStatePacer(s)
 	s.c.errorsByType = make(map[string]uint64)
 	s.c.droppedByReason = make(map[string]uint64)
 	if cfg.MaxMessageRate > 0 {
@@ -137,6 +136,24 @@ func (s *Session) WaitReady(ctx context.Context) error {
 // Close stops the session: new calls fail with ErrClosed, in-flight messages
 // get until ctx ends to be acknowledged, then the connection is closed.
 func (s *Session) Close(ctx context.Context) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	connected := s.conn != nil && !s.conn.isLost()
+	s.mu.Unlock()
+	if connected {
+		// States kept for their turn go first: each is due within a
+		// StateInterval.
+		flushCtx, cancel := context.WithTimeout(ctx, omnicore.StateInterval+s.cfg.Timeout)
+		kept := s.pacer.flush(flushCtx)
+		cancel()
+		if kept > 0 {
+			s.CountDrop(dropStateUnsent, uint64(kept))
+			s.log.Warnf("Closing with the states of %d devices kept for their turn and not sent", kept)
+		}
+	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()

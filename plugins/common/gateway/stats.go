@@ -11,7 +11,7 @@ type counters struct {
 	attachesOK, attachesFailed, detaches                atomic.Uint64
 	published, acked, retries, received                 atomic.Uint64
 	devicesRefused, resentAfterError                    atomic.Uint64
-	duplicateSuspected                                  atomic.Uint64
+	duplicateSuspected, statesCoalesced                 atomic.Uint64
 	mu                                                  sync.Mutex
 	errorsByType, droppedByReason                       map[string]uint64
 	gauges                                              gaugeBook
@@ -23,6 +23,9 @@ const (
 	// dropInboundQueueFull counts inbound messages a subscriber lost
 	// because its queue was full (its handler slow or blocked).
 	dropInboundQueueFull = "inbound_queue_full"
+	// dropStateUnsent counts states kept for their device's turn that
+	// could not be sent (refused, or the session closed first).
+	dropStateUnsent = "state_unsent"
 	// dropErrorAfterAck counts messages the bridge acknowledged, then
 	// reported as not delivered, and that could not be sent again.
 	dropErrorAfterAck = "error_after_ack"
@@ -30,6 +33,10 @@ const (
 
 // CountDrop implements Conn.
 func (s *Session) CountDrop(reason string, n uint64) {
+	if reason == StateCoalesced {
+		s.c.statesCoalesced.Add(n) // not a loss
+		return
+	}
 	s.c.mu.Lock()
 	s.c.droppedByReason[reason] += n
 	s.c.mu.Unlock()
@@ -78,6 +85,7 @@ func (s *Session) Stats() Stats {
 		DevicesRefused:     s.c.devicesRefused.Load(),
 		ResentAfterError:   s.c.resentAfterError.Load(),
 		DuplicateSuspected: s.c.duplicateSuspected.Load(),
+		StatesCoalesced:    s.c.statesCoalesced.Load(),
 		Known:              known,
 		ErrorsByType:       make(map[string]uint64),
 		DroppedByReason:    make(map[string]uint64),

@@ -60,7 +60,9 @@ const (
 	dropSerialize        = "serialize_error"
 	dropTooLarge         = "too_large"
 	dropAttachRefused    = "attach_refused"
-	dropStateCoalesced   = "state_coalesced"
+	// dropStateCoalesced is not a loss: the gateway counts it apart
+	// (states_coalesced), not as dropped.
+	dropStateCoalesced = gateway.StateCoalesced
 )
 
 // defaultWriteTimeout is how long a Write waits for acknowledgements. It
@@ -136,9 +138,6 @@ type OmniCore struct {
 	stopStats   func()
 	stopAttach  context.CancelFunc
 	attachingWG sync.WaitGroup
-
-	mu        sync.Mutex
-	nextState map[string]time.Time // device -> earliest time of its next state message
 
 	// serializing is held while the serializer (not safe for concurrent
 	// use) runs: by prepare, and by a publish worker serializing a message
@@ -233,7 +232,6 @@ func (o *OmniCore) Init() error {
 	}
 	o.execd = runmode.Execd()
 	o.warnings = ratelog.New(o.Log, warnInterval)
-	o.nextState = make(map[string]time.Time)
 	return nil
 }
 
@@ -328,8 +326,7 @@ type entry struct {
 // message is one publish and the metrics it settles once acknowledged.
 type message struct {
 	gateway.Message
-	metrics   []telegraf.Metric
-	notBefore time.Time // state pacing
+	metrics []telegraf.Metric
 	// pending are the metrics of a message of layout auto, serialized by
 	// the worker that sends it (see packAuto); Payload is empty until then.
 	pending []entry
@@ -342,6 +339,9 @@ type writeStats struct {
 	messages, sent int
 	metricsSent    int
 	dropped        map[string]int
+	// coalesced counts the states replaced by a newer one of the same
+	// device in this Write: settled, but not a loss.
+	coalesced int
 	// settled holds the metrics this Write acknowledged (true) or gave up
 	// on (false).
 	settled map[telegraf.Metric]bool
@@ -369,11 +369,18 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 	defer cancel()
 	failed, firstErr := o.publish(ctx, msgs, st)
 
+	if st.coalesced > 0 {
+		o.conn.CountDrop(dropStateCoalesced, uint64(st.coalesced))
+	}
 	for reason, n := range st.dropped {
 		o.conn.CountDrop(reason, uint64(n))
 	}
-	o.Log.Debugf("Write of %d metrics: %d messages, %d published (%d metrics), dropped %s, in %s",
-		st.in, st.messages, st.sent, st.metricsSent, formatCounts(st.dropped), time.Since(start).Round(time.Microsecond))
+	coalesced := ""
+	if st.coalesced > 0 {
+		coalesced = fmt.Sprintf("%d states coalesced, ", st.coalesced)
+	}
+	o.Log.Debugf("Write of %d metrics: %d messages, %d published (%d metrics), %sdropped %s, in %s",
+		st.in, st.messages, st.sent, st.metricsSent, coalesced, formatCounts(st.dropped), time.Since(start).Round(time.Microsecond))
 
 	if failed == 0 {
 		// Metrics given up on (invalid device, too large...) are counted
@@ -418,9 +425,9 @@ func (o *OmniCore) prepare(metrics []telegraf.Metric, st *writeStats) []message 
 				devs = append(devs, dst.device)
 				states[dst.device] = e
 			case m.Time().Before(prev.orig.Time()):
-				o.drop(st, dropStateCoalesced, e.orig)
+				o.coalesce(st, e.orig)
 			default:
-				o.drop(st, dropStateCoalesced, prev.orig)
+				o.coalesce(st, prev.orig)
 				states[dst.device] = e
 			}
 			continue
@@ -439,27 +446,12 @@ func (o *OmniCore) prepare(metrics []telegraf.Metric, st *writeStats) []message 
 			msgs = o.serialize(msgs, dst, events[dst], st)
 		}
 	}
-	// State messages go last, those that have to wait for their device's
-	// interval sorted by the time they may go, so that a waiting state never
-	// holds up one that is due earlier.
-	first := len(msgs)
+	// One state per device (the latest), after the telemetry. The gateway
+	// paces them: a state before its device's turn is kept there and sent
+	// when due, without holding this Write.
 	for _, dev := range devs {
 		msgs = o.serialize(msgs, destination{device: dev, kind: omnicore.KindState}, []entry{states[dev]}, st)
 	}
-	o.mu.Lock()
-	now := time.Now()
-	for dev, next := range o.nextState {
-		if !next.After(now) {
-			delete(o.nextState, dev)
-		}
-	}
-	for i := range msgs[first:] {
-		msgs[first+i].notBefore = o.nextState[msgs[first+i].Device]
-	}
-	o.mu.Unlock()
-	sort.SliceStable(msgs[first:], func(i, j int) bool {
-		return msgs[first+i].notBefore.Before(msgs[first+j].notBefore)
-	})
 	return msgs
 }
 
@@ -757,6 +749,13 @@ func (o *OmniCore) newMessage(dst destination, payload []byte, entries ...entry)
 	return msg
 }
 
+// coalesce counts a state replaced by a newer one of its device and
+// settles it: the gateway counts it as coalesced, not as dropped.
+func (o *OmniCore) coalesce(st *writeStats, m telegraf.Metric) {
+	st.coalesced++
+	st.settled[m] = false
+}
+
 // drop counts a metric given up on and settles it.
 func (o *OmniCore) drop(st *writeStats, reason string, m telegraf.Metric) {
 	st.dropped[reason]++
@@ -836,28 +835,10 @@ func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) 
 	return failed, firstErr
 }
 
-// publishOne publishes one message, holding a state message back until its
-// device's state interval has passed.
+// publishOne publishes one message. State pacing is the gateway's (see
+// gateway.Conn's Publish).
 func (o *OmniCore) publishOne(ctx context.Context, msg *message) error {
-	if wait := time.Until(msg.notBefore); wait > 0 {
-		t := time.NewTimer(wait)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("state of device %q waiting for its interval: %w", msg.Device, ctx.Err())
-		}
-	}
-	err := o.conn.Publish(ctx, msg.Message)
-	if msg.Kind == omnicore.KindState && permanentReason(err) == "" {
-		// Counted from the acknowledgement (or from giving up, when the
-		// message may still have reached the bridge), which is never
-		// before the bridge received it.
-		o.mu.Lock()
-		o.nextState[msg.Device] = time.Now().Add(omnicore.StateInterval)
-		o.mu.Unlock()
-	}
-	return err
+	return o.conn.Publish(ctx, msg.Message)
 }
 
 // permanentReason is the drop reason of an error that retrying does not
