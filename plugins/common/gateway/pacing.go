@@ -60,6 +60,7 @@ func (p *statePacer) publish(ctx context.Context, msg Message) error {
 	if d.sending || d.kept != nil || time.Now().Before(d.next) {
 		if d.kept != nil {
 			p.s.c.statesCoalesced.Add(1)
+			p.s.log.Debugf("State of device %q replaced by a newer one before its turn (coalesced)", msg.Device)
 		}
 		d.kept = &msg
 		p.scheduleLocked(msg.Device, d)
