@@ -386,14 +386,7 @@ const healInterval = time.Second
 // bound yet) or detached by the bridge starts delivering its config and
 // commands once it can, without waiting for a reconnect or a publish.
 func (s *Session) healLoop() {
-	t := time.NewTicker(healInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-s.ctx.Done():
-			return
-		case <-t.C:
-		}
+	s.every(healInterval, func() {
 		s.pacer.sweep()
 		s.mu.Lock()
 		cs := s.conn
@@ -411,12 +404,12 @@ func (s *Session) healLoop() {
 		}
 		s.mu.Unlock()
 		if len(ids) == 0 {
-			continue
+			return
 		}
 		select {
 		case <-cs.ready:
 		default:
-			continue // rebuild is restoring everything anyway
+			return // rebuild is restoring everything anyway
 		}
 		for _, id := range ids {
 			go func() {
@@ -427,22 +420,14 @@ func (s *Session) healLoop() {
 				}
 			}()
 		}
-	}
+	})
 }
 
 // detachIdleLoop detaches devices that published nothing for DetachIdle and
 // have no subscriptions, freeing their slot of the bridge's attach limit.
 func (s *Session) detachIdleLoop() {
-	t := time.NewTicker(min(max(s.cfg.DetachIdle/4, 50*time.Millisecond), time.Minute))
-	defer t.Stop()
-	for {
-		select {
-		case <-s.ctx.Done():
-			return
-		case <-t.C:
-		}
-		now := time.Now()
-		cutoff := now.Add(-s.cfg.DetachIdle)
+	s.every(min(max(s.cfg.DetachIdle/4, 50*time.Millisecond), time.Minute), func() {
+		cutoff := time.Now().Add(-s.cfg.DetachIdle)
 		var idle []string
 		s.mu.Lock()
 		for id, d := range s.devices {
@@ -464,6 +449,20 @@ func (s *Session) detachIdleLoop() {
 				s.log.Debugf("Detached device %q after %s without traffic", id, s.cfg.DetachIdle)
 			}
 			cancel()
+		}
+	})
+}
+
+// every runs f every period until the session closes.
+func (s *Session) every(period time.Duration, f func()) {
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+			f()
 		}
 	}
 }
