@@ -143,16 +143,17 @@ func (s *Session) Close(ctx context.Context) error {
 	}
 	connected := s.conn != nil && !s.conn.isLost()
 	s.mu.Unlock()
-	if connected {
-		// States kept for their turn go first: each is due within a
-		// StateInterval.
-		flushCtx, cancel := context.WithTimeout(ctx, omnicore.StateInterval+s.cfg.Timeout)
-		kept := s.pacer.flush(flushCtx)
+	// States kept for their turn go first when connected: each is due
+	// within a StateInterval.
+	flushCtx, cancel := context.WithTimeout(ctx, omnicore.StateInterval+s.cfg.Timeout)
+	if !connected {
 		cancel()
-		if kept > 0 {
-			s.CountDrop(dropStateUnsent, uint64(kept))
-			s.log.Warnf("Closing with the states of %d devices kept for their turn and not sent", kept)
-		}
+	}
+	kept := s.pacer.flush(flushCtx)
+	cancel()
+	if kept > 0 {
+		s.CountDrop(dropStateUnsent, uint64(kept))
+		s.log.Warnf("Closing with the states of %d devices kept for their turn and not sent", kept)
 	}
 	s.mu.Lock()
 	if s.closed {
