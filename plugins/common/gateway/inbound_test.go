@@ -48,11 +48,16 @@ func TestBlockedHandlerDoesNotDelayPublishes(t *testing.T) {
 	})
 	require.NoError(t, err)
 
-	// The blocked subscriber's queue fills up, and then some.
+	// The blocked subscriber's handler holds the config; its queue fills
+	// up with commands, and then some.
+	select {
+	case <-blocked:
+	case <-ctx.Done():
+		require.FailNow(t, "the config never reached the blocked subscriber")
+	}
 	for i := range commands {
 		require.NoError(t, b.srv.SendCommand(testRegistry, dev, "", fmt.Appendf(nil, "c%d", i)))
 	}
-	<-blocked
 
 	start := time.Now()
 	var wg sync.WaitGroup
