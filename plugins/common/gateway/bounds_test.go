@@ -78,7 +78,7 @@ func TestDeviceStateIsBounded(t *testing.T) {
 			warned++
 		}
 	}
-	require.Equal(t, 1, warned, "one warning per minute, not one per device")
+	require.Equal(t, 1, warned, "at most one warning per 10 s, not one per device")
 
 	// Idle devices are detached and forgotten, which makes room.
 	waitUntil(t, 10*time.Second, func() bool { return s.Stats().Known == 0 }, "idle devices forgotten")
