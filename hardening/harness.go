@@ -284,7 +284,9 @@ type LogFigures struct {
 	// considers delivered and removed from its buffer.
 	Acked int
 	// Dropped are the metrics telegraf-omnicore counted as given up on, by
-	// reason, from its debug "Write of ..." lines.
+	// reason, from its debug "Write of ..." lines; under state_coalesced
+	// the states replaced by a newer one (not a loss, but accounted for
+	// here): within a Write, and kept by the gateway for their turn.
 	Dropped map[string]int
 	// Overflow is set when Telegraf dropped metrics from a full buffer.
 	Overflow bool
@@ -307,6 +309,8 @@ func (f LogFigures) DroppedTotal() int {
 var (
 	wroteBatch     = regexp.MustCompile(`\[outputs\.execd::omnicore\] Wrote batch of (\d+) metrics`)
 	writeOf        = regexp.MustCompile(`\[outputs\.omnicore\] Write of \d+ metrics: .*, dropped (.+), in \S+$`)
+	coalescedWrite = regexp.MustCompile(`\[outputs\.omnicore\] Write of \d+ metrics: .*, (\d+) states coalesced, dropped`)
+	coalescedKept  = regexp.MustCompile(`State of device "[^"]*" replaced by a newer one before its turn`)
 	overflow       = regexp.MustCompile(`\[outputs\.execd::omnicore\] Metric buffer overflow`)
 	unacknowledged = regexp.MustCompile(`(\d+) metrics not acknowledged`)
 	restarting     = regexp.MustCompile(`\[outputs\.execd::omnicore\] Restarting in`)
@@ -328,6 +332,13 @@ func ParseLog(log string) LogFigures {
 					f.Dropped[k] += n
 				}
 			}
+		}
+		if m := coalescedWrite.FindStringSubmatch(l); m != nil {
+			n, _ := strconv.Atoi(m[1])
+			f.Dropped["state_coalesced"] += n
+		}
+		if coalescedKept.MatchString(l) {
+			f.Dropped["state_coalesced"]++
 		}
 		if overflow.MatchString(l) {
 			f.Overflow = true

@@ -1,9 +1,3 @@
-// Package gateway is the OmniCore gateway session: one MQTT connection to the
-// bridge that speaks for many devices. It owns the connection (JWT minting and
-// renewal, reconnects with back-off), the attachments (pipelined QoS 1
-// attaches, re-attached after every connect), publishing with acknowledgement,
-// and routing of inbound config, commands and errors. Both plugins use it
-// through the Conn interface and never see paho.
 package gateway
 
 import (
@@ -34,6 +28,9 @@ type Conn interface {
 	// device first when needed). At QoS 1 it returns nil only once the bridge
 	// acknowledged the message; across reconnects and timeouts it retries
 	// until ctx is done. At QoS 0 it returns once the message is written.
+	// A state message less than omnicore.StateInterval after the device's
+	// previous state is kept by the gateway, the latest per device, and
+	// sent when its turn comes; Publish then returns at once.
 	Publish(ctx context.Context, msg Message) error
 	// Subscribe delivers device's config and commands to h (attaching the
 	// device first when it is not the gateway). Subscriptions are restored
@@ -45,7 +42,8 @@ type Conn interface {
 	// SubscribeErrors delivers every message of the gateway's errors topic.
 	SubscribeErrors(h Handler) Subscription
 	// CountDrop records a message a plugin gave up on, by reason, so that the
-	// counters of the whole gateway are in one place.
+	// counters of the whole gateway are in one place. The reason
+	// StateCoalesced is not a loss and is counted apart.
 	CountDrop(reason string, n uint64)
 	// ReportGauges publishes a plugin's own gauges (the execd output's spool:
 	// bytes, records, age of the oldest record...) with the gateway's
@@ -86,9 +84,11 @@ type Inbound struct {
 	Gateway string
 }
 
-// Handler receives inbound messages. It runs on the session's dispatch
-// goroutine: it may block briefly (back-pressure) but must not call back into
-// the session synchronously.
+// Handler receives inbound messages. Each subscription's handler runs on its
+// own goroutine, in order, fed by a bounded queue: a handler that blocks
+// delays only its own messages, and those its full queue cannot take are
+// dropped (counted as dropped_inbound_queue_full) rather than holding the
+// connection.
 type Handler func(Inbound)
 
 // Errors a caller can act on.
@@ -135,6 +135,15 @@ type Stats struct {
 	ErrorsByType     map[string]uint64
 	DroppedByReason  map[string]uint64
 	Gauges           map[string]int64 `json:",omitempty"` // ReportGauges, summed over live sources
+
+	// DuplicateSuspected counts connections the bridge closed soon after
+	// connecting, from the 3rd in a row: a probable second connection with
+	// the same client ID.
+	DuplicateSuspected uint64
+
+	// StatesCoalesced counts states replaced by a newer state of the same
+	// device before they were sent: not a loss, and not counted as dropped.
+	StatesCoalesced uint64
 }
 
 // GaugeTTL is how long a source's ReportGauges figures stay in Stats without
@@ -217,6 +226,8 @@ func (s Stats) Fields() map[string]int64 {
 	f["devices_known"] = int64(s.Known)
 	f["devices_refused"] = int64(s.DevicesRefused)
 	f["resent_after_error"] = int64(s.ResentAfterError)
+	f["duplicate_suspected"] = int64(s.DuplicateSuspected)
+	f["states_coalesced"] = int64(s.StatesCoalesced)
 	for k, v := range s.ErrorsByType {
 		f["errors_"+snake(k)] += int64(v)
 	}
@@ -248,6 +259,8 @@ func (s *Stats) Add(o Stats) {
 	s.Known += o.Known
 	s.DevicesRefused += o.DevicesRefused
 	s.ResentAfterError += o.ResentAfterError
+	s.DuplicateSuspected += o.DuplicateSuspected
+	s.StatesCoalesced += o.StatesCoalesced
 	s.ErrorsByType = addCounts(s.ErrorsByType, o.ErrorsByType)
 	s.DroppedByReason = addCounts(s.DroppedByReason, o.DroppedByReason)
 	s.Gauges = addCounts(s.Gauges, o.Gauges)

@@ -70,6 +70,7 @@ func TestExport(t *testing.T) {
 		"connect_failures": int64(0), "connection_lost": int64(0), "token_renewals": int64(0),
 		"attaches_ok": int64(0), "attaches_failed": int64(0), "detaches": int64(0), "retries": int64(0), "received": int64(0),
 		"devices_known": int64(0), "devices_refused": int64(0), "resent_after_error": int64(0),
+		"duplicate_suspected": int64(0), "states_coalesced": int64(0),
 		"errors_gateway_attachment_error": int64(3), "dropped_too_large": int64(2), "dropped_invalid_device": int64(5),
 		"spool_bytes": int64(4096), "messages_received": int64(7), "undelivered": int64(1),
 	}

@@ -27,6 +27,7 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/ratelog"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 )
@@ -59,7 +60,9 @@ const (
 	dropSerialize        = "serialize_error"
 	dropTooLarge         = "too_large"
 	dropAttachRefused    = "attach_refused"
-	dropStateCoalesced   = "state_coalesced"
+	// dropStateCoalesced is not a loss: the gateway counts it apart
+	// (states_coalesced), not as dropped.
+	dropStateCoalesced = gateway.StateCoalesced
 )
 
 // defaultWriteTimeout is how long a Write waits for acknowledgements. It
@@ -125,7 +128,7 @@ type OmniCore struct {
 	stateFilter filter.Filter
 	routingTags []string
 	parallel    int
-	warnings    *warnLimiter
+	warnings    *ratelog.Limiter
 	// execd is runmode.Execd() at Init: the execd binary reports the
 	// gateway's figures itself (omnicore_gateway), so no selfstat export.
 	execd bool
@@ -139,9 +142,6 @@ type OmniCore struct {
 	stopHealth  func()
 	stopAttach  context.CancelFunc
 	attachingWG sync.WaitGroup
-
-	mu        sync.Mutex
-	nextState map[string]time.Time // device -> earliest time of its next state message
 
 	// serializing is held while the serializer (not safe for concurrent
 	// use) runs: by prepare, and by a publish worker serializing a message
@@ -238,8 +238,7 @@ func (o *OmniCore) Init() error {
 		o.serializer = s
 	}
 	o.execd = runmode.Execd()
-	o.warnings = newWarnLimiter(o.Log, warnInterval)
-	o.nextState = make(map[string]time.Time)
+	o.warnings = ratelog.New(o.Log, warnInterval)
 	return nil
 }
 
@@ -341,8 +340,7 @@ type entry struct {
 // message is one publish and the metrics it settles once acknowledged.
 type message struct {
 	gateway.Message
-	metrics   []telegraf.Metric
-	notBefore time.Time // state pacing
+	metrics []telegraf.Metric
 	// pending are the metrics of a message of layout auto, serialized by
 	// the worker that sends it (see packAuto); Payload is empty until then.
 	pending []entry
@@ -355,6 +353,9 @@ type writeStats struct {
 	messages, sent int
 	metricsSent    int
 	dropped        map[string]int
+	// coalesced counts the states replaced by a newer one of the same
+	// device in this Write: settled, but not a loss.
+	coalesced int
 	// settled holds the metrics this Write acknowledged (true) or gave up
 	// on (false).
 	settled map[telegraf.Metric]bool
@@ -382,11 +383,18 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 	defer cancel()
 	failed, firstErr := o.publish(ctx, msgs, st)
 
+	if st.coalesced > 0 {
+		o.conn.CountDrop(dropStateCoalesced, uint64(st.coalesced))
+	}
 	for reason, n := range st.dropped {
 		o.conn.CountDrop(reason, uint64(n))
 	}
-	o.Log.Debugf("Write of %d metrics: %d messages, %d published (%d metrics), dropped %s, in %s",
-		st.in, st.messages, st.sent, st.metricsSent, formatCounts(st.dropped), time.Since(start).Round(time.Microsecond))
+	coalesced := ""
+	if st.coalesced > 0 {
+		coalesced = fmt.Sprintf("%d states coalesced, ", st.coalesced)
+	}
+	o.Log.Debugf("Write of %d metrics: %d messages, %d published (%d metrics), %sdropped %s, in %s",
+		st.in, st.messages, st.sent, st.metricsSent, coalesced, formatCounts(st.dropped), time.Since(start).Round(time.Microsecond))
 
 	if failed == 0 {
 		// Metrics given up on (invalid device, too large...) are counted
@@ -431,9 +439,9 @@ func (o *OmniCore) prepare(metrics []telegraf.Metric, st *writeStats) []message 
 				devs = append(devs, dst.device)
 				states[dst.device] = e
 			case m.Time().Before(prev.orig.Time()):
-				o.drop(st, dropStateCoalesced, e.orig)
+				o.coalesce(st, e.orig)
 			default:
-				o.drop(st, dropStateCoalesced, prev.orig)
+				o.coalesce(st, prev.orig)
 				states[dst.device] = e
 			}
 			continue
@@ -452,27 +460,12 @@ func (o *OmniCore) prepare(metrics []telegraf.Metric, st *writeStats) []message 
 			msgs = o.serialize(msgs, dst, events[dst], st)
 		}
 	}
-	// State messages go last, those that have to wait for their device's
-	// interval sorted by the time they may go, so that a waiting state never
-	// holds up one that is due earlier.
-	first := len(msgs)
+	// One state per device (the latest), after the telemetry. The gateway
+	// paces them: a state before its device's turn is kept there and sent
+	// when due, without holding this Write.
 	for _, dev := range devs {
 		msgs = o.serialize(msgs, destination{device: dev, kind: omnicore.KindState}, []entry{states[dev]}, st)
 	}
-	o.mu.Lock()
-	now := time.Now()
-	for dev, next := range o.nextState {
-		if !next.After(now) {
-			delete(o.nextState, dev)
-		}
-	}
-	for i := range msgs[first:] {
-		msgs[first+i].notBefore = o.nextState[msgs[first+i].Device]
-	}
-	o.mu.Unlock()
-	sort.SliceStable(msgs[first:], func(i, j int) bool {
-		return msgs[first+i].notBefore.Before(msgs[first+j].notBefore)
-	})
 	return msgs
 }
 
@@ -483,7 +476,7 @@ func (o *OmniCore) route(m telegraf.Metric, st *writeStats) (destination, bool) 
 	if !ok {
 		if o.MissingDevice == missingDrop {
 			o.drop(st, dropMissingDevice, m)
-			o.warnings.warnf(dropMissingDevice, "Dropping metric %q without the device tag %q (missing_device = %q)",
+			o.warnings.Warnf(dropMissingDevice, "Dropping metric %q without the device tag %q (missing_device = %q)",
 				m.Name(), o.DeviceIDTag, o.MissingDevice)
 			return destination{}, false
 		}
@@ -491,7 +484,7 @@ func (o *OmniCore) route(m telegraf.Metric, st *writeStats) (destination, bool) 
 	}
 	if err := omnicore.ValidateID(device); err != nil {
 		o.drop(st, dropInvalidDevice, m)
-		o.warnings.warnf(dropInvalidDevice, "Dropping metric %q: tag %q is not a valid device ID: %v", m.Name(), o.DeviceIDTag, err)
+		o.warnings.Warnf(dropInvalidDevice, "Dropping metric %q: tag %q is not a valid device ID: %v", m.Name(), o.DeviceIDTag, err)
 		return destination{}, false
 	}
 	dst := destination{device: device, kind: omnicore.KindEvents}
@@ -505,7 +498,7 @@ func (o *OmniCore) route(m telegraf.Metric, st *writeStats) (destination, bool) 
 	}
 	if err != nil {
 		o.drop(st, dropInvalidSubfolder, m)
-		o.warnings.warnf(dropInvalidSubfolder, "Dropping metric %q of device %q: %v", m.Name(), device, err)
+		o.warnings.Warnf(dropInvalidSubfolder, "Dropping metric %q of device %q: %v", m.Name(), device, err)
 		return destination{}, false
 	}
 	dst.subfolder = sub
@@ -685,7 +678,7 @@ func (o *OmniCore) serializeOne(dst destination, e entry, st *writeStats) ([]byt
 	payload, err := o.serializer.Serialize(e.out)
 	if err != nil {
 		o.drop(st, dropSerialize, e.orig)
-		o.warnings.warnf(dropSerialize, "Dropping metric %q of device %q: serializing failed: %v", e.orig.Name(), dst.device, err)
+		o.warnings.Warnf(dropSerialize, "Dropping metric %q of device %q: serializing failed: %v", e.orig.Name(), dst.device, err)
 		return nil, false
 	}
 	if len(payload) > limit(dst.kind) {
@@ -697,7 +690,7 @@ func (o *OmniCore) serializeOne(dst destination, e entry, st *writeStats) ([]byt
 
 func (o *OmniCore) dropTooLarge(st *writeStats, dst destination, m telegraf.Metric, size int) {
 	o.drop(st, dropTooLarge, m)
-	o.warnings.warnf(dropTooLarge, "Dropping metric %q of device %q: its %s payload is %d bytes, over the bridge's limit of %d",
+	o.warnings.Warnf(dropTooLarge, "Dropping metric %q of device %q: its %s payload is %d bytes, over the bridge's limit of %d",
 		m.Name(), dst.device, dst.kind, size, limit(dst.kind))
 }
 
@@ -715,7 +708,7 @@ func (o *OmniCore) serializeBatch(msgs []message, dst destination, entries []ent
 		return append(msgs, o.newMessage(dst, payload, entries...))
 	case len(entries) == 1 && err != nil:
 		o.drop(st, dropSerialize, entries[0].orig)
-		o.warnings.warnf(dropSerialize, "Dropping metric %q of device %q: serializing failed: %v", entries[0].orig.Name(), dst.device, err)
+		o.warnings.Warnf(dropSerialize, "Dropping metric %q of device %q: serializing failed: %v", entries[0].orig.Name(), dst.device, err)
 		return msgs
 	case len(entries) == 1:
 		o.dropTooLarge(st, dst, entries[0].orig, len(payload))
@@ -770,6 +763,13 @@ func (o *OmniCore) newMessage(dst destination, payload []byte, entries ...entry)
 	return msg
 }
 
+// coalesce counts a state replaced by a newer one of its device and
+// settles it: the gateway counts it as coalesced, not as dropped.
+func (o *OmniCore) coalesce(st *writeStats, m telegraf.Metric) {
+	st.coalesced++
+	st.settled[m] = false
+}
+
 // drop counts a metric given up on and settles it.
 func (o *OmniCore) drop(st *writeStats, reason string, m telegraf.Metric) {
 	st.dropped[reason]++
@@ -806,7 +806,7 @@ func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) 
 			return
 		default:
 			st.dropped[reason] += len(msg.metrics)
-			o.warnings.warnf(reason, "Dropping %d metrics of device %q: %v", len(msg.metrics), msg.Device, err)
+			o.warnings.Warnf(reason, "Dropping %d metrics of device %q: %v", len(msg.metrics), msg.Device, err)
 		}
 		for _, m := range msg.metrics {
 			st.settled[m] = err == nil
@@ -849,28 +849,10 @@ func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) 
 	return failed, firstErr
 }
 
-// publishOne publishes one message, holding a state message back until its
-// device's state interval has passed.
+// publishOne publishes one message. State pacing is the gateway's (see
+// gateway.Conn's Publish).
 func (o *OmniCore) publishOne(ctx context.Context, msg *message) error {
-	if wait := time.Until(msg.notBefore); wait > 0 {
-		t := time.NewTimer(wait)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("state of device %q waiting for its interval: %w", msg.Device, ctx.Err())
-		}
-	}
-	err := o.conn.Publish(ctx, msg.Message)
-	if msg.Kind == omnicore.KindState && permanentReason(err) == "" {
-		// Counted from the acknowledgement (or from giving up, when the
-		// message may still have reached the bridge), which is never
-		// before the bridge received it.
-		o.mu.Lock()
-		o.nextState[msg.Device] = time.Now().Add(omnicore.StateInterval)
-		o.mu.Unlock()
-	}
-	return err
+	return o.conn.Publish(ctx, msg.Message)
 }
 
 // permanentReason is the drop reason of an error that retrying does not
@@ -903,42 +885,6 @@ func formatCounts(counts map[string]int) string {
 		parts[i] = fmt.Sprintf("%s=%d", k, counts[k])
 	}
 	return strings.Join(parts, " ")
-}
-
-// warnLimiter logs a warning per key at most once per interval; the rest go
-// to debug level and are summed up in the next warning.
-type warnLimiter struct {
-	log      telegraf.Logger
-	interval time.Duration
-
-	mu         sync.Mutex
-	last       map[string]time.Time
-	suppressed map[string]int
-}
-
-func newWarnLimiter(log telegraf.Logger, interval time.Duration) *warnLimiter {
-	return &warnLimiter{log: log, interval: interval, last: make(map[string]time.Time), suppressed: make(map[string]int)}
-}
-
-func (w *warnLimiter) warnf(key, format string, args ...any) {
-	w.mu.Lock()
-	now := time.Now()
-	last, seen := w.last[key]
-	if seen && now.Sub(last) < w.interval {
-		w.suppressed[key]++
-		w.mu.Unlock()
-		w.log.Debugf(format, args...)
-		return
-	}
-	n := w.suppressed[key]
-	w.last[key] = now
-	w.suppressed[key] = 0
-	w.mu.Unlock()
-	msg := fmt.Sprintf(format, args...)
-	if n > 0 {
-		msg += fmt.Sprintf(" (and %d more like it in the last %s)", n, now.Sub(last).Round(time.Second))
-	}
-	w.log.Warn(msg)
 }
 
 func init() {

@@ -721,60 +721,6 @@ func (c *blockingConn) unblock(device string) {
 	delete(c.blocked, device)
 }
 
-// TestStatePacedAcrossWrites: a device's next state waits until one
-// StateInterval after its previous one was acknowledged, while another
-// device's state goes at once.
-func TestStatePacedAcrossWrites(t *testing.T) {
-	conn := &timingConn{Conn: gatewaytest.New("gw")}
-	o := newPlugin(t, conn, func(o *OmniCore) { o.StateMetrics = []string{"status"} })
-
-	require.NoError(t, o.Write([]telegraf.Metric{m("status", map[string]string{"device_id": "dev1"}, 1)}))
-	first := conn.times("dev1")
-	require.Len(t, first, 1)
-
-	require.NoError(t, o.Write([]telegraf.Metric{
-		m("status", map[string]string{"device_id": "dev1"}, 2),
-		m("status", map[string]string{"device_id": "dev2"}, 2),
-		m("cpu", map[string]string{"device_id": "dev1"}, 2),
-	}))
-	dev1 := conn.times("dev1")
-	require.Len(t, dev1, 2)
-	require.GreaterOrEqual(t, dev1[1].start.Sub(first[0].end), omnicore.StateInterval)
-	dev2 := conn.times("dev2")
-	require.Len(t, dev2, 1)
-	require.True(t, dev2[0].start.Before(dev1[1].start), "dev2's state waited for dev1's interval")
-	require.Len(t, conn.Published(), 4)
-}
-
-type timing struct{ start, end time.Time }
-
-// timingConn records when each state publish started and ended.
-type timingConn struct {
-	*gatewaytest.Conn
-	mu    sync.Mutex
-	state map[string][]timing
-}
-
-func (c *timingConn) Publish(ctx context.Context, msg gateway.Message) error {
-	start := time.Now()
-	err := c.Conn.Publish(ctx, msg)
-	if msg.Kind == omnicore.KindState {
-		c.mu.Lock()
-		if c.state == nil {
-			c.state = make(map[string][]timing)
-		}
-		c.state[msg.Device] = append(c.state[msg.Device], timing{start, time.Now()})
-		c.mu.Unlock()
-	}
-	return err
-}
-
-func (c *timingConn) times(device string) []timing {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]timing(nil), c.state[device]...)
-}
-
 // barrierConn makes Attach and Publish wait until n calls are in progress at
 // once: it proves that the plugin issues them concurrently (one by one they
 // would never get there, and fail when the barrier's 10 s are up).
