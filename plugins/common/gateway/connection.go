@@ -55,6 +55,11 @@ type connection struct {
 
 func (s *Session) run() {
 	defer close(s.done)
+	claim, ok := s.waitForHostClaim()
+	if !ok {
+		return // closed while waiting
+	}
+	defer claim.release()
 	backoff := s.cfg.MinReconnect
 	var gen uint64
 	// renewing: this connect follows a token renewal, which is routine

@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
 
 // duplicateErrors counts the E! lines reporting a probable duplicate client ID.
@@ -36,6 +37,7 @@ func TestDuplicateClientIDReported(t *testing.T) {
 	a := startSession(t, &cfgA)
 	other, err := New(&cfgB)
 	require.NoError(t, err)
+	other.hostClaim += "/another-host" // two hosts: the host claim does not apply
 	other.Start()
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -73,4 +75,53 @@ func TestTwoKicksAreNotADuplicate(t *testing.T) {
 	}
 	require.Zero(t, duplicateErrors(log))
 	require.Zero(t, s.Stats().DuplicateSuspected)
+}
+
+// Issue 23 item 3: a second session of one gateway on the same host (a
+// telegraf --test beside the service, built in) waits for the first, says
+// so once at E!, and never kicks it; it connects once the first is gone.
+func TestSecondSessionOnOneHostWaits(t *testing.T) {
+	b := newTestBridge(t, 0)
+	logA := &testutil.CaptureLogger{Name: "service"}
+	logB := &testutil.CaptureLogger{Name: "test-run"}
+	cfgA, cfgB := *b.cfg, *b.cfg
+	cfgA.Log, cfgB.Log = logA, logB
+	a, err := New(&cfgA)
+	require.NoError(t, err)
+	a.Start()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	require.NoError(t, a.WaitReady(ctx))
+
+	second := startWaiting(t, &cfgB)
+	waitUntil(t, 10*time.Second, func() bool { return len(logB.Errors()) > 0 }, "the second session says why it does not connect")
+	require.Contains(t, logB.Errors()[0], "on this host connects as gateway")
+	connected, lastErr := second.Health()
+	require.False(t, connected)
+	require.ErrorContains(t, lastErr, "connects as gateway")
+	require.NoError(t, a.Publish(ctx, Message{Device: testGateway, Kind: omnicore.KindEvents, QoS: 1, Payload: []byte("still connected")}))
+	require.Equal(t, uint64(1), a.Stats().Connects)
+	require.Zero(t, a.Stats().ConnectionLost, "the first session was never kicked")
+
+	closeCtx, closeCancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer closeCancel()
+	require.NoError(t, a.Close(closeCtx))
+	require.NoError(t, second.WaitReady(ctx), "the second session connects once the first is gone")
+	require.Len(t, logB.Errors(), 1, "said once")
+	for _, c := range b.srv.Connections() {
+		require.NotEqual(t, emulator.ReasonTakenOver, c.Reason, "no connection was kicked")
+	}
+}
+
+// startWaiting starts a session without waiting for its connection.
+func startWaiting(t *testing.T, cfg *Config) *Session {
+	s, err := New(cfg)
+	require.NoError(t, err)
+	s.Start()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s.Close(ctx)
+	})
+	return s
 }

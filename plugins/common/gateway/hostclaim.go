@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"time"
 )
 
 // A host claim tells the other processes of this host that this process
@@ -43,4 +44,56 @@ func claimName(clientID string) string {
 // holds it or claims are not supported here.
 func HostClaimHolder(clientID string) (holder ClaimHolder, ok bool) {
 	return claimHolder(claimName(clientID))
+}
+
+const (
+	// claimPoll is how often a session waiting for its host claim tries
+	// again: a process handing the gateway over (execd's takeover, a
+	// restart) releases it within a few seconds.
+	claimPoll = 250 * time.Millisecond
+	// claimGrace is how long a session waits for the claim before saying
+	// why it does not connect.
+	claimGrace = 3 * time.Second
+)
+
+// waitForHostClaim takes the gateway's host claim before the first connect,
+// waiting while a trusted process of this host holds it; ok is false when
+// the session closed meanwhile. A nil claim (claims unsupported, failing, or
+// held by a process not trusted) lets the session connect without one: the
+// bridge-side detection of a duplicate client ID (noteLoss) still reports a
+// kick war.
+func (s *Session) waitForHostClaim() (claim *hostClaim, ok bool) {
+	if s.hostClaim == "" {
+		return nil, true
+	}
+	var waitingSince time.Time
+	reported := false
+	for {
+		c, holder, ignored, err := claimHost(s.hostClaim)
+		switch {
+		case err != nil:
+			s.log.Warnf("Cannot claim gateway %q on this host (%v): connecting without a claim, so a second process of this gateway here would not be stopped from kicking this one", s.cfg.GatewayID, err)
+			return nil, true
+		case ignored:
+			s.log.Warnf("%s, not of this user nor root, holds the host claim of gateway %q: ignored, connecting (a process of another user must not keep this gateway off the bridge)", holder, s.cfg.GatewayID)
+			return nil, true
+		case c != nil:
+			if reported {
+				s.log.Infof("No other process of this host connects as gateway %q any more: connecting", s.cfg.GatewayID)
+			}
+			return c, true
+		}
+		if waitingSince.IsZero() {
+			waitingSince = time.Now()
+		}
+		if !reported && holder.PID != 0 && time.Since(waitingSince) >= claimGrace {
+			err := fmt.Errorf("%s on this host connects as gateway %q", holder, s.cfg.GatewayID)
+			s.setLastErr(err)
+			s.log.Errorf("Not connecting as %q: %v, and a second connection would kick it off the bridge (one connection per client ID); waiting until it stops. Stop the other process (another Telegraf, or a telegraf --test beside the service) or give one of them another gateway_id", s.clientID, err)
+			reported = true
+		}
+		if !sleepCtx(s.ctx, claimPoll) {
+			return nil, false
+		}
+	}
 }

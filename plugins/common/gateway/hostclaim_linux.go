@@ -18,7 +18,8 @@ type hostClaim struct {
 }
 
 // claimHost takes the claim of name. When another process holds it and that
-// process is trusted (see trustedHolder), it returns its holder and ok false.
+// process is trusted (see trustedHolder), it returns a nil claim and the
+// holder (a zero holder when it went away meanwhile: try again).
 // A holder that is not trusted is ignored (ignored true): another local user
 // must not be able to keep this gateway off the bridge by binding the name.
 func claimHost(name string) (claim *hostClaim, holder ClaimHolder, ignored bool, err error) {
@@ -35,8 +36,8 @@ func claimHost(name string) (claim *hostClaim, holder ClaimHolder, ignored bool,
 	h, ok := claimHolder(name)
 	if !ok {
 		// The holder went away between the bind and the dial: the next
-		// attempt takes the claim.
-		return nil, ClaimHolder{}, false, err
+		// attempt takes the claim (a zero holder says so).
+		return nil, ClaimHolder{}, false, nil
 	}
 	if !trustedHolder(h) {
 		return nil, h, true, nil

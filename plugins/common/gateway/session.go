@@ -59,6 +59,9 @@ type Session struct {
 	// dupLog reports a probable duplicate client ID at most once per
 	// duplicateLogInterval.
 	dupLog *ratelog.Limiter
+	// hostClaim names this gateway's claim on the host (hostclaim.go);
+	// tests of two hosts give their sessions different names.
+	hostClaim string
 
 	c counters
 }
@@ -93,6 +96,7 @@ func New(cfg *Config) (*Session, error) {
 		warn:      ratelog.New(log, warnInterval),
 		dupLog:    ratelog.New(log, duplicateLogInterval),
 	}
+	s.hostClaim = claimName(s.clientID)
 	s.pacer = newStatePacer(s)
 	s.c.errorsByType = make(map[string]uint64)
 	s.c.droppedByReason = make(map[string]uint64)

@@ -588,6 +588,8 @@ func TestTLS(t *testing.T) {
 	cfg, err = opt.Validate(testutil.Logger{})
 	require.NoError(t, err)
 	cfg.MinReconnect = 10 * time.Millisecond
+	// One session of a gateway at a time on a host (hostclaim.go).
+	require.NoError(t, s.Close(testCtx(t, 5*time.Second)))
 	bad, err := New(cfg)
 	require.NoError(t, err)
 	bad.Start()
