@@ -104,10 +104,15 @@ func (r *runner) connectGateway(b *bridgeChecks, g *gatewayCheck) {
 }
 
 // heldElsewhere tells whether a process of this host may hold the
-// gateway's connection: through the sharing rendezvous (execd/share.Holder),
+// gateway's connection: its host claim (gateway.HostClaimHolder, taken by
+// every session, built in or under execd), the sharing rendezvous
+// (execd/share.Holder),
 // or as a Telegraf or telegraf-omnicore started with one of the checked
 // files that name the gateway (runningWith); or whether that cannot be told.
 func heldElsewhere(g *gatewayCheck) (bool, string) {
+	if h, ok := gateway.HostClaimHolder(g.clientID); ok {
+		return true, fmt.Sprintf("%s connects as this gateway (it holds the gateway's host claim)", h)
+	}
 	for _, f := range g.files {
 		if pid := runningWith(f); pid != 0 {
 			return true, fmt.Sprintf("process %d, started with %s, may hold the gateway's connection", pid, f)

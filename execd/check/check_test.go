@@ -297,6 +297,33 @@ func TestCheck(t *testing.T) {
 			skips: [][]string{{"token of gateway gw-1", fmt.Sprintf("process %d", os.Getpid()), "does not connect"}, {"devices of gateway gw-1"}},
 		},
 		{
+			name: "gateway connected by a process started with another file: its host claim, no connect",
+			prepare: func(t *testing.T, s *setup) []string {
+				path := s.file(t, "outputs.omnicore", `  devices = ["dev-a"]`)
+				// This test process stands for a built-in Telegraf whose
+				// telegraf.conf is not among the checked files: only the
+				// gateway's host claim tells.
+				o := gateway.DefaultOptions()
+				o.Servers, o.SubscriptionID, o.RegistryID, o.GatewayID = []string{s.srv.URL}, s.srv.Subscription(), registry, gw
+				o.PrivateKey, o.Algorithm = s.key, omnicore.ES256
+				cfg, err := o.Validate(nil)
+				require.NoError(t, err)
+				sess, err := gateway.New(cfg)
+				require.NoError(t, err)
+				sess.Start()
+				t.Cleanup(func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+					defer cancel()
+					_ = sess.Close(ctx)
+				})
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				require.NoError(t, sess.WaitReady(ctx))
+				return []string{path}
+			},
+			skips: [][]string{{"token of gateway gw-1", fmt.Sprintf("process %d", os.Getpid()), "host claim"}, {"devices of gateway gw-1"}},
+		},
+		{
 			name: "gateway of a running built-in Telegraf: no connect",
 			prepare: func(t *testing.T, s *setup) []string {
 				path := s.file(t, "outputs.omnicore", `  devices = ["dev-a"]`)
