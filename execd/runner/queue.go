@@ -77,14 +77,14 @@ type queue struct {
 	// too, so that none is lost (at least once).
 	uncommitted     []byte
 	uncommittedEnds []int
-	mem         []memEntry // not released, in order
-	memRead     int        // mem[:memRead] are read (in flight), the rest unread
-	memBytes    int64
-	nextSeq     uint64
-	ready       chan struct{} // closed when memory gets a line
-	space       chan struct{} // closed when memory frees space
-	lastRelease time.Time
-	closed      bool
+	mem             []memEntry // not released, in order
+	memRead         int        // mem[:memRead] are read (in flight), the rest unread
+	memBytes        int64
+	nextSeq         uint64
+	ready           chan struct{} // closed when memory gets a line
+	space           chan struct{} // closed when memory frees space
+	lastRelease     time.Time
+	closed          bool
 
 	droppedMemory int64 // lines dropped from (or not let into) full memory
 	tooLarge      int64 // lines the spool can never hold

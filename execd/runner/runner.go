@@ -137,7 +137,8 @@ func New(cfg Config) *Runner {
 }
 
 // Run opens the queue, runs until stdin EOF or stop, and returns within the
-// budgets above. It returns an error only when it could not start.
+// budgets above. It returns an error when it could not start, or one
+// wrapping ErrLost with the count of the metrics it could not keep.
 func (r *Runner) Run(stdin io.Reader, stop <-chan struct{}) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -215,9 +216,12 @@ func (r *Runner) Run(stdin io.Reader, stop <-chan struct{}) error {
 	t.Stop()
 	close(stopReports)
 	<-reported
-	r.finish(writing, deadline)
-	return nil
+	return r.finish(writing, deadline)
 }
+
+// ErrLost is wrapped by the error Run returns when metrics held in memory
+// could not be kept at the stop.
+var ErrLost = errors.New("metrics lost")
 
 func (r *Runner) awaitAbandoned(published <-chan bool) bool {
 	select {
@@ -228,24 +232,25 @@ func (r *Runner) awaitAbandoned(published <-chan bool) bool {
 	}
 }
 
-// finish closes the queue (reporting what could not be kept) and the output.
-func (r *Runner) finish(writing bool, deadline time.Time) {
+// finish closes the queue and the output; the error counts the metrics
+// that could not be kept.
+func (r *Runner) finish(writing bool, deadline time.Time) error {
 	backlog := r.q.Backlog()
 	lost, err := r.q.Close()
 	if err != nil {
 		r.log.Errorf("Closing the spool: %v", err)
 	}
-	switch {
-	case lost > 0:
-		r.log.Errorf("Stopping with %d metrics in memory that the bridge did not acknowledge and %s could not keep: they are lost", lost, r.keeper())
-	case backlog > 0:
+	var result error
+	if lost > 0 {
+		result = fmt.Errorf("%d %w: held in memory, not acknowledged by the bridge, and %s", lost, ErrLost, r.why())
+	} else if backlog > 0 {
 		r.log.Infof("Stopping with %d metrics in the spool not acknowledged by the bridge yet; they are sent after the next start", backlog)
 	}
 	if writing {
 		// Close must not run concurrently with Write; the process exits
 		// without it, which closes the connection all the same.
 		r.log.Debug("Not closing the output: a Write is still running")
-		return
+		return result
 	}
 	closed := make(chan error, 1)
 	go func() { closed <- r.cfg.Output.Close() }()
@@ -259,13 +264,15 @@ func (r *Runner) finish(writing bool, deadline time.Time) {
 	case <-t.C:
 		r.log.Debug("Closing the output did not finish in time; exiting anyway")
 	}
+	return result
 }
 
-func (r *Runner) keeper() string {
+// why says why metrics held in memory cannot be kept at a stop.
+func (r *Runner) why() string {
 	if r.cfg.Spool == nil {
-		return "nothing (spool = false)"
+		return "spool = false"
 	}
-	return "the spool"
+	return "the spool could not take them (full, or its disk failed)"
 }
 
 // where says where the backlog is kept now, for the logs.

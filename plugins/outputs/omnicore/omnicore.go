@@ -28,7 +28,6 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
-	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 )
 
 //go:embed sample.conf
@@ -102,13 +101,6 @@ type OmniCore struct {
 	StateTag      string          `toml:"state_tag"`
 	WriteTimeout  config.Duration `toml:"write_timeout"`
 
-	// The spool options apply to the execd program only (see SpoolSettings).
-	Spool             bool            `toml:"spool"`
-	SpoolDir          string          `toml:"spool_dir"`
-	SpoolMaxSize      config.Size     `toml:"spool_max_size"`
-	SpoolSyncInterval config.Duration `toml:"spool_sync_interval"`
-	SpoolFull         string          `toml:"spool_full"`
-
 	// Gateways are more gateway identities: with them the plugin spreads
 	// its devices over a pool of gateways, the top-level one first.
 	Gateways []pool.GatewayOptions `toml:"gateways"`
@@ -174,9 +166,6 @@ func (o *OmniCore) Init() error {
 	}
 	if o.WriteTimeout <= 0 {
 		return fmt.Errorf("write_timeout %s must be positive", time.Duration(o.WriteTimeout))
-	}
-	if err := o.checkSpoolOptions(); err != nil {
-		return err
 	}
 	for _, d := range o.Devices {
 		if err := omnicore.ValidateID(d); err != nil {
@@ -936,11 +925,6 @@ func init() {
 			QoS:           1,
 			Layout:        layoutNonBatch,
 			WriteTimeout:  config.Duration(defaultWriteTimeout),
-
-			Spool:             true,
-			SpoolMaxSize:      config.Size(spool.DefaultMaxSize),
-			SpoolSyncInterval: config.Duration(spool.DefaultSyncInterval),
-			SpoolFull:         string(spool.Backpressure),
 		}
 	})
 }
