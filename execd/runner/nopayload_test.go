@@ -22,7 +22,7 @@ func TestSkippedLinesLogNoPayload(t *testing.T) {
 			require.Len(t, flatten(out.getWritten()), 2)
 			require.Len(t, h.log.Errors(), 2, "errors: %v", h.log.Errors())
 			require.Contains(t, h.log.Errors()[0], "Skipping an input line of 29 bytes that is not valid line protocol")
-			require.Contains(t, h.log.Errors()[1], "Skipping an input line of 37 bytes that is not valid line protocol")
+			require.Contains(t, h.log.Errors()[1], "Skipping an input line of 38 bytes that is not valid line protocol")
 			for _, e := range h.log.Messages() {
 				require.NotContains(t, e.Text, secret[:8], "payload bytes in a log line")
 			}
