@@ -264,11 +264,15 @@ func values(ms []telegraf.Metric) []int64 {
 }
 
 // waitFor polls cond every few milliseconds until it holds, up to d.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+// explain, when given, is logged on a timeout.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool, explain ...func() []string) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {
 		if time.Now().After(deadline) {
+			for _, e := range explain {
+				t.Logf("%s", strings.Join(e(), "\n"))
+			}
 			require.FailNowf(t, "timeout", "%s did not happen within %s", what, d)
 		}
 		time.Sleep(5 * time.Millisecond)

@@ -85,6 +85,7 @@ type queue struct {
 	space           chan struct{} // closed when memory frees space
 	lastRelease     time.Time
 	closed          bool
+	fullWarned      bool
 
 	droppedMemory int64 // lines dropped from (or not let into) full memory
 	tooLarge      int64 // lines the spool can never hold
@@ -130,12 +131,21 @@ func (q *queue) Append(line []byte) error {
 		return spool.ErrClosed
 	}
 	q.moveLocked()
-	if q.sp != nil && !q.spoolDown && q.memRead == len(q.mem) {
+	if q.sp != nil && q.memRead == len(q.mem) && (!q.spoolDown || q.probeDueLocked()) {
+		probing := q.spoolDown
 		err := q.sp.Append(line)
 		switch {
 		case err == nil:
 			q.uncommitted = append(q.uncommitted, line...)
 			q.uncommittedEnds = append(q.uncommittedEnds, len(q.uncommitted))
+			if probing {
+				// The line probes the disk: it works again once the line
+				// is written.
+				if q.commitLocked() {
+					q.recoveredLocked(0)
+				}
+				return nil
+			}
 			if len(q.uncommittedEnds) >= commitEvery {
 				q.commitLocked()
 			}
@@ -146,11 +156,33 @@ func (q *queue) Append(line []byte) error {
 		case errors.Is(err, spool.ErrClosed):
 			return err
 		case errors.Is(err, spool.ErrFull):
+			if !q.fullWarned {
+				q.fullWarned = true
+				q.log.Warnf("The spool is full: new metrics wait in memory (up to %d MiB) until the bridge acknowledges metrics and they move into the spool. Logged once", q.memLimit>>20)
+			}
 		default:
 			q.diskFailedLocked(err)
 		}
 	}
 	return q.memAppendLocked(line)
+}
+
+// probeDueLocked reports whether the failed disk is to be tried again now,
+// and if so schedules the next try.
+func (q *queue) probeDueLocked() bool {
+	if time.Now().Before(q.probeAt) {
+		return false
+	}
+	q.probeAt = time.Now().Add(q.probeEvery)
+	return true
+}
+
+// recoveredLocked ends a disk failure: moved lines went from memory into
+// the spool.
+func (q *queue) recoveredLocked(moved int) {
+	q.spoolDown = false
+	q.log.Infof("The spool's disk works again after %s; the %d metrics held in memory move back into the spool",
+		time.Since(q.downSince).Round(time.Second), moved+len(q.mem)-q.memRead)
 }
 
 // AppendDroppingOldest queues line in memory even when memory is full, by
@@ -200,11 +232,13 @@ func (q *queue) memAppendLocked(line []byte) error {
 func (q *queue) Commit() {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	q.commitLocked()
+	if !q.spoolDown {
+		q.commitLocked()
+	}
 }
 
 func (q *queue) commitLocked() bool {
-	if q.sp == nil || q.spoolDown || q.closed {
+	if q.sp == nil || q.closed {
 		return false
 	}
 	if err := q.sp.Commit(); err != nil {
@@ -240,28 +274,21 @@ func (q *queue) diskFailedLocked(err error) {
 
 // moveLocked moves memory's unread lines into the spool while it takes them.
 // After a disk failure it first probes the disk (no more often than
-// probeEvery) with a Commit of what the spool still buffers and one line.
+// probeEvery) with one line and a Commit.
 func (q *queue) moveLocked() {
-	if q.sp == nil || q.memRead == len(q.mem) && !q.spoolDown {
+	if q.sp == nil || q.memRead == len(q.mem) {
 		return
 	}
-	wasDown := q.spoolDown
-	if wasDown {
-		if time.Now().Before(q.probeAt) {
-			return
-		}
-		q.probeAt = time.Now().Add(q.probeEvery)
-		if err := q.sp.Commit(); err != nil {
-			return // still failing
-		}
-		q.spoolDown = false
+	probing := q.spoolDown
+	if probing && !q.probeDueLocked() {
+		return
 	}
 	moved := 0
 	for q.memRead+moved < len(q.mem) {
 		e := q.mem[q.memRead+moved]
 		err := q.sp.Append(e.payload)
 		if errors.Is(err, spool.ErrTooLarge) {
-			// Fits in memory, never in the spool: publish it from memory.
+			// Fits in memory, never in the spool: published from memory.
 			break
 		}
 		if err != nil {
@@ -271,14 +298,18 @@ func (q *queue) moveLocked() {
 			break
 		}
 		moved++
-		if wasDown {
+		if probing {
 			break // one line probes the disk; the rest follows after the commit
 		}
 	}
-	if moved == 0 || !q.commitLocked() {
-		if q.spoolDown {
-			q.probeAt = time.Now().Add(q.probeEvery)
-		}
+	if moved == 0 {
+		return
+	}
+	// What the spool now buffers is in memory too: on a failure of this
+	// commit memory keeps it (and the spool writes it when it can: at
+	// least once).
+	q.uncommitted, q.uncommittedEnds = q.uncommitted[:0], q.uncommittedEnds[:0]
+	if !q.commitLocked() {
 		return
 	}
 	for _, e := range q.mem[q.memRead : q.memRead+moved] {
@@ -286,9 +317,8 @@ func (q *queue) moveLocked() {
 	}
 	q.mem = append(q.mem[:q.memRead], q.mem[q.memRead+moved:]...)
 	q.signalSpaceLocked()
-	if wasDown {
-		q.log.Infof("The spool's disk works again after %s; the %d metrics held in memory move back into the spool",
-			time.Since(q.downSince).Round(time.Second), len(q.mem)-q.memRead+moved)
+	if probing {
+		q.recoveredLocked(moved)
 		q.moveLocked()
 	}
 }
@@ -300,6 +330,9 @@ func (q *queue) Attach(sp *spool.Spool) {
 	q.sp = sp
 	q.spoolDown = false
 	q.moveLocked()
+	// Wake the publisher, which waits on memory's channel only.
+	close(q.ready)
+	q.ready = make(chan struct{})
 }
 
 // HasSpool reports whether the queue has its spool.
