@@ -327,19 +327,16 @@ func (q *queue) moveLocked() {
 func (q *queue) Attach(sp *spool.Spool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	if q.closed {
+		_ = sp.Close()
+		return
+	}
 	q.sp = sp
 	q.spoolDown = false
 	q.moveLocked()
 	// Wake the publisher, which waits on memory's channel only.
 	close(q.ready)
 	q.ready = make(chan struct{})
-}
-
-// HasSpool reports whether the queue has its spool.
-func (q *queue) HasSpool() bool {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.sp != nil
 }
 
 // Read returns up to max lines in order: the spool's, then memory's.

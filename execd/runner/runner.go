@@ -160,9 +160,6 @@ func (r *Runner) Run(stdin io.Reader, stop <-chan struct{}) error {
 	r.q = q
 	r.outage = outage{log: r.log, where: r.where, backlog: q.Backlog, retry: r.maxBackoff}
 	r.dropLog = rateLog{log: r.log, every: time.Minute}
-	if r.cfg.Spool != nil && !q.HasSpool() {
-		go r.reopenLoop(ctx)
-	}
 
 	eof := make(chan struct{})
 	go r.readLoop(stdin, eof)
@@ -288,10 +285,19 @@ func (r *Runner) where() string {
 	}
 }
 
+// lockWait is how long openQueue waits for the spool before it starts with
+// memory: Open waits while another process holds the spool's lock (a
+// previous instance still stopping, or two outputs of one spool), and
+// standard input must be read meanwhile, or Telegraf's Write blocks on the
+// pipe and its stop with it.
+const lockWait = 200 * time.Millisecond
+
 // openQueue opens the spool (when on) and returns the queue. A spool that
 // cannot be opened for a reason of its disk (full, read-only, I/O error)
 // is an outage of the disk: the queue starts in memory and reopenLoop
-// tries the spool again.
+// tries the spool again. A spool that takes longer than lockWait to open
+// (its lock is held) is attached when it opens; memory holds the lines
+// meanwhile.
 func (r *Runner) openQueue(ctx context.Context) (*queue, error) {
 	if r.cfg.Spool == nil {
 		r.log.Debugf("spool = false: queueing standard input in memory (up to %d MiB)", r.cfg.MemoryLimit>>20)
@@ -301,7 +307,50 @@ func (r *Runner) openQueue(ctx context.Context) (*queue, error) {
 	opts.Log = r.log
 	opts.Full = r.cfg.Full
 	r.cfg.Spool = &opts
-	sp, err := spool.Open(ctx, opts)
+	type opened struct {
+		sp  *spool.Spool
+		err error
+	}
+	result := make(chan opened, 1)
+	go func() {
+		sp, err := spool.Open(ctx, opts)
+		result <- opened{sp, err}
+	}()
+	t := time.NewTimer(lockWait)
+	defer t.Stop()
+	select {
+	case res := <-result:
+		return r.openedQueue(ctx, res.sp, res.err)
+	case <-t.C:
+	}
+	q := r.newQueue(nil)
+	go func() {
+		res := <-result
+		if res.err == nil {
+			r.logOpened(res.sp)
+			q.Attach(res.sp)
+			return
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if IsDiskError(res.err) {
+			q.mu.Lock()
+			q.spoolDown, q.downSince = true, time.Now()
+			q.mu.Unlock()
+			r.log.Errorf("Opening the spool %s failed (%v): metrics are held in memory (up to %d MiB); trying the spool again every %s",
+				opts.Dir, res.err, r.cfg.MemoryLimit>>20, r.probeEvery)
+			r.reopenLoop(ctx, q)
+			return
+		}
+		r.log.Errorf("Opening the spool %s failed: %v; metrics are held in memory only (up to %d MiB), and lost if the process stops before the bridge acknowledges them",
+			opts.Dir, res.err, r.cfg.MemoryLimit>>20)
+	}()
+	return q, nil
+}
+
+// openedQueue is the queue after an Open that returned within lockWait.
+func (r *Runner) openedQueue(ctx context.Context, sp *spool.Spool, err error) (*queue, error) {
 	if err != nil {
 		if ctx.Err() != nil || !IsDiskError(err) {
 			return nil, fmt.Errorf("opening the spool: %w", err)
@@ -309,16 +358,20 @@ func (r *Runner) openQueue(ctx context.Context) (*queue, error) {
 		q := r.newQueue(nil)
 		q.spoolDown, q.downSince = true, time.Now()
 		r.log.Errorf("Opening the spool %s failed (%v): starting with metrics held in memory (up to %d MiB), and trying the spool again every %s",
-			opts.Dir, err, r.cfg.MemoryLimit>>20, r.probeEvery)
+			r.cfg.Spool.Dir, err, r.cfg.MemoryLimit>>20, r.probeEvery)
+		go r.reopenLoop(ctx, q)
 		return q, nil
 	}
-	st := sp.Stats()
-	if st.Replayed > 0 {
-		r.log.Infof("Replaying %d metrics (%d bytes) spooled by an earlier run in %s, before new ones", st.Replayed, st.Bytes, opts.Dir)
-	} else {
-		r.log.Debugf("Spooling to %s", opts.Dir)
-	}
+	r.logOpened(sp)
 	return r.newQueue(sp), nil
+}
+
+func (r *Runner) logOpened(sp *spool.Spool) {
+	if st := sp.Stats(); st.Replayed > 0 {
+		r.log.Infof("Replaying %d metrics (%d bytes) spooled by an earlier run in %s, before new ones", st.Replayed, st.Bytes, r.cfg.Spool.Dir)
+	} else {
+		r.log.Debugf("Spooling to %s", r.cfg.Spool.Dir)
+	}
 }
 
 func (r *Runner) newQueue(sp *spool.Spool) *queue {
@@ -328,7 +381,7 @@ func (r *Runner) newQueue(sp *spool.Spool) *queue {
 }
 
 // reopenLoop tries to open the spool every probeEvery until it opens.
-func (r *Runner) reopenLoop(ctx context.Context) {
+func (r *Runner) reopenLoop(ctx context.Context, q *queue) {
 	t := time.NewTicker(r.probeEvery)
 	defer t.Stop()
 	for {
@@ -348,7 +401,7 @@ func (r *Runner) reopenLoop(ctx context.Context) {
 			continue
 		}
 		r.log.Infof("The spool %s opened after its disk failed; the metrics held in memory move into it", r.cfg.Spool.Dir)
-		r.q.Attach(sp)
+		q.Attach(sp)
 		return
 	}
 }

@@ -451,3 +451,30 @@ func TestSkipsInvalidLines(t *testing.T) {
 	testutil.RequireMetricsEqual(t, metricsFor("m", 0, 2), flatten(out.getWritten()))
 	require.Equal(t, 1, h.count('E', "Skipping an input line of 17 bytes that is not valid line protocol"), "%v", h.texts())
 }
+
+// Two runners of one spool (two [[outputs.execd]] blocks with one plugin
+// file, or a restart while the previous process still stops): the second
+// reads stdin and publishes from memory while the first holds the spool's
+// lock, and takes the spool over when the first exits.
+func TestSecondRunnerOfASpoolReadsWhileLocked(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "spool")
+	down := newTestOutput()
+	down.failWrites = true
+	first := start(t, down, dir, 100, 10*time.Millisecond, nil)
+	first.write(t, lines("a", 0, 500))
+	down.waitCalls(t, 1)
+
+	out := newTestOutput()
+	second := start(t, out, dir, 100, 10*time.Millisecond, nil)
+	second.write(t, lines("b", 0, 500)) // read although the spool is locked
+	waitWritten(t, out, 500)
+	require.Equal(t, 1, second.count('W', "is locked by another process"), "%v", second.texts())
+
+	require.NoError(t, first.stdin.Close())
+	require.NoError(t, first.wait(t, 10*time.Second))
+	waitWritten(t, out, 1000) // the first's spool, replayed by the second
+	got := flatten(out.getWritten())
+	require.ElementsMatch(t, values(append(metricsFor("b", 0, 500), metricsFor("a", 0, 500)...)), values(got))
+	require.NoError(t, second.stdin.Close())
+	require.NoError(t, second.wait(t, 10*time.Second))
+}
