@@ -42,6 +42,13 @@ func (o *outage) fail(what string, err error) {
 	}
 }
 
+// isActive reports whether an outage is going on.
+func (o *outage) isActive() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.active
+}
+
 // ok reports a successful Write: it ends an outage.
 func (o *outage) ok() {
 	o.mu.Lock()

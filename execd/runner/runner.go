@@ -178,6 +178,10 @@ func (r *Runner) Run(stdin io.Reader, stop <-chan struct{}) error {
 	select {
 	case <-eof:
 		budget = r.drainBudget
+		if r.connected.Load() == nil && r.cfg.Conn != nil || r.outage.isActive() {
+			// The bridge is away: nothing to wait for.
+			budget = r.signalBudget
+		}
 		r.log.Debugf("Standard input closed; publishing what is queued for at most %s while the bridge acknowledges", budget)
 	case <-stop:
 		budget = r.signalBudget
