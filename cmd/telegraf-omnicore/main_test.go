@@ -315,7 +315,7 @@ func TestMainOutput(t *testing.T) {
 			code:   1,
 			record: "closed\n",
 			stderr: []string{
-				"E! Stopping outputs.omnicore_test: 3 metrics lost: held in memory, not acknowledged by the bridge, and spool = false",
+				"E! Stopping outputs.omnicore_test: 3 metrics not acknowledged by the bridge are lost: they were held in memory, and spool = false",
 			},
 		},
 	}

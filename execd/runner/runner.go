@@ -222,7 +222,7 @@ func (r *Runner) Run(stdin io.Reader, stop <-chan struct{}) error {
 
 // ErrLost is wrapped by the error Run returns when metrics held in memory
 // could not be kept at the stop.
-var ErrLost = errors.New("metrics lost")
+var ErrLost = errors.New("lost")
 
 func (r *Runner) awaitAbandoned(published <-chan bool) bool {
 	select {
@@ -243,7 +243,7 @@ func (r *Runner) finish(writing bool, deadline time.Time) error {
 	}
 	var result error
 	if lost > 0 {
-		result = fmt.Errorf("%d %w: held in memory, not acknowledged by the bridge, and %s", lost, ErrLost, r.why())
+		result = fmt.Errorf("%d metrics not acknowledged by the bridge are %w: they were held in memory, and %s", lost, ErrLost, r.why())
 	} else if backlog > 0 {
 		r.log.Infof("Stopping with %d metrics in the spool not acknowledged by the bridge yet; they are sent after the next start", backlog)
 	}
