@@ -112,13 +112,22 @@ func TestOnceDelivers(t *testing.T) {
 	const count = 10000
 	const wait = 3 * time.Second // --test-wait: the generator's run
 
-	t.Run("bridge up", func(t *testing.T) {
-		w := newWorld(t)
-		devices := deviceNames("dev", 10)
+	// once runs telegraf --once with count metrics, the bridge down or not.
+	once := func(t *testing.T, bridgeDown bool) (w *world, devices []string, plugin, log string, err error, took time.Duration) {
+		w = newWorld(t)
+		devices = deviceNames("dev", 10)
 		gw := w.gateway(devices...)
-		plugin := w.write("omnicore-output.conf", gw.OutputFile())
+		plugin = w.write("omnicore-output.conf", gw.OutputFile())
 		spec := GenSpec{Count: count, Rate: 20000, Devices: devices, Record: filepath.Join(w.dir, "record.txt")}
-		log, err, took := w.runOnce(agentWith("  metric_buffer_limit = 100000")+w.generatorInput(spec)+outputBlock(plugin), wait)
+		if bridgeDown {
+			w.srv.Stop()
+		}
+		log, err, took = w.runOnce(agentWith("  metric_buffer_limit = 100000")+w.generatorInput(spec)+outputBlock(plugin), wait)
+		return w, devices, plugin, log, err, took
+	}
+
+	t.Run("bridge up", func(t *testing.T) {
+		w, _, _, log, err, took := once(t, false)
 		// Telegraf's exit status also counts the generator's read error
 		// at its stop (inputs.execd, "file already closed"): not checked.
 		t.Logf("telegraf --once: %v", err)
@@ -131,13 +140,7 @@ func TestOnceDelivers(t *testing.T) {
 	})
 
 	t.Run("bridge down", func(t *testing.T) {
-		w := newWorld(t)
-		devices := deviceNames("dev", 10)
-		gw := w.gateway(devices...)
-		plugin := w.write("omnicore-output.conf", gw.OutputFile())
-		spec := GenSpec{Count: count, Rate: 20000, Devices: devices, Record: filepath.Join(w.dir, "record.txt")}
-		w.srv.Stop()
-		log, _, took := w.runOnce(agentWith("  metric_buffer_limit = 100000")+w.generatorInput(spec)+outputBlock(plugin), wait)
+		w, devices, plugin, log, _, took := once(t, true)
 		t.Logf("--once, bridge down: exited in %s", took.Round(time.Millisecond))
 		require.Less(t, took, wait+5*time.Second, "--test-wait, then a prompt exit:\n%s", tail(quiet(log), 50))
 		require.Zero(t, w.tally.Unique())
