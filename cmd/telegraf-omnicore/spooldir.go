@@ -87,10 +87,15 @@ func adoptEarlierSpools(dir, gatewayID string, opts spool.Options, log telegraf.
 			continue // another output's spool of this version
 		}
 		if into == nil {
+			// Bounded: stdin is not read yet, and a spool locked by a
+			// process still stopping is adopted at the next start.
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			o := opts
 			o.Dir, o.Log = dir, log
-			if into, err = spool.Open(context.Background(), o); err != nil {
-				log.Errorf("Not adopting the spool %s of an earlier configuration of gateway %s (%d bytes): opening %s: %v",
+			into, err = spool.Open(ctx, o)
+			cancel()
+			if err != nil {
+				log.Errorf("Not adopting the spool %s of an earlier configuration of gateway %s (%d bytes) now: opening %s: %v",
 					old, gatewayID, dirSize(old), dir, err)
 				into = nil
 				return
