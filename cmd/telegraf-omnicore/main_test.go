@@ -301,6 +301,13 @@ func TestMainOutput(t *testing.T) {
 			stderr: []string{"D! [outputs.omnicore_test] Wrote 3 metrics", "D! [outputs.omnicore_test] Standard input closed"},
 		},
 		{
+			name:   "spool options in the output's table, as earlier versions had them",
+			table:  "spool = false",
+			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
+			record: lines + "closed\n",
+			stderr: []string{"W! [outputs.omnicore_test] spool in [[outputs.omnicore_test]] belong in the plugin file's [telegraf_omnicore] table now"},
+		},
+		{
 			name:   "warn level (the default) hides info",
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			record: lines + "closed\n",
