@@ -122,7 +122,11 @@ func TestOnceDelivers(t *testing.T) {
 		if bridgeDown {
 			w.srv.Stop()
 		}
-		log, err, took = w.runOnce(agentWith("  metric_buffer_limit = 100000")+w.generatorInput(spec)+outputBlock(plugin), wait)
+		// One flush, at the end: Telegraf writes the 10,000 metrics into
+		// the pipe just before it closes it, as a cron job's --once does.
+		agent := strings.NewReplacer(`flush_interval = "100ms"`, `flush_interval = "1h"`,
+			"metric_batch_size = 1000", "metric_batch_size = 20000").Replace(agentWith("  metric_buffer_limit = 100000"))
+		log, err, took = w.runOnce(agent+w.generatorInput(spec)+outputBlock(plugin), wait)
 		return w, devices, plugin, log, err, took
 	}
 
