@@ -42,8 +42,31 @@ func (lr *lineReader) Next() ([]byte, error) {
 		if lr.idle != nil && lr.r.Buffered() == 0 {
 			lr.idle()
 		}
-		lr.buf = lr.buf[:0]
-		var size int64 // bytes of the line so far, kept or not
+		// The common case: the whole line is in the read buffer; it is
+		// handed out from there, without a copy.
+		if chunk, err := lr.r.ReadSlice('\n'); err == nil {
+			if line := trimEOL(chunk); len(line) > 0 && len(line) <= lr.max {
+				return line, nil
+			} else if len(line) > lr.max {
+				if lr.tooLong != nil {
+					lr.tooLong(int64(len(chunk)))
+				}
+			}
+			continue
+		} else if !errors.Is(err, bufio.ErrBufferFull) && (!errors.Is(err, io.EOF) || len(chunk) == 0) {
+			return nil, err
+		} else {
+			lr.buf = append(lr.buf[:0], chunk...)
+			if errors.Is(err, io.EOF) {
+				if line := trimEOL(lr.buf); len(line) > 0 && len(line) <= lr.max {
+					return line, nil
+				} else if len(line) > lr.max && lr.tooLong != nil {
+					lr.tooLong(int64(len(lr.buf)))
+				}
+				continue
+			}
+		}
+		size := int64(len(lr.buf)) // bytes of the line so far, kept or not
 		for {
 			chunk, err := lr.r.ReadSlice('\n')
 			size += int64(len(chunk))

@@ -86,7 +86,3 @@ func (l *rateLog) errorOnce(n int, msg func(total int64) string) {
 		l.log.Warn(msg(l.total))
 	}
 }
-
-func (l *rateLog) debug(msg string) {
-	l.log.Debug(msg)
-}

@@ -453,7 +453,6 @@ func (r *Runner) queueLine(line []byte) bool {
 		// Memory is full.
 		if r.cfg.Full == spool.Backpressure && !r.stopping.Load() {
 			if wait := r.stallTimeout - r.q.SinceRelease(); wait > 0 {
-				r.dropLog.debug("Memory is full: not reading standard input until the bridge acknowledges metrics")
 				t := time.NewTimer(min(wait, 100*time.Millisecond))
 				select {
 				case <-space:
