@@ -190,3 +190,58 @@ func TestSpoolSurvivesServersEdit(t *testing.T) {
 	require.Empty(t, w.tally.Missing(spec.Count))
 	require.Contains(t, w.tg.Log(), "Replaying 2000 metrics")
 }
+
+// mountTmpfs mounts a tmpfs of size on dir (created 0700), skipping the test
+// when it cannot (not root, no mount); unmounted at the end.
+func mountTmpfs(t *testing.T, dir, size string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a tmpfs needs root")
+	}
+	require.NoError(t, os.MkdirAll(dir, 0o700))
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size+",mode=0700", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("mount: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
+}
+
+// TestSmallOrReadOnlyStateDisk: the state directory (the spool) on a 256 KiB
+// tmpfs under the default spool_max_size of 1 GiB, or on a read-only one,
+// with the bridge up: the spool's disk fails (one E!), the output goes on
+// from memory, and every metric arrives; no restart of the output.
+func TestSmallOrReadOnlyStateDisk(t *testing.T) {
+	for _, readOnly := range []bool{false, true} {
+		name := "256KiB disk"
+		if readOnly {
+			name = "read-only disk"
+		}
+		t.Run(name, func(t *testing.T) {
+			w := newWorld(t)
+			mountTmpfs(t, w.state, "256k")
+			if readOnly {
+				out, err := exec.Command("mount", "-o", "remount,ro", w.state).CombinedOutput()
+				require.NoError(t, err, "%s", out)
+			}
+			devices := deviceNames("dev", 5)
+			gw := w.gateway(devices...)
+			plugin := w.write("omnicore-output.conf", gw.OutputFile())
+			spec := GenSpec{Count: 10000, Rate: 2000, Devices: devices, Pad: 64, Record: filepath.Join(w.dir, "record.txt")}
+			w.spoolTelegraf(agentWith("  metric_buffer_limit = 100000"), spec, plugin, false)
+			w.waitFor(2*time.Minute, "every metric", func() bool { return w.tally.Unique() >= spec.Count })
+			w.stop()
+			log := w.tg.Log()
+			t.Logf("%s: sent %d, received %d, duplicated %d, lost %d; restarts of the output %d",
+				name, spec.Count, w.tally.Unique(), w.tally.Duplicates(), len(w.tally.Missing(spec.Count)), ParseLog(log).Restarts)
+			// The spool's own group commit logs each failed flush (another
+			// change quiets it): reported, not checked here.
+			t.Logf("E! lines of the spool's group commit: %d", strings.Count(log, "E! [outputs.omnicore] Spool: "))
+			require.Empty(t, w.tally.Missing(spec.Count))
+			require.Zero(t, ParseLog(log).Restarts, "no crash loop")
+			if readOnly {
+				require.Equal(t, 1, strings.Count(log, "E! [outputs.omnicore] Opening the spool "), "one E! for the disk")
+			} else {
+				require.Equal(t, 1, strings.Count(log, "E! [outputs.omnicore] The spool's disk failed"), "one E! for the disk")
+			}
+		})
+	}
+}

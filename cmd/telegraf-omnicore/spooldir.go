@@ -14,6 +14,7 @@ import (
 
 	"github.com/influxdata/telegraf"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/runner"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/statedir"
 )
@@ -42,8 +43,14 @@ func defaultSpoolDir(gatewayID, clientID, alias string) (string, error) {
 		return "", fmt.Errorf("spool: %w (or set spool_dir in [%s])", err, hostTable)
 	}
 	sum := sha256.Sum256([]byte(clientID + "\x00" + alias))
-	dir, err := statedir.Private(base, "spool", gatewayID+"-"+hex.EncodeToString(sum[:8]))
+	name := gatewayID + "-" + hex.EncodeToString(sum[:8])
+	dir, err := statedir.Private(base, "spool", name)
 	if err != nil {
+		if runner.IsDiskError(err) {
+			// A disk full or read-only is the runner's to ride out: it
+			// starts with memory and creates the spool when it can.
+			return filepath.Join(base, "spool", name), nil
+		}
 		return "", fmt.Errorf("spool: %w", err)
 	}
 	id := "client_id " + clientID + "\nalias " + alias + "\n"
