@@ -86,6 +86,8 @@ type queue struct {
 	lastRelease     time.Time
 	closed          bool
 	fullWarned      bool
+	recovering      bool // the disk took a probe; memory is moving back
+	movedBack       int  // lines moved back since the disk failed
 
 	droppedMemory int64 // lines dropped from (or not let into) full memory
 	tooLarge      int64 // lines the spool can never hold
@@ -177,12 +179,27 @@ func (q *queue) probeDueLocked() bool {
 	return true
 }
 
-// recoveredLocked ends a disk failure: moved lines went from memory into
-// the spool.
+// recoveredLocked marks the disk as working again after a probe wrote moved
+// lines to it; the failure ends (I!) once memory's unread lines are all
+// back in the spool. A disk that fails again while they move (a backlog
+// larger than the disk) is the same failure: no second E!.
 func (q *queue) recoveredLocked(moved int) {
 	q.spoolDown = false
-	q.log.Infof("The spool's disk works again after %s; the %d metrics held in memory move back into the spool",
-		time.Since(q.downSince).Round(time.Second), moved+len(q.mem)-q.memRead)
+	q.recovering = true
+	q.movedBack += moved
+	q.recoveryDoneLocked()
+}
+
+// recoveryDoneLocked logs the end of a disk failure once memory holds no
+// unread line.
+func (q *queue) recoveryDoneLocked() {
+	if !q.recovering || q.spoolDown || q.memRead < len(q.mem) {
+		return
+	}
+	q.recovering = false
+	q.log.Infof("The spool's disk works again after %s; %d metrics held in memory meanwhile moved back into the spool",
+		time.Since(q.downSince).Round(time.Second), q.movedBack)
+	q.movedBack = 0
 }
 
 // AppendDroppingOldest queues line in memory even when memory is full, by
@@ -254,13 +271,14 @@ func (q *queue) commitLocked() bool {
 // diskFailedLocked switches new lines to memory after a disk failure; the
 // lines appended since the last commit go to memory too.
 func (q *queue) diskFailedLocked(err error) {
-	if !q.spoolDown {
+	if !q.spoolDown && !q.recovering {
 		q.spoolDown = true
 		q.downSince = time.Now()
 		q.log.Errorf("The spool's disk failed (%v): new metrics are held in memory (up to %d MiB) and published from there; "+
 			"the metrics already in the spool stay there and are published first. The spool is tried again every %s",
 			err, q.memLimit>>20, q.probeEvery)
 	}
+	q.spoolDown = true
 	q.probeAt = time.Now().Add(q.probeEvery)
 	start := 0
 	for _, end := range q.uncommittedEnds {
@@ -320,6 +338,11 @@ func (q *queue) moveLocked() {
 	if probing {
 		q.recoveredLocked(moved)
 		q.moveLocked()
+		return
+	}
+	if q.recovering {
+		q.movedBack += moved
+		q.recoveryDoneLocked()
 	}
 }
 
