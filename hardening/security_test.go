@@ -206,8 +206,7 @@ func TestTLSAndKeyWarnings(t *testing.T) {
 			// Without the spool an undeliverable metric is reported at
 			// the stop (with it, it would wait on disk for the next
 			// start: the store-and-forward suite tests that).
-			extra := append(tt.set(&g), "spool = false")
-			path := w.write(fmt.Sprintf("tls-%d.conf", i), g.OutputFile(extra...))
+			path := w.write(fmt.Sprintf("tls-%d.conf", i), g.OutputFile(tt.set(&g)...)+"\n[telegraf_omnicore]\n  spool = false\n")
 			p := startPlugin(t, w.env, "-config", path)
 			marker := fmt.Sprintf("case%d", i)
 			p.send(t, fmt.Sprintf("tls,device_id=dev-01 case=%q\n", marker))

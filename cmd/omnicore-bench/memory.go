@@ -18,9 +18,9 @@ import (
 
 	"github.com/influxdata/telegraf"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
-	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
 )
 
 // childFlag makes the binary run one measurement in a process of its own

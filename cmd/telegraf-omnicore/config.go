@@ -12,6 +12,8 @@ import (
 	"github.com/influxdata/telegraf/models"
 	"github.com/influxdata/toml"
 	"github.com/influxdata/toml/ast"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/hostconf"
 )
 
 // defaultPlugins are the plugin tables a plugin file may hold.
@@ -29,6 +31,8 @@ type loadedPlugin struct {
 	logLevel string // the table's log_level, "" when unset
 	input    telegraf.Input
 	output   telegraf.Output
+	// host are this program's own options ([telegraf_omnicore]).
+	host hostconf.Section
 }
 
 func (p *loadedPlugin) id() string { return p.kind + "." + p.name }
@@ -39,6 +43,10 @@ func loadPluginFile(path string, allowed []string) (*loadedPlugin, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("reading the plugin file: %w", err)
+	}
+	data, host, err := hostconf.Split(data)
+	if err != nil {
+		return nil, err
 	}
 	if err := checkTopLevel(data, allowed); err != nil {
 		return nil, err
@@ -91,6 +99,13 @@ func loadPluginFile(path string, allowed []string) (*loadedPlugin, error) {
 		return nil, fmt.Errorf("the plugin file holds %s; it must hold exactly one %s table", names[0], tableList(allowed))
 	}
 	p := found[0]
+	p.host = host
+	if p.kind == "inputs" && (host.Set || len(host.Legacy) > 0) {
+		return nil, fmt.Errorf("%s: [%s] and the spool options %w", p.id(), hostconf.Table, hostconf.ErrOnInput)
+	}
+	if err := host.Options.Check(); err != nil {
+		return nil, err
+	}
 	if p.logLevel != "" {
 		if _, err := parseLogLevel(p.logLevel); err != nil {
 			return nil, fmt.Errorf("%s: log_level: %w", p.id(), err)

@@ -22,6 +22,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -31,12 +32,13 @@ import (
 	"github.com/influxdata/telegraf/logger"
 	"github.com/influxdata/telegraf/models"
 
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/check"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/hostconf"
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/runner"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/outputs/omnicore"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
+	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 )
 
 // telegrafVersion is the Telegraf release whose plugin API, config loader and
@@ -242,7 +244,7 @@ func run(args []string, env environment) (status int) {
 			log.Errorf("Starting %s: %v", p.id(), err)
 			return 1
 		}
-		if err := runner.run(env.stdin, stop); err != nil {
+		if err := runner.Run(env.stdin, stop); err != nil {
 			log.Errorf("Stopping %s: %v", p.id(), err)
 			return 1
 		}
@@ -281,42 +283,63 @@ func installSharing(pluginFile string, log telegraf.Logger) (*atomic.Bool, error
 	return conflicted, nil
 }
 
-// spoolingOutput is an output that has a spool when run by this program
-// (outputs.omnicore).
-type spoolingOutput interface {
-	SpoolSettings(output string) (omnicore.SpoolSettings, error)
+// connOutput is implemented by outputs.omnicore: its gateway connection
+// after Connect (nil before), through which the queue's gauges are reported.
+type connOutput interface {
 	GatewayConn() gateway.Conn
 }
 
-// outputLoop is what runs an output from stdin.
-type outputLoop interface {
-	run(stdin io.Reader, stop <-chan struct{}) error
+// newRunner wires the output to the execd runner with the plugin file's
+// [telegraf_omnicore] options: the spool when on, else memory.
+func newRunner(p *loadedPlugin, plog telegraf.Logger, f *flags) (*runner.Runner, error) {
+	host := p.host.Options
+	if len(p.host.Legacy) > 0 {
+		plog.Warnf("%s in [[%s]] belong in the plugin file's [%s] table now (they are this program's options, not the plugin's); they still work where they are",
+			strings.Join(p.host.Legacy, ", "), p.id(), hostconf.Table)
+	}
+	cfg := runner.Config{
+		Output:       p.output,
+		Log:          plog,
+		BatchSize:    f.batchSize,
+		BatchTimeout: f.batchTimeout,
+		Full:         spool.FullPolicy(host.SpoolFull),
+	}
+	if c, ok := p.output.(connOutput); ok {
+		cfg.Conn = c.GatewayConn
+	}
+	if !host.Spool {
+		plog.Debug("spool = false: queueing standard input in memory")
+		return runner.New(cfg), nil
+	}
+	opts := spool.Options{
+		Dir:          host.SpoolDir,
+		MaxSize:      int64(host.SpoolMaxSize),
+		SyncInterval: time.Duration(host.SpoolSyncInterval),
+		Full:         spool.FullPolicy(host.SpoolFull),
+		Log:          plog,
+	}
+	if opts.Dir == "" {
+		g, ok := p.output.(gatewayOutput)
+		if !ok {
+			plog.Debugf("%s names no gateway and spool_dir is not set: queueing standard input in memory", p.id())
+			return runner.New(cfg), nil
+		}
+		gatewayID, clientID := g.GatewayIdentity()
+		dir, err := hostconf.SpoolDir(gatewayID, clientID, p.alias)
+		if err != nil {
+			return nil, err
+		}
+		opts.Dir = dir
+		hostconf.AdoptEarlierSpools(dir, gatewayID, opts, plog)
+	}
+	cfg.Spool = &opts
+	return runner.New(cfg), nil
 }
 
-// newRunner returns the spooled runner when the output has its spool on,
-// else the direct one.
-func newRunner(p *loadedPlugin, plog telegraf.Logger, f *flags) (outputLoop, error) {
-	so, ok := p.output.(spoolingOutput)
-	if !ok {
-		return newOutputRunner(p.output, plog, f.batchSize, f.batchTimeout), nil
-	}
-	st, err := so.SpoolSettings(p.alias)
-	if err != nil {
-		return nil, err
-	}
-	if !st.Enabled {
-		plog.Debug("spool = false: reading standard input one batch at a time")
-		return newOutputRunner(p.output, plog, f.batchSize, f.batchTimeout), nil
-	}
-	r := newSpooledRunner(p.output, plog, f.batchSize, f.batchTimeout, spool.Options{
-		Dir:          st.Dir,
-		MaxSize:      st.MaxSize,
-		SyncInterval: st.SyncInterval,
-		Full:         st.Full,
-	})
-	r.conn = so.GatewayConn
-	r.source = "spool " + st.Dir
-	return r, nil
+// gatewayOutput is implemented by outputs.omnicore: the gateway it publishes
+// as, which names its default spool directory.
+type gatewayOutput interface {
+	GatewayIdentity() (gatewayID, clientID string)
 }
 
 // stopOnSignal returns a channel closed on the first SIGINT or SIGTERM.

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -247,7 +248,7 @@ func TestMainExitStatus(t *testing.T) {
 }
 
 func TestMainOutput(t *testing.T) {
-	lines := line("m", 1) + line("m", 2) + line("m", 3)
+	lines := lpLine(1) + lpLine(2) + lpLine(3)
 	tests := []struct {
 		name  string
 		args  []string
@@ -302,22 +303,28 @@ func TestMainOutput(t *testing.T) {
 			stderr: []string{"D! [outputs.omnicore_test] Wrote 3 metrics", "D! [outputs.omnicore_test] Standard input closed"},
 		},
 		{
+			name:   "spool options in the output's table, as earlier versions had them",
+			table:  "spool = false",
+			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
+			record: lines + "closed\n",
+			stderr: []string{"W! [outputs.omnicore_test] spool in [[outputs.omnicore_test]] belong in the plugin file's [telegraf_omnicore] table now"},
+		},
+		{
 			name:   "warn level (the default) hides info",
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			record: lines + "closed\n",
 			absent: []string{"I! ", "D! "},
 		},
 		{
-			name:   "metrics that cannot be written by the deadline",
-			table:  "fail_writes = true",
+			name:   "metrics that cannot be written at EOF",
+			table:  "fail_writes = true\n[telegraf_omnicore]\n  spool = false",
 			args:   []string{"-log_level", "info"},
 			ready:  "I! Starting outputs.omnicore_test",
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			code:   1,
 			record: "closed\n",
 			stderr: []string{
-				"E! [outputs.omnicore_test] Writing the last 3 metrics failed (attempt 1)",
-				"E! Stopping outputs.omnicore_test: 3 metrics not acknowledged by the output before the 5s shutdown deadline; they are lost",
+				"E! Stopping outputs.omnicore_test: 3 metrics not acknowledged by the bridge are lost: they were held in memory, and spool = false",
 			},
 		},
 	}
@@ -451,4 +458,9 @@ func TestMainInputGathersOnStdinSignal(t *testing.T) {
 	code, _ := p.wait(t, 30*time.Second, time.Now())
 	require.Equal(t, 0, code)
 	require.Equal(t, 3, strings.Count(p.stdout.String(), "test_gather "), "one gather per line:\n%s", p.stdout.String())
+}
+
+// lpLine is metric i in line protocol, as outputs.execd writes it.
+func lpLine(i int) string {
+	return fmt.Sprintf("m,device_id=sensor-%02d value=%di %d\n", i, i, 1700000000000000000+int64(i))
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/influxdata/toml"
 	"github.com/influxdata/toml/ast"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/hostconf"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
@@ -27,6 +28,8 @@ type plugin struct {
 	devices []string
 	// output is set for an output, for its spool settings.
 	output *outomni.OmniCore
+	// host is the file's [telegraf_omnicore] table (the spool's options).
+	host hostconf.Options
 	// initErr is the plugin's Init error: an option the plugin refuses.
 	initErr error
 }
@@ -54,6 +57,14 @@ func load(path string) ([]*plugin, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The execd binary's own table, which Telegraf's loader does not know.
+	data, host, err := hostconf.Split(data)
+	if err != nil {
+		return nil, err
+	}
+	if err := host.Options.Check(); err != nil {
+		return nil, err
+	}
 	c := config.NewConfig()
 	c.Agent.Quiet = true
 	c.InputFilters = []string{"omnicore"}
@@ -72,7 +83,7 @@ func load(path string) ([]*plugin, error) {
 		}
 		out = append(out, &plugin{
 			file: path, table: "outputs.omnicore", alias: ro.Config.Alias,
-			opts: o.Options, pool: o.Gateways, devices: o.Devices, output: o,
+			opts: o.Options, pool: o.Gateways, devices: o.Devices, output: o, host: host.Options,
 			initErr: o.Init(),
 		})
 	}

@@ -8,6 +8,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/hostconf"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/statedir"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
@@ -70,15 +71,20 @@ func (r *runner) checkStateDir() {
 // checkSpool reports an output's spool: its size and oldest record, read
 // without opening it (a running output holds its lock; see spool.Inspect).
 func (r *runner) checkSpool(p *plugin) {
-	if p.output == nil || p.initErr != nil || !p.output.Spool {
+	if p.output == nil || p.initErr != nil || !p.host.Spool {
 		return
 	}
 	name := "spool of " + p.name()
-	if p.output.SpoolDir == "" && r.stateDirBad {
+	if p.host.SpoolDir == "" && r.stateDirBad {
 		r.skip(name, "it is in the state directory, which fails its check above")
 		return
 	}
-	dir, err := p.output.SpoolPath(p.alias)
+	dir := p.host.SpoolDir
+	var err error
+	if dir == "" {
+		gatewayID, clientID := p.output.GatewayIdentity()
+		dir, err = hostconf.SpoolPath(gatewayID, clientID, p.alias)
+	}
 	if err != nil {
 		r.fail(name, err.Error(), "set spool_dir to a private directory of the user Telegraf runs as")
 		return
@@ -88,7 +94,7 @@ func (r *runner) checkSpool(p *plugin) {
 		r.fail(name, err.Error(), "run the check as the user Telegraf runs as; otherwise see the message")
 		return
 	}
-	limit := int64(p.output.SpoolMaxSize)
+	limit := int64(p.host.SpoolMaxSize)
 	sum, err := spool.Inspect(dir)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):

@@ -29,7 +29,6 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/ratelog"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
-	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 )
 
 //go:embed sample.conf
@@ -108,13 +107,6 @@ type OmniCore struct {
 	// (gateway.StartHealth); 0 is off.
 	HealthStateInterval config.Duration `toml:"health_state_interval"`
 
-	// The spool options apply to the execd program only (see SpoolSettings).
-	Spool             bool            `toml:"spool"`
-	SpoolDir          string          `toml:"spool_dir"`
-	SpoolMaxSize      config.Size     `toml:"spool_max_size"`
-	SpoolSyncInterval config.Duration `toml:"spool_sync_interval"`
-	SpoolFull         string          `toml:"spool_full"`
-
 	// Gateways are more gateway identities: with them the plugin spreads
 	// its devices over a pool of gateways, the top-level one first.
 	Gateways []pool.GatewayOptions `toml:"gateways"`
@@ -178,9 +170,6 @@ func (o *OmniCore) Init() error {
 	}
 	if o.WriteTimeout <= 0 {
 		return fmt.Errorf("write_timeout %s must be positive", time.Duration(o.WriteTimeout))
-	}
-	if err := o.checkSpoolOptions(); err != nil {
-		return err
 	}
 	if err := gateway.ValidateHealthInterval(time.Duration(o.HealthStateInterval)); err != nil {
 		return err
@@ -896,11 +885,6 @@ func init() {
 			QoS:           1,
 			Layout:        layoutNonBatch,
 			WriteTimeout:  config.Duration(defaultWriteTimeout),
-
-			Spool:             true,
-			SpoolMaxSize:      config.Size(spool.DefaultMaxSize),
-			SpoolSyncInterval: config.Duration(spool.DefaultSyncInterval),
-			SpoolFull:         string(spool.Backpressure),
 		}
 	})
 }

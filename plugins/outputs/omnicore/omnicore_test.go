@@ -55,9 +55,6 @@ func TestInitErrors(t *testing.T) {
 		{"missing private_key", func(o *OmniCore) { o.PrivateKey = "" }, "private_key is required"},
 		{"unreadable private_key", func(o *OmniCore) { o.PrivateKey = "/nonexistent/key.pem" }, "private_key"},
 		{"wrong key algorithm", func(o *OmniCore) { o.Algorithm = omnicore.RS256 }, "private_key"},
-		{"unknown spool_full", func(o *OmniCore) { o.SpoolFull = "block" }, `spool_full "block"`},
-		{"tiny spool_max_size", func(o *OmniCore) { o.SpoolMaxSize = 1000 }, "spool_max_size 1000 bytes is below the minimum"},
-		{"negative spool_sync_interval", func(o *OmniCore) { o.SpoolSyncInterval = -1 }, "spool_sync_interval"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
