@@ -38,7 +38,8 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/share"
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
+	inomni "github.com/telegraf-omnicore/telegraf-omnicore/plugins/inputs/omnicore"
+	outomni "github.com/telegraf-omnicore/telegraf-omnicore/plugins/outputs/omnicore"
 )
 
 // telegrafVersion is the Telegraf release whose plugin API, config loader and
@@ -141,9 +142,6 @@ func parseFlags(args []string, usage io.Writer) (*flags, error) {
 
 // run is main without os.Exit; it returns the exit status.
 func run(args []string, env environment) (status int) {
-	// The plugins behave as execd plugins: the output's failed batches are
-	// retried by this program, the input's Gather emits omnicore_gateway.
-	runmode.SetExecd()
 	sink := newLogSink(env.stderr, telegraf.Warn)
 	remove, err := installLogging(sink)
 	if err != nil {
@@ -214,7 +212,7 @@ func run(args []string, env environment) (status int) {
 		}
 	}
 	// After Init, so that mistakes in the plugin file are reported first.
-	conflicted, err := installSharing(f.config, log)
+	connect, conflicted, err := installSharing(f.config, log)
 	if err != nil {
 		log.Errorf("Cannot share the gateway connection with the other plugin processes: %v; not starting, because a second connection as the same gateway would kick the first off (set %s=off if no other process connects as this gateway)", err, share.EnvSharing)
 		return 1
@@ -224,6 +222,7 @@ func run(args []string, env environment) (status int) {
 			status = 1
 		}
 	}()
+	setHost(plugin, gateway.Host{Connect: connect, Route: gateway.RouteExecd})
 
 	switch p.kind {
 	case "inputs":
@@ -259,12 +258,12 @@ func run(args []string, env environment) (status int) {
 // the connection, the share package has logged the error; this process then
 // stops as on SIGTERM (flushing what it holds) and exits non-zero: the flag
 // returned says so.
-func installSharing(pluginFile string, log telegraf.Logger) (*atomic.Bool, error) {
+func installSharing(pluginFile string, log telegraf.Logger) (gateway.CrossProcess, *atomic.Bool, error) {
 	conflicted := &atomic.Bool{}
 	if abs, err := filepath.Abs(pluginFile); err == nil {
 		pluginFile = abs
 	}
-	dir, err := share.Install(share.Settings{
+	connect, dir, err := share.Install(share.Settings{
 		PluginFile: pluginFile,
 		OnConflict: func(error) {
 			if conflicted.CompareAndSwap(false, true) {
@@ -274,13 +273,13 @@ func installSharing(pluginFile string, log telegraf.Logger) (*atomic.Bool, error
 	})
 	switch {
 	case err != nil:
-		return nil, err
+		return nil, nil, err
 	case dir != "":
 		log.Debugf("Sharing the gateway connection with other plugin processes through %q", dir)
 	case share.Off():
 		log.Warnf("%s=off: this process connects on its own; another process connecting as the same gateway would kick it off", share.EnvSharing)
 	}
-	return conflicted, nil
+	return connect, conflicted, nil
 }
 
 // connOutput is implemented by outputs.omnicore: its gateway connection
@@ -334,6 +333,18 @@ func newRunner(p *loadedPlugin, plog telegraf.Logger, f *flags) (*runner.Runner,
 	}
 	cfg.Spool = &opts
 	return runner.New(cfg), nil
+}
+
+// setHost tells an omnicore plugin how this program runs it (gateway.Host):
+// connections shared with the other processes of the gateway, and the
+// execd route for its health state.
+func setHost(plugin any, h gateway.Host) {
+	switch p := plugin.(type) {
+	case *outomni.OmniCore:
+		p.Host = h
+	case *inomni.OmniCore:
+		p.Host = h
+	}
 }
 
 // gatewayOutput is implemented by outputs.omnicore: the gateway it publishes

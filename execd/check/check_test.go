@@ -276,15 +276,14 @@ func TestCheck(t *testing.T) {
 				t.Cleanup(func() { os.RemoveAll(rt) })
 				require.NoError(t, os.Chmod(rt, 0o700))
 				t.Setenv(share.EnvRuntimeDir, rt)
-				_, err = share.Install(share.Settings{PluginFile: path})
+				connect, _, err := share.Install(share.Settings{PluginFile: path})
 				require.NoError(t, err)
-				t.Cleanup(func() { gateway.SetCrossProcess(nil) })
 				o := gateway.DefaultOptions()
 				o.Servers, o.SubscriptionID, o.RegistryID, o.GatewayID = []string{s.srv.URL}, s.srv.Subscription(), registry, gw
 				o.PrivateKey, o.Algorithm = s.key, omnicore.ES256
 				cfg, err := o.Validate(nil)
 				require.NoError(t, err)
-				conn, release, err := gateway.Acquire(cfg)
+				conn, release, err := gateway.Host{Connect: connect}.Acquire(cfg)
 				require.NoError(t, err)
 				t.Cleanup(release)
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -117,23 +117,23 @@ type Settings struct {
 	OnConflict func(error)
 }
 
-// Install makes gateway.Acquire share connections with the other processes
-// of this user, through the rendezvous directory Dir returns, and returns
-// that directory. With TELEGRAF_OMNICORE_SHARING=off, or on a platform
-// without sharing, it installs nothing and returns "". A directory that
+// Install returns how the plugins of this process connect a gateway shared
+// with the other processes of this user (set as the plugins'
+// gateway.Host.Connect), through the rendezvous directory it also returns.
+// With TELEGRAF_OMNICORE_SHARING=off, or on a platform without sharing, it
+// returns nil and "": each process connects on its own. A directory that
 // cannot be used is an error: the caller must not run unshared, since
 // another process connecting as the same gateway would kick it off.
-func Install(st Settings) (string, error) {
+func Install(st Settings) (gateway.CrossProcess, string, error) {
 	if Off() || !sharingSupported {
-		return "", nil
+		return nil, "", nil
 	}
 	dir, err := Dir()
 	if err != nil {
-		return "", err
+		return nil, "", err
 	}
 	sh := &sharer{dir: dir, settings: st}
-	gateway.SetCrossProcess(sh.acquire)
-	return dir, nil
+	return sh.acquire, dir, nil
 }
 
 // Off reports whether the user switched sharing off.

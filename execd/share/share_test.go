@@ -1044,8 +1044,9 @@ func TestShareDir(t *testing.T) {
 	t.Run("sharing off installs nothing", func(t *testing.T) {
 		t.Setenv(EnvSharing, "off")
 		t.Setenv(EnvRuntimeDir, filepath.Join(base, "never"))
-		dir, err := Install(Settings{})
+		connect, dir, err := Install(Settings{})
 		require.NoError(t, err)
+		require.Nil(t, connect)
 		require.Empty(t, dir)
 		_, err = os.Stat(filepath.Join(base, "never"))
 		require.ErrorIs(t, err, os.ErrNotExist)

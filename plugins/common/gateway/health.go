@@ -431,11 +431,3 @@ func ValidateHealthInterval(d time.Duration) error {
 	return nil
 }
 
-// Route is the route a health document names for a plugin that runs under
-// the execd program (execd) or compiled into Telegraf.
-func Route(execd bool) string {
-	if execd {
-		return RouteExecd
-	}
-	return RouteBuiltIn
-}

@@ -7,18 +7,10 @@ import (
 	"time"
 )
 
-// The package has two pieces of package-level state, both because the
-// bridge allows one connection per client ID and a process must not open
-// two:
-//
-//   - registry, the process-wide table of gateway connections: two plugins
-//     of one process configured for the same gateway share one connection.
-//   - crossProcess, the hook through which Acquire shares a connection with
-//     other processes. It is set once, at start, by the program that runs
-//     one plugin per process (cmd/telegraf-omnicore installs
-//     execd/share); Telegraf built with the plugins compiled in
-//     leaves it unset, and then Acquire shares only within the process and
-//     creates no files.
+// registry is the package's one piece of package-level state: the
+// process-wide table of gateway connections, because the bridge allows one
+// connection per client ID and a process must not open two. Two plugins of
+// one process configured for the same gateway share one connection.
 var registry = struct {
 	mu       sync.Mutex
 	sessions map[string]*sharedSession
@@ -31,25 +23,25 @@ var registry = struct {
 // connects as this gateway with other options.
 type CrossProcess func(cfg *Config) (Conn, func(context.Context) error, error)
 
-var crossProcess struct {
-	mu sync.Mutex
-	fn CrossProcess
+// Host is what a program that runs the plugins outside Telegraf tells them
+// (the execd binary, which runs one plugin per process, sets it on each
+// plugin it loads); the zero Host is Telegraf's own.
+type Host struct {
+	// Connect starts the connection of a gateway that no plugin of this
+	// process uses yet; nil starts a session of this process alone. The
+	// execd binary shares it with its other processes (execd/share).
+	Connect CrossProcess
+	// Route names the way the plugins run, for the health state: RouteExecd
+	// or RouteBuiltIn (the default).
+	Route string
 }
 
-// SetCrossProcess installs the cross-process sharing used by every later
-// Acquire (nil: none). A program calls it once, before any plugin starts;
-// a later call replaces it for later Acquires only, which tests that run a
-// program's main several times in one process rely on.
-func SetCrossProcess(fn CrossProcess) {
-	crossProcess.mu.Lock()
-	defer crossProcess.mu.Unlock()
-	crossProcess.fn = fn
-}
-
-func currentCrossProcess() CrossProcess {
-	crossProcess.mu.Lock()
-	defer crossProcess.mu.Unlock()
-	return crossProcess.fn
+// RouteName is h.Route, RouteBuiltIn when unset.
+func (h Host) RouteName() string {
+	if h.Route == "" {
+		return RouteBuiltIn
+	}
+	return h.Route
 }
 
 type sharedSession struct {
@@ -63,15 +55,21 @@ type sharedSession struct {
 // messages before the connection is closed.
 const CloseTimeout = 4 * time.Second
 
+// Acquire is Host{}.Acquire: Telegraf's way, one connection per gateway in
+// this process.
+func Acquire(cfg *Config) (conn Conn, release func(), err error) {
+	return Host{}.Acquire(cfg)
+}
+
 // Acquire returns the running connection for cfg's gateway, starting it on
-// first use. Within this process it is shared by every plugin with the same
-// client ID; with a CrossProcess installed, it is shared with the other
-// processes too (see execd/share). A plugin whose connection options
+// first use with h.Connect. Within this process it is shared by every plugin
+// with the same client ID; h.Connect may share it with other processes too
+// (see execd/share). A plugin whose connection options
 // differ from those of the plugins already sharing the gateway gets an error
 // wrapping ErrConflict that names the differing options. Acquire does no
 // network I/O. Call release exactly once when done; the last release closes
 // the connection, or hands it over to the next process.
-func Acquire(cfg *Config) (conn Conn, release func(), err error) {
+func (h Host) Acquire(cfg *Config) (conn Conn, release func(), err error) {
 	key := cfg.ClientID()
 	registry.mu.Lock()
 	defer registry.mu.Unlock()
@@ -86,8 +84,8 @@ func Acquire(cfg *Config) (conn Conn, release func(), err error) {
 	} else {
 		var c Conn
 		var closeFn func(context.Context) error
-		if cp := currentCrossProcess(); cp != nil {
-			c, closeFn, err = cp(cfg)
+		if h.Connect != nil {
+			c, closeFn, err = h.Connect(cfg)
 		} else {
 			c, closeFn, err = startPrivate(cfg)
 		}

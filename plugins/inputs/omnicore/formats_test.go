@@ -88,7 +88,6 @@ func TestParserFormats(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			p, fake := loadPlugin(t, tt.options)
-			p.execd = false
 			var acc testutil.Accumulator
 			start(t, p, fake, &acc, 2)
 			in := configMsg(testGateway, "")

@@ -28,7 +28,6 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gatewaystats"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 )
 
 //go:embed sample.conf
@@ -91,19 +90,20 @@ type OmniCore struct {
 	// HealthStateInterval publishes the gateway's health as its state
 	// (gateway.StartHealth); 0 is off.
 	HealthStateInterval config.Duration `toml:"health_state_interval"`
+
+	// Host is set by a program that runs the plugin outside Telegraf (the
+	// execd binary: how gateway connections are shared across its
+	// processes, and the route the health state names). Telegraf leaves it
+	// zero: connections are shared within the process.
+	Host gateway.Host `toml:"-"`
 	stopHealth          func()
 
-	// acquire returns a gateway's connection; gateway.Acquire outside tests.
+	// acquire returns a gateway's connection: Host.Acquire (nil) outside tests.
 	acquire    func(*gateway.Config) (gateway.Conn, func(), error)
 	retryMin   time.Duration // first back-off of a refused device
 	parserFunc telegraf.ParserFunc
 	cfg        *gateway.Config   // the top-level gateway's
 	cfgs       []*gateway.Config // every gateway of the pool, cfg first
-	// execd is runmode.Execd() at Init: parsed metrics must survive line
-	// protocol, and the statistics are not exported through selfstat
-	// (internal_omnicore), which no inputs.internal would gather in the
-	// execd binary's process.
-	execd bool
 
 	mu        sync.Mutex
 	conn      gateway.Conn
@@ -178,14 +178,17 @@ func (p *OmniCore) Init() error {
 		}
 	}
 	p.cfg, p.cfgs = cfg, cfgs
-	p.execd = runmode.Execd()
 	return nil
 }
 
 // Start joins (or starts) the gateway session and subscribes in the
 // background: it neither blocks nor fails while the bridge is unreachable.
 func (p *OmniCore) Start(acc telegraf.Accumulator) error {
-	conn, release, err := pool.Connect(p.cfgs, p.acquire, p.Log)
+	acquire := p.acquire
+	if acquire == nil {
+		acquire = p.Host.Acquire
+	}
+	conn, release, err := pool.Connect(p.cfgs, acquire, p.Log)
 	if err != nil {
 		return fmt.Errorf("starting the gateway session: %w", err)
 	}
@@ -196,16 +199,14 @@ func (p *OmniCore) Start(acc telegraf.Accumulator) error {
 	p.acc = acc.WithTracking(p.MaxUndeliveredMessages)
 	p.sem = make(chan struct{}, p.MaxUndeliveredMessages)
 	p.stopStats = nil
-	if !p.execd {
-		// The same series as Gather's, for users of inputs.internal.
-		sem := p.sem
-		p.stopStats = gatewaystats.ExportEach(conn, p.RegistryID, func() map[string]int64 {
-			return p.ownCounters(sem)
-		})
-	}
+	// The same series as Gather's, for users of inputs.internal.
+	sem := p.sem
+	p.stopStats = gatewaystats.ExportEach(conn, p.RegistryID, func() map[string]int64 {
+		return p.ownCounters(sem)
+	})
 	p.stopHealth = nil
 	if p.HealthStateInterval > 0 {
-		p.stopHealth = pool.StartHealth(conn, gateway.HealthSettings{Interval: time.Duration(p.HealthStateInterval), Route: gateway.Route(p.execd), Log: p.Log})
+		p.stopHealth = pool.StartHealth(conn, gateway.HealthSettings{Interval: time.Duration(p.HealthStateInterval), Route: p.Host.RouteName(), Log: p.Log})
 	}
 	p.ctx, p.cancel = ctx, cancel
 	p.subs = nil
@@ -470,9 +471,8 @@ func (p *OmniCore) messageMetrics(in gateway.Inbound) []telegraf.Metric {
 					m.AddTag(k, v)
 				}
 			}
-			if !p.execd {
-				return metrics
-			}
+			// On both routes, so that one message gives the same metric
+			// whichever way the plugin runs (see lineProtocolError).
 			if err = lineProtocolError(metrics); err == nil {
 				return metrics
 			}
@@ -603,7 +603,6 @@ func init() {
 			Options:                gateway.DefaultOptions(),
 			Listen:                 listenAttached,
 			MaxUndeliveredMessages: 1000,
-			acquire:                gateway.Acquire,
 			retryMin:               minSubscribeRetry,
 		}
 	})

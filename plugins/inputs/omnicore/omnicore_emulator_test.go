@@ -55,7 +55,7 @@ func (b *bridge) plugin(t *testing.T, mutate func(*OmniCore)) *OmniCore {
 		mutate(p)
 	}
 	require.NoError(t, p.Init())
-	p.execd = true // the execd binary's behaviour
+	p.Host.Route = gateway.RouteExecd // as the execd binary sets it
 	return p
 }
 

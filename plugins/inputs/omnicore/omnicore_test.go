@@ -80,7 +80,6 @@ func newPlugin(t *testing.T, mutate func(*OmniCore)) (*OmniCore, *gatewaytest.Co
 		mutate(p)
 	}
 	require.NoError(t, p.Init())
-	p.execd = true // the execd binary's behaviour unless a test says otherwise
 	return p, fake
 }
 
@@ -108,7 +107,6 @@ func loadPlugin(t *testing.T, options string) (*OmniCore, *gatewaytest.Conn) {
 	fake := gatewaytest.New(testGateway)
 	p.acquire = fakeAcquire(fake, nil)
 	require.NoError(t, p.Init())
-	p.execd = true // as under the execd binary
 	return p, fake
 }
 
@@ -1008,18 +1006,3 @@ func TestStartAndStopWithBridgeDown(t *testing.T) {
 	}
 }
 
-// TestInProcess: inside Telegraf a parsed metric goes to Telegraf as it
-// is, even one that line protocol could not carry (it never passes through
-// a pipe).
-func TestInProcess(t *testing.T) {
-	p, fake := loadPlugin(t, `data_format = "json"`)
-	p.execd = false
-	var acc testutil.Accumulator
-	start(t, p, fake, &acc, 2)
-
-	fake.Deliver(configMsg(testGateway, `{"":1}`))
-	waitMetrics(t, &acc, 1)
-	m := acc.GetTelegrafMetrics()[0]
-	require.Equal(t, "omnicore", m.Name(), "the parser's metric, not a raw one")
-	require.Equal(t, map[string]any{"": float64(1)}, m.Fields())
-}

@@ -169,7 +169,6 @@ func newFuzzPlugin(f *testing.F, format string) *fuzzPlugin {
 	if err := p.Init(); err != nil {
 		f.Fatalf("%s: %v", format, err)
 	}
-	p.execd = true // the metrics go to Telegraf as line protocol
 	acc := &testutil.Accumulator{}
 	if err := p.Start(acc); err != nil {
 		f.Fatal(err)

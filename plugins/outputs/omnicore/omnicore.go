@@ -28,7 +28,6 @@ import (
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/pool"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/ratelog"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/runmode"
 )
 
 //go:embed sample.conf
@@ -107,6 +106,12 @@ type OmniCore struct {
 	// (gateway.StartHealth); 0 is off.
 	HealthStateInterval config.Duration `toml:"health_state_interval"`
 
+	// Host is set by a program that runs the plugin outside Telegraf (the
+	// execd binary: how gateway connections are shared across its
+	// processes, and the route the health state names). Telegraf leaves it
+	// zero: connections are shared within the process.
+	Host gateway.Host `toml:"-"`
+
 	// Gateways are more gateway identities: with them the plugin spreads
 	// its devices over a pool of gateways, the top-level one first.
 	Gateways []pool.GatewayOptions `toml:"gateways"`
@@ -121,11 +126,7 @@ type OmniCore struct {
 	routingTags []string
 	parallel    int
 	warnings    *ratelog.Limiter
-	// execd is runmode.Execd() at Init: the execd binary reports the
-	// gateway's figures itself (omnicore_gateway), so no selfstat export.
-	execd bool
-
-	// acquire is gateway.Acquire (nil); unit tests replace it with a fake.
+	// acquire is Host.Acquire (nil); unit tests replace it with a fake.
 	acquire func(*gateway.Config) (gateway.Conn, func(), error)
 
 	conn        gateway.Conn
@@ -226,7 +227,6 @@ func (o *OmniCore) Init() error {
 		}
 		o.serializer = s
 	}
-	o.execd = runmode.Execd()
 	o.warnings = ratelog.New(o.Log, warnInterval)
 	return nil
 }
@@ -236,16 +236,18 @@ func (o *OmniCore) Init() error {
 // bridge that is down does not fail Connect, the session keeps reconnecting
 // and Write waits for it.
 func (o *OmniCore) Connect() error {
-	conn, release, err := pool.Connect(o.cfgs, o.acquire, o.Log)
+	acquire := o.acquire
+	if acquire == nil {
+		acquire = o.Host.Acquire
+	}
+	conn, release, err := pool.Connect(o.cfgs, acquire, o.Log)
 	if err != nil {
 		return fmt.Errorf("starting the gateway session: %w", err)
 	}
 	o.conn, o.release = conn, release
-	if !o.execd {
-		o.stopStats = gatewaystats.ExportEach(conn, o.RegistryID, nil)
-	}
+	o.stopStats = gatewaystats.ExportEach(conn, o.RegistryID, nil)
 	if o.HealthStateInterval > 0 {
-		o.stopHealth = pool.StartHealth(conn, gateway.HealthSettings{Interval: time.Duration(o.HealthStateInterval), Route: gateway.Route(o.execd), Log: o.Log})
+		o.stopHealth = pool.StartHealth(conn, gateway.HealthSettings{Interval: time.Duration(o.HealthStateInterval), Route: o.Host.RouteName(), Log: o.Log})
 	}
 	if len(o.Devices) > 0 {
 		ctx, cancel := context.WithCancel(context.Background())
