@@ -430,4 +430,3 @@ func ValidateHealthInterval(d time.Duration) error {
 	}
 	return nil
 }
-

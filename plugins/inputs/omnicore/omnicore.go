@@ -95,8 +95,8 @@ type OmniCore struct {
 	// execd binary: how gateway connections are shared across its
 	// processes, and the route the health state names). Telegraf leaves it
 	// zero: connections are shared within the process.
-	Host gateway.Host `toml:"-"`
-	stopHealth          func()
+	Host       gateway.Host `toml:"-"`
+	stopHealth func()
 
 	// acquire returns a gateway's connection: Host.Acquire (nil) outside tests.
 	acquire    func(*gateway.Config) (gateway.Conn, func(), error)

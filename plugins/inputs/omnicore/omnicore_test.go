@@ -1005,4 +1005,3 @@ func TestStartAndStopWithBridgeDown(t *testing.T) {
 		t.Fatal("Stop blocked while the bridge is down")
 	}
 }
-
