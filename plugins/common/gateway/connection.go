@@ -11,6 +11,7 @@ import (
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 )
@@ -259,6 +260,16 @@ func (cs *connection) abortConnect(client mqtt.Client, tok mqtt.Token) {
 var ErrNotAuthorized = errors.New("the bridge refused the JWT")
 
 func explainConnectError(err error) error {
+	// paho joins "network Error" and the dial's error as "%w : %w": keep
+	// the dial's error under a plain prefix.
+	if multi, ok := err.(interface{ Unwrap() []error }); ok && errors.Is(err, packets.ErrorNetworkError) {
+		for _, e := range multi.Unwrap() {
+			if e != packets.ErrorNetworkError {
+				err = fmt.Errorf("network error: %w", e)
+				break
+			}
+		}
+	}
 	msg := err.Error()
 	switch {
 	case strings.Contains(msg, "ot Authorized"), strings.Contains(msg, "bad user name or password"):
