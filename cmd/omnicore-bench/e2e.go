@@ -55,17 +55,10 @@ func (b *bench) prepareBinaries(ctx context.Context) (telegrafBin, ourBin, skip 
 		if rootErr != nil {
 			return "", "", rootErr.Error()
 		}
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(cctx, filepath.Join(root, "scripts", "build-telegraf.sh"))
-		cmd.Dir = root
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			return "", "", fmt.Sprintf("scripts/build-telegraf.sh failed: %v: %s", err, lastLines(stderr.String(), 3))
+		var err error
+		if telegrafBin, err = buildTelegraf(ctx, root); err != nil {
+			return "", "", err.Error()
 		}
-		telegrafBin = strings.TrimSpace(string(out))
 	}
 	ourBin = b.opts.omnicoreBin
 	if ourBin == "" {
@@ -87,6 +80,27 @@ func (b *bench) prepareBinaries(ctx context.Context) (telegrafBin, ourBin, skip 
 		}
 	}
 	return telegrafBin, ourBin, ""
+}
+
+// buildTelegraf runs scripts/build-telegraf.sh with args (none: the stock
+// build; --builtin: our plugins compiled in), which builds Telegraf or finds
+// it cached, and returns the path it prints last.
+func buildTelegraf(ctx context.Context, root string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(root, "scripts", "build-telegraf.sh"), args...)
+	cmd.Dir = root
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("scripts/build-telegraf.sh %s failed: %v: %s", strings.Join(args, " "), err, lastLines(stderr.String(), 3))
+	}
+	path := strings.TrimSpace(string(out))
+	if i := strings.LastIndexByte(path, '\n'); i >= 0 {
+		path = path[i+1:]
+	}
+	return path, nil
 }
 
 func lastLines(s string, n int) string {
