@@ -43,7 +43,6 @@ type userRoute struct {
 type userResult struct {
 	wall  time.Duration // Telegraf's start to the last message (or its exit)
 	cpu   time.Duration // CPU of Telegraf's process tree at that moment
-	msgs  int64         // messages the subscriber got
 	tally tally
 }
 
@@ -181,11 +180,11 @@ func (b *bench) benchUser(ctx context.Context) error {
 		b.hdr.mosquitto = mosqBin + " " + mosquittoVersion(mosqBin)
 	}
 	rcv := newReceiver()
-	sub, err := subscribeQoS(mosq.url, rcv, 1)
+	sub, err := startUserSubscriber(ctx, mosq.url, b.dir, rcv)
 	if err != nil {
 		return err
 	}
-	defer sub.Disconnect(250)
+	defer sub.stop()
 
 	builtinBin, builtinSkip := b.prepareBuiltin(ctx)
 	if builtinSkip != "" {
@@ -223,11 +222,11 @@ func (b *bench) benchUser(ctx context.Context) error {
 					continue
 				}
 				u.add(rt.name, n, res)
-				progress("    %s from Telegraf's start (%s); CPU of the tree %s, %.1f µs/metric; %d messages at the subscriber",
-					formatValue(res.rate(n), "metrics/s"), res.wall.Round(time.Millisecond), res.cpu.Round(time.Millisecond), res.cpuPerMetric(n), res.msgs)
+				progress("    %s from Telegraf's start (%s); CPU of the tree %s, %.1f µs/metric; at the subscriber %s",
+					formatValue(res.rate(n), "metrics/s"), res.wall.Round(time.Millisecond), res.cpu.Round(time.Millisecond), res.cpuPerMetric(n), res.tally)
 			}
 		}
-		b.userNotes(u, n, cpus)
+		b.userNotes(u, n, cpus, sub.kind)
 	}
 	return nil
 }
@@ -404,7 +403,7 @@ func (b *bench) userRun(ctx context.Context, cpus string, rt userRoute, logPath 
 	_, last := rcv.span()
 	stop()
 	logf.Close()
-	res := userResult{wall: last.Sub(start), cpu: cpu, msgs: rcv.messages(), tally: rcv.count(want)}
+	res := userResult{wall: last.Sub(start), cpu: cpu, tally: rcv.count(want)}
 	out, _ := os.ReadFile(logPath)
 	switch {
 	case !res.tally.ok():
@@ -435,9 +434,10 @@ func errorLines(log string) string {
 }
 
 // userNotes writes the method of one pass into its rows' notes.
-func (b *bench) userNotes(u *userRows, n int, cpus string) {
+func (b *bench) userNotes(u *userRows, n int, cpus, subscriber string) {
 	mqtt := u.summary(routeMQTT, n)
-	common := "real Telegraf processes left running (not --once), inputs.execd running cat on the line-protocol file once (signal none), metric_batch_size 1000, flush_interval 1s, metric_buffer_limit above the file; default plugin options (telegraf-omnicore's spool on, a fresh STATE_DIRECTORY per run); QoS 1 onto mosquitto with its default settings (Nagle on, max_queued_messages 1000, max_inflight_messages 20); a QoS 1 subscriber of the broker in the benchmark's process counts every metric; the clock runs from Telegraf's start to the last metric at the subscriber"
+	common := "real Telegraf processes left running (not --once), inputs.execd running cat on the line-protocol file once (signal none), metric_batch_size 1000, flush_interval 1s, metric_buffer_limit above the file; default plugin options (telegraf-omnicore's spool on, a fresh STATE_DIRECTORY per run); QoS 1 onto mosquitto with its default settings (Nagle on, max_queued_messages 1000, max_inflight_messages 20, which drops what does not fit in a subscriber's queue); the subscriber: %s, counting every metric; the clock runs from Telegraf's start to the last metric at the subscriber"
+	common = fmt.Sprintf(common, subscriber)
 	u.execd.note = fmt.Sprintf("%s; %s; %s", common, u.summary(routeExecd, n), mqtt)
 	u.builtin.note = fmt.Sprintf("the runs of the row above with Telegraf %s (outputs.omnicore compiled in, the same options in Telegraf's config; its spool options do not apply there); %s; %s",
 		"of make telegraf-builtin", u.summary(routeBuiltin, n), mqtt)
