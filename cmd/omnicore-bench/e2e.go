@@ -255,19 +255,7 @@ func e2eRun(ctx context.Context, cpus, telegrafBin, cfgPath, logPath, runtimeDir
 		}
 	}()
 	go func() { exitErr = cmd.Wait(); close(exited) }()
-	// Wait until everything arrived, or Telegraf exited and nothing more
-	// came for a while.
-	wctx, wcancel := context.WithCancel(ctx)
-	go func() {
-		select {
-		case <-exited:
-			rcv.waitFor(wctx, n, receiverQuiet)
-			wcancel()
-		case <-wctx.Done():
-		}
-	}()
-	rcv.waitFor(wctx, n, clientTimeout)
-	wcancel()
+	rcv.waitWhileRunning(ctx, n, clientTimeout, exited)
 	first, last := rcv.span()
 	var stopErr error
 	if len(stop) > 0 {

@@ -77,6 +77,7 @@ type options struct {
 	mosquitto     string
 	telegraf      string
 	builtin       string
+	strictMosq    bool
 	omnicoreBin   string
 	timeout       time.Duration
 	workDir       string
@@ -138,6 +139,7 @@ func parseOptions(args []string) (*options, error) {
 	fs.StringVar(&o.mosquitto, "mosquitto", "", "mosquitto binary (default: from PATH or /usr/sbin); without one the mosquitto rows are skipped")
 	fs.StringVar(&o.telegraf, "telegraf", "", "Telegraf 1.37.2 binary for benchmark 2 (default: built by scripts/build-telegraf.sh)")
 	fs.StringVar(&o.builtin, "telegraf-builtin", "", "Telegraf 1.37.2 with our plugins compiled in, for benchmark 9 (default: built by scripts/build-telegraf.sh --builtin; none: skip that route)")
+	fs.BoolVar(&o.strictMosq, "mosquitto-strict-defaults", false, "benchmark 9: leave mosquitto's max_queued_messages at its default 1,000 too (a subscriber that falls behind then loses messages at the broker)")
 	fs.StringVar(&o.omnicoreBin, "omnicore-bin", "", "telegraf-omnicore binary for benchmark 2 (default: go build ./cmd/telegraf-omnicore)")
 	fs.DurationVar(&o.timeout, "timeout", time.Hour, "bound of the whole run")
 	fs.StringVar(&o.workDir, "workdir", "", "directory for keys, configs and logs (default: a temporary one, removed at the end)")

@@ -198,6 +198,23 @@ func (r *receiver) waitFor(ctx context.Context, want int, quiet time.Duration) {
 	}
 }
 
+// waitWhileRunning waits until want distinct metrics arrived, nothing
+// arrived for quiet, or ctx ends; once exited is closed (the sending process
+// ended), it waits at most receiverQuiet more for the rest.
+func (r *receiver) waitWhileRunning(ctx context.Context, want int, quiet time.Duration, exited <-chan struct{}) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-exited:
+			r.waitFor(ctx, want, receiverQuiet)
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	r.waitFor(ctx, want, quiet)
+}
+
 // tally is what the receiver got of the metrics a client sent.
 type tally struct {
 	sent, received, missing, duplicates, unexpected int

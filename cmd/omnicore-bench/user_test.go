@@ -166,3 +166,21 @@ func TestUserRowsRouteRuns(t *testing.T) {
 	require.Equal(t, []float64{10000}, u.ceiling.ours)
 	require.Contains(t, u.summary(routeExecd, 1000), "wall 1.00 s, CPU of the tree 0.00 s, 2.0 µs/metric")
 }
+
+func TestMosquittoDropsSinceOffset(t *testing.T) {
+	f, err := os.Create(t.TempDir() + "/mosquitto.log")
+	require.NoError(t, err)
+	defer f.Close()
+	m := &mosquitto{log: f}
+	_, err = f.WriteString("1700000000: Outgoing messages are being dropped for client old.\n")
+	require.NoError(t, err)
+	offset := m.logSize()
+	require.Zero(t, m.mosquittoDrops(offset), "drops before the offset belong to an earlier run")
+	_, err = f.WriteString("1700000001: New client connected from 127.0.0.1\n" +
+		"1700000002: Outgoing messages are being dropped for client sub.\n" +
+		"1700000003: Outgoing messages are being dropped for client sub.\n")
+	require.NoError(t, err)
+	require.Equal(t, 2, m.mosquittoDrops(offset))
+	require.Equal(t, 3, m.mosquittoDrops(0))
+	require.Zero(t, m.mosquittoDrops(1<<30), "an offset past the end counts nothing")
+}

@@ -16,6 +16,11 @@ import (
 // echoServer echoes every connection until the client half-closes, then
 // closes its side.
 func echoServer(t *testing.T) string {
+	return server(t, func(c net.Conn) { _, _ = io.Copy(c, c) })
+}
+
+// server serves every connection with handle, then closes it.
+func server(t *testing.T, handle func(net.Conn)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -28,7 +33,7 @@ func echoServer(t *testing.T) string {
 			}
 			go func() {
 				defer c.Close()
-				_, _ = io.Copy(c, c)
+				handle(c)
 			}()
 		}
 	}()
@@ -189,24 +194,10 @@ func TestUnreachableTargetClosesClient(t *testing.T) {
 // replyServer reads each connection until the client half-closes, then
 // answers with reply and closes: the two directions carry different sizes.
 func replyServer(t *testing.T, reply []byte) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_, _ = io.Copy(io.Discard, c)
-				_, _ = c.Write(reply)
-			}()
-		}
-	}()
-	return ln.Addr().String()
+	return server(t, func(c net.Conn) {
+		_, _ = io.Copy(io.Discard, c)
+		_, _ = c.Write(reply)
+	})
 }
 
 func TestBytesCountsEachDirectionOverEveryConnection(t *testing.T) {
