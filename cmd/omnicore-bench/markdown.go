@@ -71,10 +71,10 @@ then ` + "`Init`" + `, ` + "`Connect`/`Start`" + `, and driven through their Tel
 Connections are plain ` + "`tcp://`" + ` on loopback for every client, except in the rows marked TLS (below).
 Clients of one comparison run back to back, in an order that rotates between runs.
 
-**Steady state and the user's view.** Benchmarks 1 to 8 are steady-state figures: their clocks
-start at the first timed Write or at the first delivery, after connections, attaches and process
-starts, and benchmark 2 runs ` + "`telegraf --once`" + ` with the spool off. They show what each part costs
-once running. Benchmark 9 is the figure a user measures: from Telegraf's start to the last
+**Steady state and the user's view.** The throughput figures of benchmarks 1, 2 and 7 are
+steady-state figures: their clocks start at the first timed Write or at the first delivery,
+after connections, attaches and process starts, and benchmark 2 runs ` + "`telegraf --once`" + ` with the
+spool off. They show what each part costs once running. Benchmark 9 is the figure a user measures: from Telegraf's start to the last
 message at a subscriber, with every default (the spool on), CPU of the whole process tree.
 Benchmark 10 counts the bytes on the wire.
 

@@ -148,7 +148,7 @@ func TestWireRowSaysBytes(t *testing.T) {
 }
 
 func TestUserRowsRouteRuns(t *testing.T) {
-	u := newUserRows(1000, 10, "")
+	u := newUserRows(1000, 10, "", false)
 	u.add(routeMQTT, 1000, userResult{wall: 2 * time.Second, cpu: 4 * time.Millisecond})
 	u.add(routeExecd, 1000, userResult{wall: time.Second, cpu: 2 * time.Millisecond})
 	u.fail(routeBuiltin, os.ErrClosed)
