@@ -114,9 +114,13 @@ func probeSubscription(ctx context.Context, server string, r *receiver, exited <
 		c.Publish("/"+registryID+"/probe/events", 1, false, "probe x=1 "+strconv.Itoa(sent)+"\n")
 		r.waitFor(ctx, 1, 200*time.Millisecond)
 		if r.unique() > 0 {
-			// Every probe sent arrives (QoS 1 both ways): wait for
-			// them all, so that none is counted in a run.
-			r.waitFor(ctx, sent, 5*time.Second)
+			// The probes sent after the subscription took effect
+			// all arrive (QoS 1 both ways), in order: once the last
+			// one is in, none can be counted in a run.
+			last := []int64{int64(sent)}
+			for r.count(last).received == 0 && ctx.Err() == nil {
+				r.waitFor(ctx, r.unique()+1, time.Second)
+			}
 			r.reset(false)
 			return nil
 		}

@@ -52,8 +52,11 @@ func (r userResult) cpuPerMetric(n int) float64 { return float64(r.cpu.Microseco
 // userRows are the rows of one pass of benchmark 9 (all cores, or one).
 type userRows struct {
 	execd, builtin, cpuExecd, cpuBuiltin, ceiling *row
-	results                                       map[string][]userResult
-	sums                                          map[string]*tally
+	// builtinVsExecd is goal 2 of issue 24: built in at least as fast as
+	// outputs.execd.
+	builtinVsExecd *row
+	results        map[string][]userResult
+	sums           map[string]*tally
 }
 
 func newUserRows(n, devices int, where string, strict bool) *userRows {
@@ -72,6 +75,8 @@ func newUserRows(n, devices int, where string, strict bool) *userRows {
 			unit: "µs/metric", lowerIsBetter: true, oursLabel: routeExecd, peerLabel: routeMQTT},
 		cpuBuiltin: &row{id: "9", name: "CPU per metric of Telegraf's process tree, built in, same runs" + where,
 			unit: "µs/metric", lowerIsBetter: true, oursLabel: routeBuiltin, peerLabel: routeMQTT},
+		builtinVsExecd: &row{id: "9", name: "built in vs outputs.execd + telegraf-omnicore, same runs" + where,
+			unit: "metrics/s", oursLabel: routeBuiltin, peerLabel: routeExecd},
 		ceiling: &row{id: "9", name: "the ceiling: Telegraf --once, inputs.file -> outputs.discard, Telegraf's start to its exit" + where,
 			unit: "metrics/s", neutral: true, oursLabel: routeDiscard, peerLabel: routeMQTT},
 		results: map[string][]userResult{},
@@ -81,16 +86,16 @@ func newUserRows(n, devices int, where string, strict bool) *userRows {
 }
 
 func (u *userRows) all() []*row {
-	return []*row{u.execd, u.builtin, u.cpuExecd, u.cpuBuiltin, u.ceiling}
+	return []*row{u.execd, u.builtin, u.builtinVsExecd, u.cpuExecd, u.cpuBuiltin, u.ceiling}
 }
 
-// rowsOf are the rows a route's runs feed, as ours (true) or as the peer.
+// rowsOf are the rows a route's runs feed, as ours and as the peer.
 func (u *userRows) rowsOf(route string) (ours, peer []*row) {
 	switch route {
 	case routeExecd:
-		return []*row{u.execd, u.cpuExecd}, nil
+		return []*row{u.execd, u.cpuExecd}, []*row{u.builtinVsExecd}
 	case routeBuiltin:
-		return []*row{u.builtin, u.cpuBuiltin}, nil
+		return []*row{u.builtin, u.cpuBuiltin, u.builtinVsExecd}, nil
 	case routeDiscard:
 		return []*row{u.ceiling}, nil
 	default:
@@ -193,7 +198,7 @@ func (b *bench) benchUser(ctx context.Context) error {
 	builtinBin, builtinSkip := b.prepareBuiltin(ctx)
 	if builtinSkip != "" {
 		for _, u := range all {
-			u.builtin.skipped, u.cpuBuiltin.skipped = builtinSkip, builtinSkip
+			u.builtin.skipped, u.cpuBuiltin.skipped, u.builtinVsExecd.skipped = builtinSkip, builtinSkip, builtinSkip
 		}
 	} else {
 		b.hdr.telegraf += "; built in: " + builtinBin
@@ -449,6 +454,8 @@ func (b *bench) userNotes(u *userRows, n int, cpus, subscriber string) {
 	u.cpuExecd.slowerWhy = "two processes do the work of one: outputs.execd serializes, telegraf-omnicore parses, spools and serializes again"
 	u.builtin.slowerWhy = "Telegraf calls one Write at a time and each Write waits for the last PUBACK of its batch"
 	u.cpuBuiltin.slowerWhy = "see the profile in the closing note of issue 24"
+	u.builtinVsExecd.note = fmt.Sprintf("the runs of the two rows above; goal (issue 24) built in at least as fast; %s; %s", u.summary(routeBuiltin, n), u.summary(routeExecd, n))
+	u.builtinVsExecd.slowerWhy = u.builtin.slowerWhy
 	if cpus != "" {
 		for _, r := range u.all() {
 			r.note += "; mosquitto and the subscriber are not pinned"

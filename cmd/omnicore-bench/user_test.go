@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
+	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"github.com/stretchr/testify/require"
 )
 
@@ -161,6 +163,8 @@ func TestUserRowsRouteRuns(t *testing.T) {
 	require.Equal(t, []float64{500}, u.builtin.peer, "outputs.mqtt is every row's peer")
 	require.Empty(t, u.builtin.ours)
 	require.Equal(t, 1, u.builtin.leftOut)
+	require.Equal(t, []float64{1000}, u.builtinVsExecd.peer, "execd is the peer of the built-in route")
+	require.Equal(t, 1, u.builtinVsExecd.leftOut)
 	require.Equal(t, 1, u.cpuBuiltin.leftOut)
 	require.Zero(t, u.execd.leftOut, "a failed built-in run does not touch the execd rows")
 	require.Equal(t, []float64{10000}, u.ceiling.ours)
@@ -183,4 +187,45 @@ func TestMosquittoDropsSinceOffset(t *testing.T) {
 	require.Equal(t, 2, m.mosquittoDrops(offset))
 	require.Equal(t, 3, m.mosquittoDrops(0))
 	require.Zero(t, m.mosquittoDrops(1<<30), "an offset past the end counts nothing")
+}
+
+// TestUserSubscriberCountsEveryMessage runs benchmark 9's subscriber against
+// a real mosquitto with its defaults: the probe is forgotten, and every
+// metric published afterwards is counted once, a duplicate as one.
+func TestUserSubscriberCountsEveryMessage(t *testing.T) {
+	bin := findMosquitto("")
+	if bin == "" {
+		t.Skip("no mosquitto (apt-get install -y mosquitto)")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	m, err := startMosquittoDefaults(ctx, bin, dir, false)
+	require.NoError(t, err)
+	defer m.stop()
+	r := newReceiver()
+	sub, err := startUserSubscriber(ctx, m.url, dir, r)
+	require.NoError(t, err)
+	defer sub.stop()
+	require.Zero(t, r.unique(), "the probe is not counted")
+
+	c := mqtt.NewClient(mqtt.NewClientOptions().AddBroker(m.url).SetClientID("user-subscriber-test").SetProtocolVersion(4))
+	tok := c.Connect()
+	require.True(t, tok.WaitTimeout(15*time.Second))
+	require.NoError(t, tok.Error())
+	defer c.Disconnect(250)
+	for _, p := range []struct{ topic, payload string }{
+		{"/" + registryID + "/dev-00000/events", "sensor a=1 10\n"},
+		{"/" + registryID + "/dev-00001/events", "sensor a=1 20\nsensor a=2 30\n"},
+		{"/" + registryID + "/" + gatewayID + "/events/dev-00001", "sensor a=1 40"},
+		{"/" + registryID + "/dev-00000/events", "sensor a=1 10\n"}, // a duplicate
+		{"/" + registryID + "/dev-00000/state", "sensor a=1 50\n"},  // not an events topic
+		{"/" + registryID + "/dev-00002/events", "sensor a=1 60\n"}, // the last: in order, so the others are in
+	} {
+		tok := c.Publish(p.topic, 1, false, p.payload)
+		require.True(t, tok.WaitTimeout(15*time.Second))
+		require.NoError(t, tok.Error())
+	}
+	r.waitFor(ctx, 5, 10*time.Second)
+	require.Equal(t, tally{sent: 5, received: 5, duplicates: 1}, r.count([]int64{10, 20, 30, 40, 60}))
 }
