@@ -167,6 +167,35 @@ func lineProtocolTimes(n int) []int64 {
 
 func tomlString(s string) string { return fmt.Sprintf("%q", s) }
 
+// execdOutputTable is the [[outputs.execd]] table running telegraf-omnicore
+// with the plugin file pluginConf.
+func execdOutputTable(ourBin, pluginConf string) string {
+	return fmt.Sprintf(`[[outputs.execd]]
+  command = [%s, "-config", %s]
+  restart_delay = "10s"
+  data_format = "influx"
+`, tomlString(ourBin), tomlString(pluginConf))
+}
+
+// mqttOutputTable is the [[outputs.mqtt]] table of the peer: QoS 1, as the
+// gateway, per-device topics (mqttTopic of br), its default layout
+// non-batch.
+func (b *bench) mqttOutputTable(url string, br broker) (string, error) {
+	tok, err := b.id.token()
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf(`[[outputs.mqtt]]
+  servers = [%s]
+  topic = '%s'
+  qos = 1
+  client_id = %s
+  username = "unused"
+  password = %s
+  data_format = "influx"
+`, tomlString(url), mqttTopic(br), tomlString(b.id.clientID()), tomlString(tok)), nil
+}
+
 // telegrafConfig is the Telegraf side: inputs.file reading the file once
 // (--once), and either outputs.execd running our binary or outputs.mqtt.
 func (b *bench) telegrafConfig(path, metricsFile string, n int, output string) error {
@@ -422,28 +451,15 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 		return err
 	}
 	oursConf := filepath.Join(b.dir, "telegraf-execd-"+slug+".conf")
-	if err := b.telegrafConfig(oursConf, metricsFile, n, fmt.Sprintf(`[[outputs.execd]]
-  command = [%s, "-config", %s]
-  restart_delay = "10s"
-  data_format = "influx"
-`, tomlString(ourBin), tomlString(pluginConf))); err != nil {
+	if err := b.telegrafConfig(oursConf, metricsFile, n, execdOutputTable(ourBin, pluginConf)); err != nil {
 		return err
 	}
-	tok, err := b.id.token()
+	peer, err := b.mqttOutputTable(br.url, broker{isEmu: br.emu})
 	if err != nil {
 		return err
 	}
 	peerConf := filepath.Join(b.dir, "telegraf-mqtt-"+slug+".conf")
-	if err := b.telegrafConfig(peerConf, metricsFile, n, fmt.Sprintf(`[[outputs.mqtt]]
-  servers = [%s]
-  topic = '%s'
-  qos = 1
-  client_id = %s
-  username = "unused"
-  password = %s
-  layout = "non-batch"
-  data_format = "influx"
-`, tomlString(br.url), mqttTopic(broker{isEmu: br.emu}), tomlString(b.id.clientID()), tomlString(tok))); err != nil {
+	if err := b.telegrafConfig(peerConf, metricsFile, n, peer); err != nil {
 		return err
 	}
 

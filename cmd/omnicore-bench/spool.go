@@ -137,12 +137,7 @@ func (b *bench) gatewayTable(table, url, extra string) string {
 // spoolTelegrafConfig runs Telegraf (not --once) with inputs.execd writing
 // the file once into outputs.execd running telegraf-omnicore.
 func spoolTelegrafConfig(metricsFile string, n int, ourBin, pluginConf string) string {
-	return catAgentConfig(metricsFile, n) + fmt.Sprintf(`
-[[outputs.execd]]
-  command = [%s, "-config", %s]
-  restart_delay = "10s"
-  data_format = "influx"
-`, tomlString(ourBin), tomlString(pluginConf))
+	return catAgentConfig(metricsFile, n) + "\n" + execdOutputTable(ourBin, pluginConf)
 }
 
 // catAgentConfig is the agent and input of a Telegraf that runs (not

@@ -278,37 +278,23 @@ func (b *bench) userRoutes(url, metricsFile string, n int, telegrafBin, ourBin, 
 	if err := os.WriteFile(pluginConf, []byte(b.pluginFile(url, "")), 0o600); err != nil {
 		return nil, err
 	}
-	tok, err := b.id.token()
+	peer, err := b.mqttOutputTable(url, broker{})
 	if err != nil {
 		return nil, err
 	}
 	outputs := []struct {
 		name, bin, output string
 	}{
-		{routeExecd, telegrafBin, fmt.Sprintf(`
-[[outputs.execd]]
-  command = [%s, "-config", %s]
-  restart_delay = "10s"
-  data_format = "influx"
-`, tomlString(ourBin), tomlString(pluginConf))},
-		{routeMQTT, telegrafBin, fmt.Sprintf(`
-[[outputs.mqtt]]
-  servers = [%s]
-  topic = '%s'
-  qos = 1
-  client_id = %s
-  username = "unused"
-  password = %s
-  data_format = "influx"
-`, tomlString(url), mqttTopic(broker{}), tomlString(b.id.clientID()), tomlString(tok))},
+		{routeExecd, telegrafBin, execdOutputTable(ourBin, pluginConf)},
+		{routeMQTT, telegrafBin, peer},
 	}
 	if builtinBin != "" {
-		outputs = append(outputs, struct{ name, bin, output string }{routeBuiltin, builtinBin, "\n" + b.pluginFile(url, "")})
+		outputs = append(outputs, struct{ name, bin, output string }{routeBuiltin, builtinBin, b.pluginFile(url, "")})
 	}
 	var routes []userRoute
 	for i, o := range outputs {
 		cfg := filepath.Join(b.dir, fmt.Sprintf("user-telegraf-%d.conf", i))
-		if err := os.WriteFile(cfg, []byte(catAgentConfig(metricsFile, n)+o.output), 0o600); err != nil {
+		if err := os.WriteFile(cfg, []byte(catAgentConfig(metricsFile, n)+"\n"+o.output), 0o600); err != nil {
 			return nil, err
 		}
 		routes = append(routes, userRoute{name: o.name, bin: o.bin, cfg: cfg})
