@@ -13,8 +13,13 @@
 #   - mosquitto (Debian) for the neutral-broker rows: installed with apt-get
 #     when missing and running as root; otherwise those rows are skipped
 #     with a note. Set BENCH_NO_INSTALL=1 to never install.
-#   - Telegraf 1.37.2 for benchmark 2: built by scripts/build-telegraf.sh
-#     (from the Go module cache) unless -telegraf is given.
+#   - Telegraf 1.37.2 for benchmarks 2, 7 and 9: built by
+#     scripts/build-telegraf.sh (from the Go module cache) unless -telegraf
+#     is given, and with our plugins compiled in for benchmark 9's built-in
+#     route (scripts/build-telegraf.sh --builtin) unless -telegraf-builtin
+#     is given.
+#   - mosquitto_sub (Debian's mosquitto-clients) as benchmark 9's subscriber;
+#     without it a subscriber in the benchmark's process counts instead.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -30,7 +35,7 @@ done
 if ! command -v mosquitto >/dev/null 2>&1 && [[ ! -x /usr/sbin/mosquitto ]]; then
 	if [[ "${BENCH_NO_INSTALL:-}" == "" && "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
 		log "installing mosquitto from Debian for the neutral-broker rows"
-		if ! { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq mosquitto >/dev/null; }; then
+		if ! { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }; then
 			log "could not install mosquitto: the mosquitto rows will be skipped"
 		fi
 	else
@@ -50,6 +55,14 @@ if [[ " $* " != *" -telegraf "* ]]; then
 	else
 		log "could not build Telegraf: benchmark 2 will be skipped"
 		args+=(-telegraf none)
+	fi
+fi
+if [[ " $* " != *" -telegraf-builtin "* ]]; then
+	if tg="$(timeout 900 scripts/build-telegraf.sh --builtin)"; then
+		args+=(-telegraf-builtin "$tg")
+	else
+		log "could not build the built-in Telegraf: benchmark 9's built-in route will be skipped"
+		args+=(-telegraf-builtin none)
 	fi
 fi
 if [[ $quick == 0 && " $* " != *" -out "* ]]; then

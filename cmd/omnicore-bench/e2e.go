@@ -55,17 +55,10 @@ func (b *bench) prepareBinaries(ctx context.Context) (telegrafBin, ourBin, skip 
 		if rootErr != nil {
 			return "", "", rootErr.Error()
 		}
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(cctx, filepath.Join(root, "scripts", "build-telegraf.sh"))
-		cmd.Dir = root
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			return "", "", fmt.Sprintf("scripts/build-telegraf.sh failed: %v: %s", err, lastLines(stderr.String(), 3))
+		var err error
+		if telegrafBin, err = buildTelegraf(ctx, root); err != nil {
+			return "", "", err.Error()
 		}
-		telegrafBin = strings.TrimSpace(string(out))
 	}
 	ourBin = b.opts.omnicoreBin
 	if ourBin == "" {
@@ -87,6 +80,27 @@ func (b *bench) prepareBinaries(ctx context.Context) (telegrafBin, ourBin, skip 
 		}
 	}
 	return telegrafBin, ourBin, ""
+}
+
+// buildTelegraf runs scripts/build-telegraf.sh with args (none: the stock
+// build; --builtin: our plugins compiled in), which builds Telegraf or finds
+// it cached, and returns the path it prints last.
+func buildTelegraf(ctx context.Context, root string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(root, "scripts", "build-telegraf.sh"), args...)
+	cmd.Dir = root
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("scripts/build-telegraf.sh %s failed: %v: %s", strings.Join(args, " "), err, lastLines(stderr.String(), 3))
+	}
+	path := strings.TrimSpace(string(out))
+	if i := strings.LastIndexByte(path, '\n'); i >= 0 {
+		path = path[i+1:]
+	}
+	return path, nil
 }
 
 func lastLines(s string, n int) string {
@@ -152,6 +166,35 @@ func lineProtocolTimes(n int) []int64 {
 }
 
 func tomlString(s string) string { return fmt.Sprintf("%q", s) }
+
+// execdOutputTable is the [[outputs.execd]] table running telegraf-omnicore
+// with the plugin file pluginConf.
+func execdOutputTable(ourBin, pluginConf string) string {
+	return fmt.Sprintf(`[[outputs.execd]]
+  command = [%s, "-config", %s]
+  restart_delay = "10s"
+  data_format = "influx"
+`, tomlString(ourBin), tomlString(pluginConf))
+}
+
+// mqttOutputTable is the [[outputs.mqtt]] table of the peer: QoS 1, as the
+// gateway, per-device topics (mqttTopic of br), its default layout
+// non-batch.
+func (b *bench) mqttOutputTable(url string, br broker) (string, error) {
+	tok, err := b.id.token()
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf(`[[outputs.mqtt]]
+  servers = [%s]
+  topic = '%s'
+  qos = 1
+  client_id = %s
+  username = "unused"
+  password = %s
+  data_format = "influx"
+`, tomlString(url), mqttTopic(br), tomlString(b.id.clientID()), tomlString(tok)), nil
+}
 
 // telegrafConfig is the Telegraf side: inputs.file reading the file once
 // (--once), and either outputs.execd running our binary or outputs.mqtt.
@@ -241,19 +284,7 @@ func e2eRun(ctx context.Context, cpus, telegrafBin, cfgPath, logPath, runtimeDir
 		}
 	}()
 	go func() { exitErr = cmd.Wait(); close(exited) }()
-	// Wait until everything arrived, or Telegraf exited and nothing more
-	// came for a while.
-	wctx, wcancel := context.WithCancel(ctx)
-	go func() {
-		select {
-		case <-exited:
-			rcv.waitFor(wctx, n, receiverQuiet)
-			wcancel()
-		case <-wctx.Done():
-		}
-	}()
-	rcv.waitFor(wctx, n, clientTimeout)
-	wcancel()
+	rcv.waitWhileRunning(ctx, n, clientTimeout, exited)
 	first, last := rcv.span()
 	var stopErr error
 	if len(stop) > 0 {
@@ -420,28 +451,15 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 		return err
 	}
 	oursConf := filepath.Join(b.dir, "telegraf-execd-"+slug+".conf")
-	if err := b.telegrafConfig(oursConf, metricsFile, n, fmt.Sprintf(`[[outputs.execd]]
-  command = [%s, "-config", %s]
-  restart_delay = "10s"
-  data_format = "influx"
-`, tomlString(ourBin), tomlString(pluginConf))); err != nil {
+	if err := b.telegrafConfig(oursConf, metricsFile, n, execdOutputTable(ourBin, pluginConf)); err != nil {
 		return err
 	}
-	tok, err := b.id.token()
+	peer, err := b.mqttOutputTable(br.url, broker{isEmu: br.emu})
 	if err != nil {
 		return err
 	}
 	peerConf := filepath.Join(b.dir, "telegraf-mqtt-"+slug+".conf")
-	if err := b.telegrafConfig(peerConf, metricsFile, n, fmt.Sprintf(`[[outputs.mqtt]]
-  servers = [%s]
-  topic = '%s'
-  qos = 1
-  client_id = %s
-  username = "unused"
-  password = %s
-  layout = "non-batch"
-  data_format = "influx"
-`, tomlString(br.url), mqttTopic(broker{isEmu: br.emu}), tomlString(b.id.clientID()), tomlString(tok))); err != nil {
+	if err := b.telegrafConfig(peerConf, metricsFile, n, peer); err != nil {
 		return err
 	}
 

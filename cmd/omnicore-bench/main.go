@@ -29,6 +29,19 @@
 //	    cost, the cost of its fsync, how fast a backlog drains
 //	8   a pool of 1, 2 and 4 gateways under the bridge's 100 messages/s per
 //	    connection (issue 16): metrics/s, goal linear
+//	9   as a user measures it (issue 24): a real Telegraf, not --once, fed
+//	    the file once by inputs.execd (cat), default options (the spool
+//	    on), QoS 1 onto a mosquitto with its default settings; the clock
+//	    runs from Telegraf's start to the last message at a QoS 1
+//	    subscriber, CPU is the Telegraf process tree's: outputs.execd +
+//	    telegraf-omnicore and built in vs outputs.mqtt, outputs.discard as
+//	    the ceiling; again on one core (taskset -c 0)
+//	10  bytes on the wire per metric (issue 24): TCP payload both ways
+//	    through a counting proxy, layouts non-batch, batch and auto vs
+//	    outputs.mqtt, influx and json, plain and TLS
+//
+// The throughput figures of benchmarks 1, 2 and 7 are steady-state figures:
+// their clocks start at the first message or the first timed Write.
 //
 // Nothing leaves loopback; every phase is bounded in time; figures are
 // printed, never asserted.
@@ -63,6 +76,8 @@ type options struct {
 	out           string
 	mosquitto     string
 	telegraf      string
+	builtin       string
+	strictMosq    bool
 	omnicoreBin   string
 	timeout       time.Duration
 	workDir       string
@@ -96,7 +111,22 @@ func main() {
 	}
 }
 
-var allBenchmarks = []string{"1", "1b", "2", "3", "4", "5", "6", "7", "8"}
+var allBenchmarks = []string{"1", "1b", "2", "3", "4", "5", "6", "7", "8", "9", "10"}
+
+// benchmarkNames are the one-line descriptions -h shows for -only.
+var benchmarkNames = []string{
+	"1: publish throughput in process (steady state)",
+	"1b: the same through a 20 ms / 100 ms round trip (steady state)",
+	"2: end to end through Telegraf --once (steady state: first to last delivery)",
+	"3: attach storm",
+	"4: memory",
+	"5: under the bridge's 100 messages/s cap",
+	"6: inbound commands and configs",
+	"7: the output's spool through Telegraf",
+	"8: a pool of gateways",
+	"9: as a user measures it: Telegraf's start to the last message at a QoS 1 subscriber, CPU of the process tree, also on one core",
+	"10: bytes on the wire per metric (TCP payload both ways) by layout and data format",
+}
 
 func parseOptions(args []string) (*options, error) {
 	o := &options{}
@@ -104,10 +134,12 @@ func parseOptions(args []string) (*options, error) {
 	var only string
 	fs.IntVar(&o.runs, "runs", 3, "runs per figure; the table shows medians")
 	fs.BoolVar(&o.quick, "quick", false, "smoke run: small sizes, 1 run unless -runs is given, finishes in under a minute")
-	fs.StringVar(&only, "only", "", "comma-separated benchmarks to run ("+strings.Join(allBenchmarks, ",")+"); default all")
+	fs.StringVar(&only, "only", "", "comma-separated benchmarks to run; default all:\n"+strings.Join(benchmarkNames, "\n"))
 	fs.StringVar(&o.out, "out", "", "write the table and method as Markdown to this file (e.g. docs/benchmarks.md)")
 	fs.StringVar(&o.mosquitto, "mosquitto", "", "mosquitto binary (default: from PATH or /usr/sbin); without one the mosquitto rows are skipped")
 	fs.StringVar(&o.telegraf, "telegraf", "", "Telegraf 1.37.2 binary for benchmark 2 (default: built by scripts/build-telegraf.sh)")
+	fs.StringVar(&o.builtin, "telegraf-builtin", "", "Telegraf 1.37.2 with our plugins compiled in, for benchmark 9 (default: built by scripts/build-telegraf.sh --builtin; none: skip that route)")
+	fs.BoolVar(&o.strictMosq, "mosquitto-strict-defaults", false, "benchmark 9: leave mosquitto's max_queued_messages at its default 1,000 too (a subscriber that falls behind then loses messages at the broker)")
 	fs.StringVar(&o.omnicoreBin, "omnicore-bin", "", "telegraf-omnicore binary for benchmark 2 (default: go build ./cmd/telegraf-omnicore)")
 	fs.DurationVar(&o.timeout, "timeout", time.Hour, "bound of the whole run")
 	fs.StringVar(&o.workDir, "workdir", "", "directory for keys, configs and logs (default: a temporary one, removed at the end)")
@@ -200,6 +232,10 @@ type sizes struct {
 	inLatency              int // messages sent one at a time for latency
 	poolDevices            int // benchmark 8
 	poolMetricsPerGateway  int // benchmark 8: metrics per run and gateway
+	userMetrics            int // benchmark 9
+	userDevices            int
+	wireMetrics            int // benchmark 10: timed metrics per client
+	wireDevices            int
 }
 
 func sizesFor(quick bool) sizes {
@@ -229,6 +265,10 @@ func sizesFor(quick bool) sizes {
 			inLatency:             50,
 			poolDevices:           50,
 			poolMetricsPerGateway: 100,
+			userMetrics:           10000,
+			userDevices:           100,
+			wireMetrics:           2000,
+			wireDevices:           100,
 		}
 	}
 	return sizes{
@@ -256,6 +296,10 @@ func sizesFor(quick bool) sizes {
 		inLatency:             300,
 		poolDevices:           1000,
 		poolMetricsPerGateway: 2000,
+		userMetrics:           200000,
+		userDevices:           1000,
+		wireMetrics:           20000,
+		wireDevices:           100,
 	}
 }
 
@@ -357,7 +401,7 @@ func run(ctx context.Context, opts *options, stdout io.Writer) error {
 		progress("%s", l)
 	}
 
-	if opts.wants("1") || opts.wants("1b") {
+	if opts.wants("1") || opts.wants("1b") || opts.wants("10") {
 		t, err := newBenchTLS()
 		if err != nil {
 			return fmt.Errorf("the TLS rows' CA and certificate: %w", err)
@@ -365,7 +409,7 @@ func run(ctx context.Context, opts *options, stdout io.Writer) error {
 		defer t.close()
 		b.tls = t
 	}
-	if opts.wants("1") || opts.wants("1b") || opts.wants("2") {
+	if opts.wants("1") || opts.wants("1b") || opts.wants("2") || opts.wants("10") {
 		b.hdr.mosquitto = "not found: the mosquitto rows are skipped (install it with: apt-get install -y mosquitto)"
 		if bin := findMosquitto(opts.mosquitto); bin != "" {
 			m, err := startMosquitto(ctx, bin, dir, true, b.tls)
@@ -400,6 +444,8 @@ func run(ctx context.Context, opts *options, stdout io.Writer) error {
 		{"6", b.benchInbound},
 		{"7", b.benchSpool},
 		{"8", b.benchPool},
+		{"9", b.benchUser},
+		{"10", b.benchWire},
 	}
 	for _, s := range steps {
 		if s.id == "1" && !opts.wants("1") && !opts.wants("1b") {

@@ -152,7 +152,8 @@ func TestParseOptions(t *testing.T) {
 		{name: "quick runs once", args: []string{"-quick"}, runs: 1, quick: true},
 		{name: "quick with runs", args: []string{"-quick", "-runs", "2"}, runs: 2, quick: true},
 		{name: "only", args: []string{"-only", "1b, 3"}, runs: 3, only: []string{"1b", "3"}},
-		{name: "unknown benchmark", args: []string{"-only", "9"}, wantErr: "unknown benchmark"},
+		{name: "the user's view and the wire", args: []string{"-only", "9,10"}, runs: 3, only: []string{"9", "10"}},
+		{name: "unknown benchmark", args: []string{"-only", "11"}, wantErr: "unknown benchmark"},
 		{name: "no runs", args: []string{"-runs", "0"}, wantErr: "at least 1"},
 		{name: "stray argument", args: []string{"x"}, wantErr: "unexpected arguments"},
 	}

@@ -71,7 +71,14 @@ then ` + "`Init`" + `, ` + "`Connect`/`Start`" + `, and driven through their Tel
 Connections are plain ` + "`tcp://`" + ` on loopback for every client, except in the rows marked TLS (below).
 Clients of one comparison run back to back, in an order that rotates between runs.
 
-### 1. Publish throughput at QoS 1, per-device topics
+**Steady state and the user's view.** The throughput figures of benchmarks 1, 2 and 7 are
+steady-state figures: their clocks start at the first timed Write or at the first delivery,
+after connections, attaches and process starts, and benchmark 2 runs ` + "`telegraf --once`" + ` with the
+spool off. They show what each part costs once running. Benchmark 9 is the figure a user measures: from Telegraf's start to the last
+message at a subscriber, with every default (the spool on), CPU of the whole process tree.
+Benchmark 10 counts the bytes on the wire.
+
+### 1. Publish throughput at QoS 1, per-device topics (steady state)
 
 - Workload: metrics ` + "`sensor,device_id=dev-NNNNN temperature=…,humidity=…i,status=\"ok\"`" + ` round-robin over
   1,000 devices, written in Writes of 1,000 (Telegraf's default ` + "`metric_batch_size`" + `), QoS 1,
@@ -136,7 +143,7 @@ Clients of one comparison run back to back, in an order that rotates between run
   limit raised to 50,000, and ours runs with ` + "`max_devices = 50000`" + `: the row measures what per-device
   state costs at that size. Past 10,000 devices a deployment uses a pool of gateways (benchmark 8).
 
-### 2. End to end through a real Telegraf
+### 2. End to end through a real Telegraf (steady state)
 
 ` + "`telegraf --once`" + ` (the custom Telegraf 1.37.2 of ` + "`scripts/build-telegraf.sh`" + `) with ` + "`inputs.file`" + ` reading a
 generated line-protocol file of 200,000 metrics over 1,000 devices once, ` + "`metric_batch_size = 1000`" + `, and
@@ -233,7 +240,7 @@ connected as the gateway (it cannot attach, so it listens to the gateway's own `
 from the first call to the last metric. Latency: one message at a time, each sent after the
 previous one's metric arrived, from the call to the metric; p50 and p99.
 
-### 7. Store and forward (the output's spool)
+### 7. Store and forward (the output's spool; steady state)
 
 The first two rows run a real Telegraf (not ` + "`--once`" + `: with the spool, a stop leaves what the bridge did not
 acknowledge on disk for the next start) with ` + "`inputs.execd`" + ` running ` + "`cat`" + ` on the line-protocol file
@@ -247,4 +254,70 @@ the peer column is that spooling rate), then, with the emulator back, a new proc
 the spool: the drain rate counts from that process's start (spool checks, connect, attach) to
 the last message accepted. Benchmark 2 runs ` + "`spool = false`" + `: ` + "`telegraf --once`" + ` stops the output
 at the end, and with the spool what is not acknowledged within a second waits for the next start.
+
+### 9. As a user measures it
+
+A real Telegraf 1.37.2, left running (not ` + "`--once`" + `), is fed a line-protocol file of 200,000
+metrics over 1,000 devices once by ` + "`[[inputs.execd]]`" + ` (` + "`sh -c 'cat \"$0\" && exec cat >/dev/null'`" + `,
+` + "`signal = \"none\"`" + `; the second ` + "`cat`" + ` holds stdin open, because inputs.execd loses the tail of
+what a process wrote when it exits at once), agent ` + "`metric_batch_size = 1000`" + `, ` + "`flush_interval = \"1s\"`" + `,
+` + "`metric_buffer_limit`" + ` above the file (the default 10,000 would drop metrics on every route). Each
+route publishes at QoS 1 to the per-device topics ` + "`/{registry}/{device}/events`" + ` of a mosquitto started
+with its default settings (only the loopback listener, anonymous clients and the log are
+configured: Nagle on, ` + "`max_inflight_messages 20`" + `) but one: ` + "`max_queued_messages 0`" + `, no limit on
+what mosquitto queues for a subscriber that falls behind, where the default 1,000 drops the rest
+(it concerns only the subscriber's side; ` + "`-mosquitto-strict-defaults`" + ` keeps the default). The subscriber is
+` + "`mosquitto_sub -q 1`" + ` on both events filters in its own process, its output read and counted per
+metric by the benchmark (without mosquitto_sub, a QoS 1 paho subscriber in the benchmark's
+process). A subscriber is part of what the broker does: at QoS 1 it acknowledges every message,
+and one that falls behind has messages dropped by mosquitto past its default queue of 1,000 (the
+benchmark reads mosquitto's notice log and says so in the PROBLEM note when it happens: the
+in-process paho subscriber and, less often, mosquitto_sub fell behind the fastest routes on a
+loaded machine and lost up to 1,779 of 200,000 messages there, hence the one setting changed).
+
+Routes, each with its plugin's default options:
+
+- **outputs.execd + telegraf-omnicore** (the stock Telegraf of ` + "`scripts/build-telegraf.sh`" + `): the spool on,
+  each run with a fresh ` + "`STATE_DIRECTORY`" + `;
+- **built in**: Telegraf of ` + "`make telegraf-builtin`" + ` (` + "`scripts/build-telegraf.sh --builtin`" + `) with the same
+  ` + "`[[outputs.omnicore]]`" + ` table in its config (the spool options do not apply there);
+- **outputs.mqtt**: ` + "`topic = '/{registry}/{{ .Tag \"device_id\" }}/events'`" + `, ` + "`qos = 1`" + `, its default layout
+  non-batch;
+- **the ceiling**: ` + "`telegraf --once`" + ` reading the same file with ` + "`inputs.file`" + ` into ` + "`outputs.discard`" + `:
+  what Telegraf itself costs, no broker; its clock runs to the process's exit and its CPU is
+  wait4's.
+
+The clock runs from Telegraf's start (before ` + "`exec`" + `) to the arrival of the last metric at the
+subscriber; metrics/s is the metrics divided by that time. The CPU is that of Telegraf's process
+tree read from ` + "`/proc/<pid>/stat`" + ` at that moment, before Telegraf is stopped (SIGTERM), so that its
+shutdown is not counted: utime + stime of Telegraf and of every living descendant, plus the
+cutime + cstime each has of the children it already waited for (inputs.execd's first ` + "`cat`" + `),
+in clock ticks of 10 ms. A run counts only if every metric arrived exactly once; the notes give
+each route's median wall time, CPU seconds and µs per metric, and the count at the subscriber
+over all runs. The routes rotate between runs. **On one core** the same runs are repeated with
+` + "`taskset -c 0`" + ` before Telegraf, whose children inherit the affinity; mosquitto, mosquitto_sub and
+the benchmark are not pinned. The goals of issue 24: ours at 3x outputs.mqtt's metrics/s or more
+and 0.5x its CPU per metric or less, on all cores and on one.
+
+### 10. Bytes on the wire per metric
+
+What a site on a cellular contract pays. In process, each client publishes through
+` + "`internal/latencyproxy`" + ` with no delay, which counts the bytes it delivers each way: the TCP payload,
+so MQTT fixed headers, topics, packet IDs, PUBACKs, PINGREQs and, over TLS, the TLS records,
+without TCP/IP headers. The broker is the mosquitto of benchmark 1 (` + "`set_tcp_nodelay true`" + `); its
+plain-TCP QoS 0 subscriber (not through the proxy) counts every metric. Workload: 20,000 metrics
+over 100 devices, a second apart (Telegraf's JSON serializer writes seconds by default and the
+receiver knows a metric by its timestamp), in Writes of 1,000, so 10 metrics per device and
+Write. Each client connects, does an untimed warm-up Write of one metric per device (ours
+attaches the devices then), and the count runs from then to the return of the last Write, every
+PUBACK back; the bytes both ways are divided by the metrics the subscriber received. The note
+gives the split (to the broker, back), messages per metric and the bytes before the count
+(CONNECT, SUBSCRIBE of ours' errors topic, the attaches, the warm-up).
+
+Ours runs with layouts ` + "`non-batch`" + `, ` + "`batch`" + ` and ` + "`auto`" + ` (which, without ` + "`max_message_rate`" + `, sends one
+message per metric), outputs.mqtt with ` + "`non-batch`" + ` and ` + "`batch`" + ` (one message per topic and
+Write; per-device topics through its topic template); ours' batch is compared with its batch,
+the others with its non-batch. Each pair runs with ` + "`data_format = \"influx\"`" + ` and ` + "`\"json\"`" + `
+(both serializers' defaults) over plain TCP, and with influx over TLS to mosquitto's TLS
+listener through the same proxy (the encrypted bytes are counted; certificates verified).
 `

@@ -335,28 +335,12 @@ func (b *bench) benchMemory(ctx context.Context) error {
 }
 
 // treeRSS is the sum of VmRSS of pid and every descendant (Telegraf and the
-// plugin processes it runs), from /proc/<pid>/task/*/children.
+// plugin processes it runs).
 func treeRSS(pid int) int64 {
 	var total int64
-	seen := map[string]bool{}
-	queue := []string{strconv.Itoa(pid)}
-	for len(queue) > 0 {
-		p := queue[0]
-		queue = queue[1:]
-		if seen[p] {
-			continue
-		}
-		seen[p] = true
+	for _, p := range treePIDs(pid) {
 		if rss := readRSSOf(p); rss > 0 {
 			total += rss
-		}
-		tasks, _ := os.ReadDir("/proc/" + p + "/task")
-		for _, t := range tasks {
-			b, err := os.ReadFile("/proc/" + p + "/task/" + t.Name() + "/children")
-			if err != nil {
-				continue
-			}
-			queue = append(queue, strings.Fields(string(b))...)
 		}
 	}
 	return total

@@ -63,6 +63,16 @@ func newOurOutput(server string, id identity, tune func(*outomni.OmniCore)) (*ou
 //
 // caFile, when not "", is its tls_ca (for a tls:// server).
 func newMQTTOutput(server string, id identity, topic string, caFile ...string) (*mqttout.MQTT, error) {
+	ca := ""
+	if len(caFile) > 0 {
+		ca = caFile[0]
+	}
+	return newMQTTOutputWith(server, id, topic, ca, nil)
+}
+
+// newMQTTOutputWith is newMQTTOutput with tune applied before Init (a
+// layout, another serializer).
+func newMQTTOutputWith(server string, id identity, topic, caFile string, tune func(*mqttout.MQTT) error) (*mqttout.MQTT, error) {
 	m, ok := outputs.Outputs["mqtt"]().(*mqttout.MQTT)
 	if !ok {
 		return nil, errors.New("outputs.mqtt is not registered")
@@ -78,14 +88,19 @@ func newMQTTOutput(server string, id identity, topic string, caFile ...string) (
 	m.Username = config.NewSecret([]byte(omnicore.Username))
 	m.Password = config.NewSecret([]byte(tok))
 	m.Log = newLogger("outputs.mqtt")
-	if len(caFile) > 0 && caFile[0] != "" {
-		m.TLSCA = caFile[0]
+	if caFile != "" {
+		m.TLSCA = caFile
 	}
 	ser, err := newSerializer()
 	if err != nil {
 		return nil, err
 	}
 	m.SetSerializer(ser)
+	if tune != nil {
+		if err := tune(m); err != nil {
+			return nil, err
+		}
+	}
 	if err := m.Init(); err != nil {
 		return nil, fmt.Errorf("outputs.mqtt Init: %w", err)
 	}

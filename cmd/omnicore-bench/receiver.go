@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -33,6 +34,7 @@ type receiver struct {
 	seen    map[int64]int32
 	lines   int64
 	bad     int64 // lines that end in no timestamp
+	msgs    int64 // payloads delivered
 	first   time.Time
 	last    time.Time
 	latency []time.Duration // receipt minus metric time, when recording
@@ -50,7 +52,7 @@ func (r *receiver) reset(latencies bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	clear(r.seen)
-	r.lines, r.bad = 0, 0
+	r.lines, r.bad, r.msgs = 0, 0, 0
 	r.first, r.last = time.Time{}, time.Time{}
 	r.latency = r.latency[:0]
 	r.record = latencies
@@ -59,28 +61,16 @@ func (r *receiver) reset(latencies bool) {
 // observe counts the metrics of one delivered payload.
 func (r *receiver) observe(payload []byte) {
 	now := time.Now()
+	keys, bad := metricKeys(payload)
 	r.mu.Lock()
 	if r.first.IsZero() {
 		r.first = now
 	}
 	r.last = now
-	for len(payload) > 0 {
-		line := payload
-		if i := bytes.IndexByte(payload, '\n'); i >= 0 {
-			line, payload = payload[:i], payload[i+1:]
-		} else {
-			payload = nil
-		}
-		if len(line) == 0 {
-			continue
-		}
-		r.lines++
-		sp := bytes.LastIndexByte(line, ' ')
-		ts, err := strconv.ParseInt(string(line[sp+1:]), 10, 64)
-		if sp < 0 || err != nil {
-			r.bad++
-			continue
-		}
+	r.msgs++
+	r.lines += int64(len(keys) + bad)
+	r.bad += int64(bad)
+	for _, ts := range keys {
 		r.seen[ts]++
 		if r.record {
 			r.latency = append(r.latency, now.Sub(time.Unix(0, ts)))
@@ -91,6 +81,64 @@ func (r *receiver) observe(payload []byte) {
 	case r.notify <- struct{}{}:
 	default:
 	}
+}
+
+// metricKeys are the timestamps of the metrics in one payload, as the
+// payload carries them, and the number of metrics that carry none. A
+// payload is line protocol (a metric per line, its timestamp last, in ns),
+// or Telegraf's JSON: one metric object, or {"metrics": [...]} of a batch,
+// each with "timestamp" in the serializer's json_timestamp_units.
+func metricKeys(payload []byte) (keys []int64, bad int) {
+	if p := bytes.TrimSpace(payload); len(p) > 0 && p[0] == '{' {
+		return jsonMetricKeys(p)
+	}
+	for len(payload) > 0 {
+		line := payload
+		if i := bytes.IndexByte(payload, '\n'); i >= 0 {
+			line, payload = payload[:i], payload[i+1:]
+		} else {
+			payload = nil
+		}
+		if len(line) == 0 {
+			continue
+		}
+		sp := bytes.LastIndexByte(line, ' ')
+		ts, err := strconv.ParseInt(string(line[sp+1:]), 10, 64)
+		if sp < 0 || err != nil {
+			bad++
+			continue
+		}
+		keys = append(keys, ts)
+	}
+	return keys, bad
+}
+
+// jsonMetric is what the receiver reads of a metric of Telegraf's JSON
+// serializer.
+type jsonMetric struct {
+	Timestamp *int64 `json:"timestamp"`
+}
+
+func jsonMetricKeys(p []byte) (keys []int64, bad int) {
+	var doc struct {
+		jsonMetric
+		Metrics []jsonMetric `json:"metrics"`
+	}
+	if err := json.Unmarshal(p, &doc); err != nil {
+		return nil, 1
+	}
+	ms := doc.Metrics
+	if ms == nil {
+		ms = []jsonMetric{doc.jsonMetric}
+	}
+	for _, m := range ms {
+		if m.Timestamp == nil {
+			bad++
+			continue
+		}
+		keys = append(keys, *m.Timestamp)
+	}
+	return keys, bad
 }
 
 // observeEmulator is the emulator's WithOnReceive hook: events only.
@@ -105,6 +153,13 @@ func (r *receiver) unique() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return len(r.seen)
+}
+
+// messages is the number of payloads delivered since the last reset.
+func (r *receiver) messages() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.msgs
 }
 
 func (r *receiver) span() (first, last time.Time) {
@@ -141,6 +196,23 @@ func (r *receiver) waitFor(ctx context.Context, want int, quiet time.Duration) {
 			return
 		}
 	}
+}
+
+// waitWhileRunning waits until want distinct metrics arrived, nothing
+// arrived for quiet, or ctx ends; once exited is closed (the sending process
+// ended), it waits at most receiverQuiet more for the rest.
+func (r *receiver) waitWhileRunning(ctx context.Context, want int, quiet time.Duration, exited <-chan struct{}) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-exited:
+			r.waitFor(ctx, want, receiverQuiet)
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	r.waitFor(ctx, want, quiet)
 }
 
 // tally is what the receiver got of the metrics a client sent.
@@ -206,6 +278,14 @@ func (t *tally) add(o tally) {
 // limit and drops nothing), and reads through a buffer (paho reads each
 // packet in three or more small reads, a system call each).
 func subscribe(server string, r *receiver) (mqtt.Client, error) {
+	return subscribeQoS(server, r, 0)
+}
+
+// subscribeQoS is subscribe at QoS qos: at 1, as a user's subscriber that
+// wants every message, the broker sends each message as a QoS 1 publish
+// and waits for this subscriber's PUBACK (paho sends it once the handler,
+// which counts the message, returned).
+func subscribeQoS(server string, r *receiver, qos byte) (mqtt.Client, error) {
 	opts := mqtt.NewClientOptions()
 	opts.AddBroker(server)
 	opts.SetCustomOpenConnectionFn(func(uri *url.URL, _ mqtt.ClientOptions) (net.Conn, error) {
@@ -227,8 +307,8 @@ func subscribe(server string, r *receiver) (mqtt.Client, error) {
 		return nil, errors.Join(errors.New("the counting subscriber could not connect"), t.Error())
 	}
 	filters := map[string]byte{
-		"/" + registryID + "/+/events":                   0,
-		"/" + registryID + "/" + gatewayID + "/events/+": 0,
+		"/" + registryID + "/+/events":                   qos,
+		"/" + registryID + "/" + gatewayID + "/events/+": qos,
 	}
 	t := c.SubscribeMultiple(filters, func(_ mqtt.Client, m mqtt.Message) { r.observe(m.Payload()) })
 	if !t.WaitTimeout(15*time.Second) || t.Error() != nil {

@@ -137,7 +137,10 @@ func (r *row) cells() (ours, peer, ratio, note string) {
 			why = "see the method section"
 		}
 		word := "SLOWER than"
-		if r.lowerIsBetter && (r.unit == "MiB" || strings.HasPrefix(r.unit, "B")) {
+		switch {
+		case r.lowerIsBetter && r.unit == "B/metric":
+			word = "MORE bytes on the wire than"
+		case r.lowerIsBetter && (r.unit == "MiB" || strings.HasPrefix(r.unit, "B")):
 			word = "MORE memory than"
 		}
 		notes = append(notes, fmt.Sprintf("ours is %s the peer: %s", word, why))

@@ -184,6 +184,61 @@ func findMosquitto(flagPath string) string {
 // With tlsFiles it also listens on TLS with that server certificate (the
 // counting subscriber stays on the plain listener).
 func startMosquitto(ctx context.Context, bin, dir string, nodelay bool, tlsFiles ...*benchTLS) (*mosquitto, error) {
+	return startMosquittoWith(ctx, bin, dir, []string{
+		"persistence false",
+		"max_keepalive 600",
+		// The counting subscriber (QoS 0) must lose nothing: no
+		// limit on what mosquitto queues for it (the default
+		// bounds a subscriber's queue at 1,000 messages). This
+		// concerns only the subscriber's side; the publishers see
+		// the broker's defaults.
+		"max_queued_messages 0",
+		fmt.Sprintf("set_tcp_nodelay %t", nodelay),
+	}, tlsFiles...)
+}
+
+// startMosquittoDefaults runs bin with its default settings: only the
+// loopback listener, anonymous clients (mosquitto 2 refuses them on an
+// explicit listener otherwise) and the log are configured. It is the broker
+// as a user installs it (benchmark 9).
+//
+// Its log also has the notice level, which says when mosquitto drops
+// messages for a subscriber whose queue is full (mosquittoDrops).
+//
+// Unless strict, max_queued_messages is 0 (no limit) instead of its default
+// 1,000: that limit concerns only a subscriber that falls behind (mosquitto
+// drops what does not fit in its queue), never a publisher, and on a loaded
+// machine the counting subscriber fell behind the fastest routes.
+func startMosquittoDefaults(ctx context.Context, bin, dir string, strict bool) (*mosquitto, error) {
+	settings := []string{"log_type notice"}
+	if !strict {
+		settings = append(settings, "max_queued_messages 0")
+	}
+	return startMosquittoWith(ctx, bin, dir, settings)
+}
+
+// mosquittoDrops counts the lines of mosquitto's log since offset that say
+// it dropped messages for a client ("Outgoing messages are being dropped").
+func (m *mosquitto) mosquittoDrops(offset int64) int {
+	b, err := os.ReadFile(m.log.Name())
+	if err != nil || int64(len(b)) < offset {
+		return 0
+	}
+	return strings.Count(string(b[offset:]), "Outgoing messages are being dropped")
+}
+
+// logSize is the size of mosquitto's log now, an offset for mosquittoDrops.
+func (m *mosquitto) logSize() int64 {
+	st, err := os.Stat(m.log.Name())
+	if err != nil {
+		return 0
+	}
+	return st.Size()
+}
+
+// startMosquittoWith runs bin on a free loopback port with settings added
+// to the listener, anonymous access and the log.
+func startMosquittoWith(ctx context.Context, bin, dir string, settings []string, tlsFiles ...*benchTLS) (*mosquitto, error) {
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
 		port, err := freePort()
@@ -200,19 +255,11 @@ func startMosquitto(ctx context.Context, bin, dir string, nodelay bool, tlsFiles
 		lines := []string{
 			fmt.Sprintf("listener %d 127.0.0.1", port),
 			"allow_anonymous true",
-			"persistence false",
 			"log_dest stderr",
 			"log_type error",
 			"log_type warning",
-			"max_keepalive 600",
-			// The counting subscriber (QoS 0) must lose nothing: no
-			// limit on what mosquitto queues for it (the default
-			// bounds a subscriber's queue at 1,000 messages). This
-			// concerns only the subscriber's side; the publishers see
-			// the broker's defaults.
-			"max_queued_messages 0",
-			fmt.Sprintf("set_tcp_nodelay %t", nodelay),
 		}
+		lines = append(lines, settings...)
 		if tlsPort != 0 {
 			t := tlsFiles[0]
 			lines = append(lines,

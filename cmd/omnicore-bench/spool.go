@@ -135,10 +135,17 @@ func (b *bench) gatewayTable(table, url, extra string) string {
 }
 
 // spoolTelegrafConfig runs Telegraf (not --once) with inputs.execd writing
-// the file once into outputs.execd. The command then waits for its stdin to
-// close: inputs.execd loses the tail of what a process wrote when it exits
-// at once ("read |0: file already closed").
+// the file once into outputs.execd running telegraf-omnicore.
 func spoolTelegrafConfig(metricsFile string, n int, ourBin, pluginConf string) string {
+	return catAgentConfig(metricsFile, n) + "\n" + execdOutputTable(ourBin, pluginConf)
+}
+
+// catAgentConfig is the agent and input of a Telegraf that runs (not
+// --once) with inputs.execd writing the file of n metrics once (cat); the
+// output is appended. The command then waits for its stdin to close:
+// inputs.execd loses the tail of what a process wrote when it exits at once
+// ("read |0: file already closed").
+func catAgentConfig(metricsFile string, n int) string {
 	return fmt.Sprintf(`[agent]
   interval = "10s"
   round_interval = false
@@ -153,12 +160,7 @@ func spoolTelegrafConfig(metricsFile string, n int, ourBin, pluginConf string) s
   signal = "none"
   restart_delay = "1h"
   data_format = "influx"
-
-[[outputs.execd]]
-  command = [%s, "-config", %s]
-  restart_delay = "10s"
-  data_format = "influx"
-`, n+10000, tomlString(metricsFile), tomlString(ourBin), tomlString(pluginConf))
+`, n+10000, tomlString(metricsFile))
 }
 
 // spoolTelegrafRun runs Telegraf with cfgPath until the emulator accepted n

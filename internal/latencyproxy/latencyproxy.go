@@ -21,6 +21,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -55,6 +56,9 @@ type Proxy struct {
 	conns  map[*link]struct{}
 	closed bool
 	wg     sync.WaitGroup
+	// toServer and toClient count the bytes delivered in each direction,
+	// over every connection (TCP payload: what the peers wrote and read).
+	toServer, toClient atomic.Int64
 }
 
 // New starts a proxy to target ("host:port") that delays each direction by
@@ -92,6 +96,14 @@ func NewWithOptions(target string, oneWay time.Duration, opts Options) (*Proxy, 
 
 // Addr is the proxy's listening address, "127.0.0.1:PORT".
 func (p *Proxy) Addr() string { return p.ln.Addr().String() }
+
+// Bytes is how many bytes the proxy delivered so far to the target
+// (toServer) and back to the clients (toClient), over every connection: the
+// TCP payload each way, with a real link's framing (TLS records, MQTT
+// packets) but without TCP/IP headers. With no delay it is a counting proxy.
+func (p *Proxy) Bytes() (toServer, toClient int64) {
+	return p.toServer.Load(), p.toClient.Load()
+}
 
 // Delay is the one-way delay.
 func (p *Proxy) Delay() time.Duration { return p.delay }
@@ -177,8 +189,8 @@ func (p *Proxy) serve(client net.Conn) {
 
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); p.pipe(l, client, server) }()
-	go func() { defer wg.Done(); p.pipe(l, server, client) }()
+	go func() { defer wg.Done(); p.pipe(l, client, server, &p.toServer) }()
+	go func() { defer wg.Done(); p.pipe(l, server, client, &p.toClient) }()
 	wg.Wait()
 	l.cut()
 	p.mu.Lock()
@@ -196,7 +208,7 @@ type chunk struct {
 // bounded by BufferBytes, a writer sends each when due. When src ends, dst's
 // write side is closed after the data before the end; when writing fails,
 // the whole link is cut.
-func (p *Proxy) pipe(l *link, src, dst net.Conn) {
+func (p *Proxy) pipe(l *link, src, dst net.Conn, delivered *atomic.Int64) {
 	budget := semaphore.NewWeighted(p.opts.BufferBytes)
 	// The FIFO never holds more chunks than bytes in the budget, so the
 	// channel never blocks before the budget does.
@@ -215,7 +227,8 @@ func (p *Proxy) pipe(l *link, src, dst net.Conn) {
 					return
 				}
 			}
-			_, err := dst.Write(c.data)
+			n, err := dst.Write(c.data)
+			delivered.Add(int64(n))
 			budget.Release(int64(len(c.data)))
 			if err != nil {
 				l.cut()

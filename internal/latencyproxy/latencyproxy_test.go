@@ -16,6 +16,11 @@ import (
 // echoServer echoes every connection until the client half-closes, then
 // closes its side.
 func echoServer(t *testing.T) string {
+	return server(t, func(c net.Conn) { _, _ = io.Copy(c, c) })
+}
+
+// server serves every connection with handle, then closes it.
+func server(t *testing.T, handle func(net.Conn)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -28,7 +33,7 @@ func echoServer(t *testing.T) string {
 			}
 			go func() {
 				defer c.Close()
-				_, _ = io.Copy(c, c)
+				handle(c)
 			}()
 		}
 	}()
@@ -184,4 +189,52 @@ func TestUnreachableTargetClosesClient(t *testing.T) {
 	c := dial(t, p)
 	_, err = c.Read(make([]byte, 1))
 	require.Error(t, err)
+}
+
+// replyServer reads each connection until the client half-closes, then
+// answers with reply and closes: the two directions carry different sizes.
+func replyServer(t *testing.T, reply []byte) string {
+	return server(t, func(c net.Conn) {
+		_, _ = io.Copy(io.Discard, c)
+		_, _ = c.Write(reply)
+	})
+}
+
+func TestBytesCountsEachDirectionOverEveryConnection(t *testing.T) {
+	tests := []struct {
+		name          string
+		delay         time.Duration
+		conns, upload int
+		reply         string
+	}{
+		{name: "one connection, no delay", delay: 0, conns: 1, upload: 1000, reply: "ack"},
+		{name: "three connections", delay: 0, conns: 3, upload: 70 << 10, reply: "a longer reply"},
+		{name: "delayed", delay: 2 * time.Millisecond, conns: 2, upload: 10, reply: "r"},
+		{name: "nothing sent", delay: 0, conns: 1, upload: 0, reply: ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p, err := New(replyServer(t, []byte(tt.reply)), tt.delay)
+			require.NoError(t, err)
+			defer p.Close()
+			up, down := p.Bytes()
+			require.Zero(t, up)
+			require.Zero(t, down)
+			for range tt.conns {
+				c := dial(t, p)
+				_, err := c.Write(make([]byte, tt.upload))
+				require.NoError(t, err)
+				require.NoError(t, c.CloseWrite())
+				got, err := io.ReadAll(c)
+				require.NoError(t, err)
+				require.Equal(t, tt.reply, string(got))
+			}
+			// The client read the end of each reply, which the proxy
+			// forwards only after everything before it was delivered
+			// and counted.
+			up, down = p.Bytes()
+			require.Equal(t, int64(tt.conns*tt.upload), up, "bytes to the server")
+			require.Equal(t, int64(tt.conns*len(tt.reply)), down, "bytes to the clients")
+		})
+	}
 }
