@@ -442,9 +442,7 @@ func (b *bench) endToEndOn(ctx context.Context, br e2eBroker, telegrafBin, ourBi
 	}
 
 	pluginConf := filepath.Join(b.dir, "omnicore-output-"+slug+".conf")
-	plugin := b.pluginFile(br.url, `  ## telegraf --once stops the output at the end: with the spool it would
-  ## leave what is not acknowledged on disk for the next run (benchmark 7
-  ## measures the spool).
+	plugin := b.pluginFile(br.url, "") + hostTable(`  ## Steady state without the spool (benchmark 7 measures the spool).
   spool = false
 `)
 	if err := os.WriteFile(pluginConf, []byte(plugin), 0o600); err != nil {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -68,7 +69,7 @@ func (b *bench) benchSpool(ctx context.Context) error {
 				v = variants[len(variants)-1-i]
 			}
 			pluginConf := filepath.Join(b.dir, fmt.Sprintf("spool-output-%d-%d.conf", run, i))
-			if err := os.WriteFile(pluginConf, []byte(b.pluginFile(emu.URL, v.extra)), 0o600); err != nil {
+			if err := os.WriteFile(pluginConf, []byte(b.pluginFile(emu.URL, "")+hostTable(v.extra)), 0o600); err != nil {
 				return err
 			}
 			cfg := filepath.Join(b.dir, fmt.Sprintf("spool-telegraf-%d-%d.conf", run, i))
@@ -267,4 +268,13 @@ func (b *bench) drainRun(ctx context.Context, emu *emulator.Server, ourBin, metr
 		return 0, 0, fmt.Errorf("drained: at the receiver %s", t)
 	}
 	return spooling, float64(n) / last.Sub(start).Seconds(), nil
+}
+
+// hostTable is the plugin file's [telegraf_omnicore] table (the execd
+// binary's own options: the spool's) holding lines; "" for none.
+func hostTable(lines string) string {
+	if lines == "" {
+		return ""
+	}
+	return "\n[telegraf_omnicore]\n  " + strings.TrimLeft(lines, " ")
 }
