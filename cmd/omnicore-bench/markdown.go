@@ -242,8 +242,7 @@ previous one's metric arrived, from the call to the metric; p50 and p99.
 
 ### 7. Store and forward (the output's spool; steady state)
 
-The first two rows run a real Telegraf (not ` + "`--once`" + `: with the spool, a stop leaves what the bridge did not
-acknowledge on disk for the next start) with ` + "`inputs.execd`" + ` running ` + "`cat`" + ` on the line-protocol file
+The first two rows run a real Telegraf (left running, so that the rate is the steady state's) with ` + "`inputs.execd`" + ` running ` + "`cat`" + ` on the line-protocol file
 once, into ` + "`[[outputs.execd]]`" + ` running telegraf-omnicore, each run with a fresh ` + "`STATE_DIRECTORY`" + `.
 The first compares the default (every metric appended to the spool, published from it, released after
 its PUBACK) with ` + "`spool = false`" + `; the second the fsync of every batch read from the pipe
@@ -252,8 +251,8 @@ rate between the first and the last message the emulator accepted. The third run
 alone: first with the file on stdin while the emulator is stopped (everything goes to the spool;
 the peer column is that spooling rate), then, with the emulator back, a new process that replays
 the spool: the drain rate counts from that process's start (spool checks, connect, attach) to
-the last message accepted. Benchmark 2 runs ` + "`spool = false`" + `: ` + "`telegraf --once`" + ` stops the output
-at the end, and with the spool what is not acknowledged within a second waits for the next start.
+the last message accepted. Benchmark 2 runs ` + "`spool = false`" + ` (in the plugin file's
+` + "`[telegraf_omnicore]`" + ` table), so that its steady-state rows leave the spool out; benchmark 7 measures it.
 
 ### 9. As a user measures it
 
