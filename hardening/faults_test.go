@@ -102,6 +102,12 @@ func TestFaults(t *testing.T) {
 		},
 		{
 			name: "connections kicked",
+			// A reconnect re-attaches the devices used since the previous
+			// connect, the others on their next message: the stream must
+			// outlast the kicks (under load, 5 reconnects can outlast
+			// 2,000 metrics at 250/s) for every device to be attached at
+			// the end.
+			count: 3 * n,
 			inject: func(w *world, r *run) string {
 				for i := range kicks {
 					w.progress(r, float64(i+1)/float64(kicks+2))
