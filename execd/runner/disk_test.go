@@ -1,6 +1,7 @@
 package runner
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,6 +12,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 )
 
 // tmpfs mounts a tmpfs with options (size, nr_inodes) on a new directory,
@@ -313,4 +316,27 @@ func TestOpenOnAFailedDiskStartsWithMemory(t *testing.T) {
 	require.NoError(t, h.wait(t, 10*time.Second))
 	received, dup, lost := tally(t, out, 400)
 	require.Zero(t, lost, "received %d, duplicated %d", received, dup)
+}
+
+// IsDiskError tells the disk's errors (the runner rides them out with
+// memory) from the others (a loud error at start): the spool's, and those
+// of creating its directory (hostconf.SpoolDir), which are not the spool's.
+func TestIsDiskError(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		disk bool
+	}{
+		{"the spool's disk failure", fmt.Errorf("%w: creating the spool directory: %w", spool.ErrDiskFailed, syscall.EROFS), true},
+		{"a read-only state directory", fmt.Errorf("creating private directory: %w", &os.PathError{Op: "mkdir", Path: "/x", Err: syscall.EROFS}), true},
+		{"no space", fmt.Errorf("x: %w", syscall.ENOSPC), true},
+		{"an I/O error", syscall.EIO, true},
+		{"a quota", syscall.EDQUOT, true},
+		{"a spool full (back-pressure)", spool.ErrDiskLow, false},
+		{"no permission", fmt.Errorf("x: %w", syscall.EACCES), false},
+		{"a bad option", errors.New("spool_max_size 1 bytes is below the minimum"), false},
+		{"none", nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) { require.Equal(t, tc.disk, IsDiskError(tc.err)) })
+	}
 }

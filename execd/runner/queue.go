@@ -106,10 +106,11 @@ func newQueue(log telegraf.Logger, sp *spool.Spool, memLimit int64) *queue {
 	return q
 }
 
-// IsDiskError reports whether an error of spool.Open is the disk's (no
-// space, read-only, I/O error): the runner then starts with memory and
-// tries the spool again, instead of exiting.
-func IsDiskError(err error) bool { return errors.Is(err, spool.ErrDiskFailed) }
+// IsDiskError reports whether an error of spool.Open, or of creating the
+// spool's directory, is the disk's (no space, read-only, I/O error): the
+// runner then starts with memory and tries the spool again, instead of
+// exiting.
+func IsDiskError(err error) bool { return spool.IsDiskFailure(err) }
 
 // Append queues line (copied). It returns spool.ErrTooLarge for a line the
 // spool can never hold, spool.ErrClosed after close, and errMemoryFull

@@ -85,12 +85,25 @@ func (s *Spool) retryInterval() string {
 // too when the cause is the disk's (full, read-only, I/O error, quota), so
 // that the caller can tell a disk outage from a misconfiguration.
 func openErr(op string, err error) error {
-	for _, disk := range []error{syscall.ENOSPC, syscall.EROFS, syscall.EIO, syscall.EDQUOT} {
-		if errors.Is(err, disk) {
-			return fmt.Errorf("%w: %s: %w", ErrDiskFailed, op, err)
-		}
+	if isDiskCause(err) {
+		return fmt.Errorf("%w: %s: %w", ErrDiskFailed, op, err)
 	}
 	return fmt.Errorf("%s: %w", op, err)
+}
+
+// IsDiskFailure reports whether err is a failure of the disk: an error of
+// the spool wrapping ErrDiskFailed, or, from whatever else writes next to
+// it (the spool's parent directories), no space, a read-only filesystem,
+// an I/O error or an exceeded quota.
+func IsDiskFailure(err error) bool { return errors.Is(err, ErrDiskFailed) || isDiskCause(err) }
+
+func isDiskCause(err error) bool {
+	for _, disk := range []error{syscall.ENOSPC, syscall.EROFS, syscall.EIO, syscall.EDQUOT} {
+		if errors.Is(err, disk) {
+			return true
+		}
+	}
+	return false
 }
 
 // DiskErr returns the disk failure in progress, wrapping ErrDiskFailed and
