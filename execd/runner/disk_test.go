@@ -6,6 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -62,6 +64,22 @@ func fillInodes(t *testing.T, dir string) (unfill func()) {
 			require.NoError(t, os.Remove(name))
 		}
 	}
+}
+
+// movedBack is the number of lines the I! of a disk recovery says moved
+// from memory back into the spool.
+func movedBack(t *testing.T, h *harness) int {
+	t.Helper()
+	re := regexp.MustCompile(`works again after \S+; (\d+) metrics held in memory meanwhile moved back`)
+	for _, text := range h.texts() {
+		if m := re.FindStringSubmatch(text); m != nil {
+			n, err := strconv.Atoi(m[1])
+			require.NoError(t, err)
+			return n
+		}
+	}
+	require.FailNow(t, "no I! for the recovery", "%v", h.texts())
+	return 0
 }
 
 // tally counts what a run delivered against what was sent.
@@ -204,17 +222,28 @@ func TestDiskFailureIsAnOutageOfTheDisk(t *testing.T) {
 			// the disk again at the next line, after the filler is gone),
 			// the unwritten ones in memory, none twice.
 			waitFor(t, 10*time.Second, "every line queued", func() bool { return r.q.Backlog() == n })
-			up()
-			deliveredAll(t, out, n)
+			if !tc.down {
+				// Published from memory while the disk fails.
+				up()
+				deliveredAll(t, out, n)
+			}
 			unfill()
 			// The spool finds its disk again by itself; the next line
-			// (each one a new metric, counted) sees it.
+			// (each one a new metric, counted) sees it, and what memory
+			// holds unread moves back into the spool before the I!.
 			sent := n
 			waitFor(t, 10*time.Second, "the disk recovery", func() bool {
 				h.write(t, line("m", sent))
 				sent++
 				return h.count('I', "The spool's disk works again") == 1
 			}, h.texts)
+			moved := movedBack(t, h)
+			if tc.down {
+				require.Positive(t, moved, "memory moved back into the spool: %v", h.texts())
+				require.EqualValues(t, sent, r.q.Backlog(), "each line once, in the spool or memory")
+				up()
+			}
+			t.Logf("moved back into the spool: %d", moved)
 			h.write(t, lines("m", sent, 1000)) // into the spool again: more than one segment
 			sent += 1000
 			deliveredAll(t, out, sent)
