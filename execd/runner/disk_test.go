@@ -3,6 +3,7 @@ package runner
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -66,6 +67,24 @@ func fillInodes(t *testing.T, dir string) (unfill func()) {
 	}
 }
 
+// writeAll writes s to the runner's stdin, failing the test when the
+// runner does not read it all within 30 s (while what says).
+func (h *harness) writeAll(t *testing.T, s, what string) {
+	t.Helper()
+	done := make(chan struct{})
+	var err error
+	go func() {
+		defer close(done)
+		_, err = io.WriteString(h.stdin, s)
+	}()
+	select {
+	case <-done:
+		require.NoError(t, err)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("stdin not read with %s: %d bytes read", what, h.read.n.Load())
+	}
+}
+
 // movedBack is the number of lines the I! of a disk recovery says moved
 // from memory back into the spool.
 func movedBack(t *testing.T, h *harness) int {
@@ -123,15 +142,22 @@ var bridgeStates = []struct {
 	{"bridge down during the disk event", true},
 }
 
-// bridge makes out down or blocked as the state says, and returns the
-// function that brings it up.
-func bridge(out *testOutput, down bool) (up func()) {
+// startOnDisk starts a runner spooling on a new tmpfs (mount options), its
+// bridge down or blocked (the bridgeStates) until up is called.
+func startOnDisk(t *testing.T, options string, down bool, tweak func(*Runner)) (disk string, h *harness, out *testOutput, r *Runner, up func()) {
+	t.Helper()
+	disk = tmpfs(t, options)
+	out = newTestOutput()
 	out.failWrites = down
 	gate := make(chan struct{})
 	if !down {
 		out.block = gate
 	}
-	return func() {
+	h = start(t, out, filepath.Join(disk, "spool"), 500, 10*time.Millisecond, func(rr *Runner) {
+		r = rr
+		tweak(r)
+	})
+	return disk, h, out, r, func() {
 		close(gate)
 		out.setFailing(false)
 	}
@@ -144,25 +170,11 @@ func bridge(out *testOutput, down bool) (up func()) {
 func TestSmallDiskCapsTheSpool(t *testing.T) {
 	for _, tc := range bridgeStates {
 		t.Run(tc.name, func(t *testing.T) {
-			disk := tmpfs(t, "size=1m")
-			out := newTestOutput()
-			up := bridge(out, tc.down)
-			var r *Runner
-			h := start(t, out, filepath.Join(disk, "spool"), 500, 10*time.Millisecond, func(rr *Runner) {
-				r = rr
+			_, h, out, r, up := startOnDisk(t, "size=1m", tc.down, func(r *Runner) {
 				r.cfg.Spool.MaxSize = 4 << 20 // far over the disk
 			})
 			const n = 20000 // about 1.2 MB of line protocol
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				h.write(t, lines("m", 0, n))
-			}()
-			select {
-			case <-done:
-			case <-time.After(30 * time.Second):
-				t.Fatalf("stdin not read with the spool capped: %d bytes read", h.read.n.Load())
-			}
+			h.writeAll(t, lines("m", 0, n), "the spool capped")
 			require.Equal(t, 1, h.count('W', "the spool holds at most"), "the cap: %v", h.texts())
 			waitFor(t, 10*time.Second, "the spool full", func() bool { return h.count('W', "The spool is full") == 1 }, h.texts)
 			up()
@@ -192,12 +204,7 @@ func TestSmallDiskCapsTheSpool(t *testing.T) {
 func TestDiskFailureIsAnOutageOfTheDisk(t *testing.T) {
 	for _, tc := range bridgeStates {
 		t.Run(tc.name, func(t *testing.T) {
-			disk := tmpfs(t, "size=4m,nr_inodes=256")
-			out := newTestOutput()
-			up := bridge(out, tc.down)
-			var r *Runner
-			h := start(t, out, filepath.Join(disk, "spool"), 500, 10*time.Millisecond, func(rr *Runner) {
-				r = rr
+			disk, h, out, r, up := startOnDisk(t, "size=4m,nr_inodes=256", tc.down, func(r *Runner) {
 				// Segments that fill (and a new file is needed) within
 				// a few hundred lines.
 				r.cfg.Spool.SegmentSize = 16 << 10
@@ -206,16 +213,7 @@ func TestDiskFailureIsAnOutageOfTheDisk(t *testing.T) {
 			h.write(t, lines("m", 0, n/2))
 			waitFor(t, 10*time.Second, "the first half read", func() bool { return h.read.n.Load() == int64(len(lines("m", 0, n/2))) })
 			unfill := fillInodes(t, disk)
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				h.write(t, lines("m", n/2, n/2))
-			}()
-			select {
-			case <-done:
-			case <-time.After(30 * time.Second):
-				t.Fatalf("stdin not read with the disk failed: %d bytes read", h.read.n.Load())
-			}
+			h.writeAll(t, lines("m", n/2, n/2), "the disk failed")
 			waitFor(t, 10*time.Second, "the disk failure", func() bool { return h.count('E', "The spool's disk failed") == 1 }, h.texts)
 			require.True(t, r.q.Stats().spoolDown)
 			// Every line queued (none appended meanwhile: the runner sees
