@@ -3,7 +3,6 @@ package runner
 import (
 	"errors"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/influxdata/telegraf"
@@ -58,70 +57,60 @@ type memEntry struct {
 // unread lines or the spool refuses it, and memory's unread lines move into
 // the spool (in order) as soon as it takes them again.
 //
+// A failure of the spool's disk is reported here, once (E!), and its end
+// once (I!) when memory's lines are back in the spool: the spool is opened
+// with QuietDisk. The spool tries its disk again by itself; the queue sees
+// it working again through DiskErr, and takes back the lines appended but
+// not written when the disk failed (Unwritten) into memory.
+//
 // Append is for one goroutine (the reader), Read for one other (the
 // publisher); Release, Stats and the channels for any.
 type queue struct {
 	log      telegraf.Logger
 	memLimit int64
-	// probeEvery is how often a failed spool is tried again.
-	probeEvery time.Duration
 
-	mu        sync.Mutex
-	sp        *spool.Spool // nil: no spool (off, or not opened yet)
-	spoolDown bool         // the spool's disk failed: lines go to memory
-	downSince time.Time
-	probeAt   time.Time
-	// uncommitted holds copies of the lines appended to the spool since its
-	// last successful Commit, one after the other (uncommittedEnds are their
-	// ends): if the disk fails before they are written, they go to memory
-	// too, so that none is lost (at least once).
-	uncommitted     []byte
-	uncommittedEnds []int
-	mem             []memEntry // not released, in order
-	memRead         int        // mem[:memRead] are read (in flight), the rest unread
-	memBytes        int64
-	nextSeq         uint64
-	ready           chan struct{} // closed when memory gets a line
-	space           chan struct{} // closed when memory frees space
-	lastRelease     time.Time
-	closed          bool
-	fullWarned      bool
-	recovering      bool // the disk took a probe; memory is moving back
-	movedBack       int  // lines moved back since the disk failed
+	mu          sync.Mutex
+	sp          *spool.Spool // nil: no spool (off, or not opened yet)
+	spoolDown   bool         // the spool's disk failed: lines go to memory
+	downSince   time.Time
+	uncommitted int        // lines appended to the spool since its last Commit
+	mem         []memEntry // not released, in order
+	memRead     int        // mem[:memRead] are read (in flight), the rest unread
+	memBytes    int64
+	nextSeq     uint64
+	ready       chan struct{} // closed when memory gets a line
+	space       chan struct{} // closed when memory frees space
+	lastRelease time.Time
+	closed      bool
+	fullWarned  bool
+	recovering  bool // the disk works again; memory is moving back
+	movedBack   int  // lines moved back since the disk failed
 
 	droppedMemory int64 // lines dropped from (or not let into) full memory
 	tooLarge      int64 // lines the spool can never hold
 }
 
+// newQueue returns a queue over sp (nil: memory only until Attach). A
+// spool opened on a failed disk starts the queue with its disk failed.
 func newQueue(log telegraf.Logger, sp *spool.Spool, memLimit int64) *queue {
-	return &queue{
+	q := &queue{
 		log:         log,
-		sp:          sp,
 		memLimit:    memLimit,
-		probeEvery:  5 * time.Second,
 		ready:       make(chan struct{}),
 		space:       make(chan struct{}),
 		lastRelease: time.Now(),
 	}
-}
-
-// isDiskFailure reports whether err from Append or Commit means the spool's
-// disk failed (full, read-only, I/O error): any error but the spool's own.
-func isDiskFailure(err error) bool {
-	return err != nil && !errors.Is(err, spool.ErrFull) && !errors.Is(err, spool.ErrTooLarge) && !errors.Is(err, spool.ErrClosed)
-}
-
-// IsDiskError reports whether an error of spool.Open is the disk's (no
-// space, read-only, I/O error): the runner then starts with memory and
-// tries the spool again, instead of exiting.
-func IsDiskError(err error) bool {
-	for _, e := range []error{syscall.ENOSPC, syscall.EROFS, syscall.EIO, syscall.EDQUOT} {
-		if errors.Is(err, e) {
-			return true
-		}
+	if sp != nil {
+		q.Attach(sp)
 	}
-	return false
+	return q
 }
+
+// IsDiskError reports whether an error of spool.Open, or of creating the
+// spool's directory, is the disk's (no space, read-only, I/O error): the
+// runner then starts with memory and tries the spool again, instead of
+// exiting.
+func IsDiskError(err error) bool { return spool.IsDiskFailure(err) }
 
 // Append queues line (copied). It returns spool.ErrTooLarge for a line the
 // spool can never hold, spool.ErrClosed after close, and errMemoryFull
@@ -133,22 +122,12 @@ func (q *queue) Append(line []byte) error {
 		return spool.ErrClosed
 	}
 	q.moveLocked()
-	if q.sp != nil && q.memRead == len(q.mem) && (!q.spoolDown || q.probeDueLocked()) {
-		probing := q.spoolDown
+	if q.sp != nil && q.memRead == len(q.mem) && !q.spoolDown {
 		err := q.sp.Append(line)
 		switch {
 		case err == nil:
-			q.uncommitted = append(q.uncommitted, line...)
-			q.uncommittedEnds = append(q.uncommittedEnds, len(q.uncommitted))
-			if probing {
-				// The line probes the disk: it works again once the line
-				// is written.
-				if q.commitLocked() {
-					q.recoveredLocked(0)
-				}
-				return nil
-			}
-			if len(q.uncommittedEnds) >= commitEvery {
+			q.uncommitted++
+			if q.uncommitted >= commitEvery {
 				q.commitLocked()
 			}
 			return nil
@@ -162,36 +141,18 @@ func (q *queue) Append(line []byte) error {
 				q.fullWarned = true
 				q.log.Warnf("The spool is full: new metrics wait in memory (up to %d MiB) until the bridge acknowledges metrics and they move into the spool. Logged once", q.memLimit>>20)
 			}
-		default:
+		case errors.Is(err, spool.ErrDiskFailed):
+			// The line was not appended: it follows the unwritten ones
+			// into memory.
 			q.diskFailedLocked(err)
 		}
 	}
 	return q.memAppendLocked(line)
 }
 
-// probeDueLocked reports whether the failed disk is to be tried again now,
-// and if so schedules the next try.
-func (q *queue) probeDueLocked() bool {
-	if time.Now().Before(q.probeAt) {
-		return false
-	}
-	q.probeAt = time.Now().Add(q.probeEvery)
-	return true
-}
-
-// recoveredLocked marks the disk as working again after a probe wrote moved
-// lines to it; the failure ends (I!) once memory's unread lines are all
-// back in the spool. A disk that fails again while they move (a backlog
-// larger than the disk) is the same failure: no second E!.
-func (q *queue) recoveredLocked(moved int) {
-	q.spoolDown = false
-	q.recovering = true
-	q.movedBack += moved
-	q.recoveryDoneLocked()
-}
-
 // recoveryDoneLocked logs the end of a disk failure once memory holds no
-// unread line.
+// unread line. A disk that fails again while they move (a backlog larger
+// than the disk) is the same failure: no second E!.
 func (q *queue) recoveryDoneLocked() {
 	if !q.recovering || q.spoolDown || q.memRead < len(q.mem) {
 		return
@@ -259,75 +220,78 @@ func (q *queue) commitLocked() bool {
 		return false
 	}
 	if err := q.sp.Commit(); err != nil {
-		if isDiskFailure(err) {
+		if errors.Is(err, spool.ErrDiskFailed) {
 			q.diskFailedLocked(err)
 		}
 		return false
 	}
-	q.uncommitted, q.uncommittedEnds = q.uncommitted[:0], q.uncommittedEnds[:0]
+	q.uncommitted = 0
 	return true
 }
 
 // diskFailedLocked switches new lines to memory after a disk failure; the
-// lines appended since the last commit go to memory too.
+// lines the spool took but could not write go to memory first, in order
+// (they are older than any line memory holds unread: a line goes into the
+// spool only while memory holds none).
 func (q *queue) diskFailedLocked(err error) {
 	if !q.spoolDown && !q.recovering {
-		q.spoolDown = true
 		q.downSince = time.Now()
 		q.log.Errorf("The spool's disk failed (%v): new metrics are held in memory (up to %d MiB) and published from there; "+
-			"the metrics already in the spool stay there and are published first. The spool is tried again every %s",
-			err, q.memLimit>>20, q.probeEvery)
+			"the metrics already in the spool stay there and are published first. The spool tries its disk again until it works",
+			err, q.memLimit>>20)
 	}
 	q.spoolDown = true
-	q.probeAt = time.Now().Add(q.probeEvery)
-	start := 0
-	for _, end := range q.uncommittedEnds {
-		if q.memAppendLocked(q.uncommitted[start:end]) != nil {
+	q.uncommitted = 0
+	for _, line := range q.sp.Unwritten() {
+		if q.memAppendLocked(line) != nil {
 			q.droppedMemory++
 		}
-		start = end
 	}
-	q.uncommitted, q.uncommittedEnds = q.uncommitted[:0], q.uncommittedEnds[:0]
 }
 
-// moveLocked moves memory's unread lines into the spool while it takes them.
-// After a disk failure it first probes the disk (no more often than
-// probeEvery) with one line and a Commit.
+// moveLocked moves memory's unread lines into the spool while it takes
+// them, once its disk works again after a failure (the spool tries it by
+// itself).
 func (q *queue) moveLocked() {
-	if q.sp == nil || q.memRead == len(q.mem) {
+	if q.sp == nil {
 		return
 	}
-	probing := q.spoolDown
-	if probing && !q.probeDueLocked() {
+	if q.spoolDown {
+		if q.sp.DiskErr() != nil {
+			return
+		}
+		q.spoolDown, q.recovering = false, true
+	}
+	defer q.recoveryDoneLocked()
+	if q.memRead == len(q.mem) {
+		return
+	}
+	// What was appended before is written first, so that a failure below
+	// hands back moved lines only.
+	if q.uncommitted > 0 && !q.commitLocked() {
 		return
 	}
 	moved := 0
-	for q.memRead+moved < len(q.mem) {
-		e := q.mem[q.memRead+moved]
-		err := q.sp.Append(e.payload)
-		if errors.Is(err, spool.ErrTooLarge) {
-			// Fits in memory, never in the spool: published from memory.
+	var err error
+	for ; q.memRead+moved < len(q.mem); moved++ {
+		// Up to the first line the spool refuses: full, too large for it
+		// (published from memory then), or its disk failed.
+		if err = q.sp.Append(q.mem[q.memRead+moved].payload); err != nil {
 			break
-		}
-		if err != nil {
-			if isDiskFailure(err) {
-				q.diskFailedLocked(err)
-			}
-			break
-		}
-		moved++
-		if probing {
-			break // one line probes the disk; the rest follows after the commit
 		}
 	}
-	if moved == 0 {
+	if moved > 0 && !errors.Is(err, spool.ErrDiskFailed) {
+		err = q.sp.Commit()
+	}
+	if errors.Is(err, spool.ErrDiskFailed) {
+		// The moved lines are still in memory: what the spool could not
+		// write of them is dropped there, what it wrote is in both (at
+		// least once).
+		_ = q.sp.Unwritten()
+		q.diskFailedLocked(err)
 		return
 	}
-	// What the spool now buffers is in memory too: on a failure of this
-	// commit memory keeps it (and the spool writes it when it can: at
-	// least once).
-	q.uncommitted, q.uncommittedEnds = q.uncommitted[:0], q.uncommittedEnds[:0]
-	if !q.commitLocked() {
+	if moved == 0 || err != nil {
 		return
 	}
 	for _, e := range q.mem[q.memRead : q.memRead+moved] {
@@ -335,18 +299,14 @@ func (q *queue) moveLocked() {
 	}
 	q.mem = append(q.mem[:q.memRead], q.mem[q.memRead+moved:]...)
 	q.signalSpaceLocked()
-	if probing {
-		q.recoveredLocked(moved)
-		q.moveLocked()
-		return
-	}
 	if q.recovering {
 		q.movedBack += moved
-		q.recoveryDoneLocked()
 	}
 }
 
-// Attach gives the queue the spool that could not be opened at start.
+// Attach gives the queue its spool: at start, or once it could be opened
+// after its disk failed. A spool that opened on a failed disk (it replays
+// what it holds, and takes nothing new) is a disk failure.
 func (q *queue) Attach(sp *spool.Spool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -355,7 +315,11 @@ func (q *queue) Attach(sp *spool.Spool) {
 		return
 	}
 	q.sp = sp
-	q.spoolDown = false
+	if err := sp.DiskErr(); err != nil {
+		q.diskFailedLocked(err)
+	} else {
+		q.spoolDown = false
+	}
 	q.moveLocked()
 	// Wake the publisher, which waits on memory's channel only.
 	close(q.ready)
@@ -494,11 +458,13 @@ func (q *queue) Close() (lost int64, err error) {
 	if q.sp == nil {
 		return int64(len(q.mem)), nil
 	}
-	if q.spoolDown {
-		q.probeAt = time.Time{}
-	}
 	q.memRead = 0 // what was in flight was not acknowledged: keep it too
 	q.closed = false
+	if !q.spoolDown {
+		// Lines the spool cannot write now are held in memory, and
+		// counted there, not lost by the spool's Close.
+		q.commitLocked()
+	}
 	q.moveLocked()
 	q.closed = true
 	lost = int64(len(q.mem))

@@ -101,7 +101,9 @@ type Runner struct {
 	signalBudget           time.Duration
 	stallTimeout           time.Duration
 	reportEvery            time.Duration
-	probeEvery             time.Duration
+	// reopenEvery is how often a spool that could not be opened for its
+	// disk's reason is opened again (an open spool tries its disk itself).
+	reopenEvery time.Duration
 
 	q        *queue
 	source   string // where the backlog is kept, for the logs and gauges
@@ -132,7 +134,7 @@ func New(cfg Config) *Runner {
 		signalBudget: signalBudget,
 		stallTimeout: stallTimeout,
 		reportEvery:  gateway.GaugeTTL / 6,
-		probeEvery:   5 * time.Second,
+		reopenEvery:  5 * time.Second,
 	}
 }
 
@@ -310,6 +312,7 @@ func (r *Runner) openQueue(ctx context.Context) (*queue, error) {
 	opts := *r.cfg.Spool
 	opts.Log = r.log
 	opts.Full = r.cfg.Full
+	opts.QuietDisk = true // the queue reports the disk's failures, with what memory holds
 	r.cfg.Spool = &opts
 	type opened struct {
 		sp  *spool.Spool
@@ -343,7 +346,7 @@ func (r *Runner) openQueue(ctx context.Context) (*queue, error) {
 			q.spoolDown, q.downSince = true, time.Now()
 			q.mu.Unlock()
 			r.log.Errorf("Opening the spool %s failed (%v): metrics are held in memory (up to %d MiB); trying the spool again every %s",
-				opts.Dir, res.err, r.cfg.MemoryLimit>>20, r.probeEvery)
+				opts.Dir, res.err, r.cfg.MemoryLimit>>20, r.reopenEvery)
 			r.reopenLoop(ctx, q)
 			return
 		}
@@ -362,7 +365,7 @@ func (r *Runner) openedQueue(ctx context.Context, sp *spool.Spool, err error) (*
 		q := r.newQueue(nil)
 		q.spoolDown, q.downSince = true, time.Now()
 		r.log.Errorf("Opening the spool %s failed (%v): starting with metrics held in memory (up to %d MiB), and trying the spool again every %s",
-			r.cfg.Spool.Dir, err, r.cfg.MemoryLimit>>20, r.probeEvery)
+			r.cfg.Spool.Dir, err, r.cfg.MemoryLimit>>20, r.reopenEvery)
 		go r.reopenLoop(ctx, q)
 		return q, nil
 	}
@@ -379,14 +382,12 @@ func (r *Runner) logOpened(sp *spool.Spool) {
 }
 
 func (r *Runner) newQueue(sp *spool.Spool) *queue {
-	q := newQueue(r.log, sp, r.cfg.MemoryLimit)
-	q.probeEvery = r.probeEvery
-	return q
+	return newQueue(r.log, sp, r.cfg.MemoryLimit)
 }
 
-// reopenLoop tries to open the spool every probeEvery until it opens.
+// reopenLoop tries to open the spool every reopenEvery until it opens.
 func (r *Runner) reopenLoop(ctx context.Context, q *queue) {
-	t := time.NewTicker(r.probeEvery)
+	t := time.NewTicker(r.reopenEvery)
 	defer t.Stop()
 	for {
 		select {
@@ -404,7 +405,13 @@ func (r *Runner) reopenLoop(ctx context.Context, q *queue) {
 			r.log.Debugf("Opening the spool again failed: %v", err)
 			continue
 		}
-		r.log.Infof("The spool %s opened after its disk failed; the metrics held in memory move into it", r.cfg.Spool.Dir)
+		if sp.DiskErr() == nil {
+			r.log.Infof("The spool %s opened after its disk failed; the metrics held in memory move into it", r.cfg.Spool.Dir)
+		} else {
+			// Opened, but its disk still fails: the I! comes when it
+			// works and memory moved back into it.
+			r.log.Debugf("The spool %s opened after its disk failed, which still fails: %v", r.cfg.Spool.Dir, sp.DiskErr())
+		}
 		q.Attach(sp)
 		return
 	}

@@ -53,13 +53,16 @@ func (s *Spool) limitLocked() int64 { return min(s.maxSize, s.diskLimit) }
 
 // diskFailedLocked records a failure of the disk under the spool and
 // returns the error to give: ErrDiskFailed wrapping op and the cause. The
-// first failure of an outage is logged at E!, once. The caller holds mu.
+// first failure of an outage is logged at E!, once (unless QuietDisk). The
+// caller holds mu.
 func (s *Spool) diskFailedLocked(op string, err error) error {
 	e := fmt.Errorf("%w: %s: %w", ErrDiskFailed, op, err)
 	if s.diskErr == nil && !s.probing {
 		s.stats.DiskFailures++
-		s.opts.Log.Errorf("The spool's disk failed (%s: %v): new metrics are not spooled until it works again (tried every %s); "+
-			"the metrics already spooled are still sent", op, err, s.retryInterval())
+		if !s.opts.QuietDisk {
+			s.opts.Log.Errorf("The spool's disk failed (%s: %v): new metrics are not spooled until it works again (tried every %s); "+
+				"the metrics already spooled are still sent", op, err, s.retryInterval())
+		}
 	}
 	s.diskErr = e
 	return e
@@ -82,12 +85,25 @@ func (s *Spool) retryInterval() string {
 // too when the cause is the disk's (full, read-only, I/O error, quota), so
 // that the caller can tell a disk outage from a misconfiguration.
 func openErr(op string, err error) error {
-	for _, disk := range []error{syscall.ENOSPC, syscall.EROFS, syscall.EIO, syscall.EDQUOT} {
-		if errors.Is(err, disk) {
-			return fmt.Errorf("%w: %s: %w", ErrDiskFailed, op, err)
-		}
+	if isDiskCause(err) {
+		return fmt.Errorf("%w: %s: %w", ErrDiskFailed, op, err)
 	}
 	return fmt.Errorf("%s: %w", op, err)
+}
+
+// IsDiskFailure reports whether err is a failure of the disk: an error of
+// the spool wrapping ErrDiskFailed, or, from whatever else writes next to
+// it (the spool's parent directories), no space, a read-only filesystem,
+// an I/O error or an exceeded quota.
+func IsDiskFailure(err error) bool { return errors.Is(err, ErrDiskFailed) || isDiskCause(err) }
+
+func isDiskCause(err error) bool {
+	for _, disk := range []error{syscall.ENOSPC, syscall.EROFS, syscall.EIO, syscall.EDQUOT} {
+		if errors.Is(err, disk) {
+			return true
+		}
+	}
+	return false
 }
 
 // DiskErr returns the disk failure in progress, wrapping ErrDiskFailed and
@@ -128,8 +144,9 @@ func (s *Spool) Unwritten() [][]byte {
 // is failed, tries it again: the held records written, the active segment
 // created, the released segments deleted, the cursor written. When that
 // all works and the filesystem has room, the disk is back: logged once at
-// I!, the effective MaxSize raised to what the filesystem now allows (when
-// Open capped it lower), and Space is signalled.
+// I! (unless QuietDisk), the effective MaxSize raised to what the
+// filesystem now allows (when Open capped it lower), and Space is
+// signalled.
 func (s *Spool) checkDisk() {
 	avail, statErr := freeSpace(s.opts.Dir)
 	s.mu.Lock()
@@ -158,7 +175,9 @@ func (s *Spool) checkDisk() {
 		s.maxSize = m
 		s.sizeSegments()
 	}
-	s.opts.Log.Infof("The spool's disk works again: spooling new metrics again (%d bytes free; the spool holds at most %d bytes)", avail, s.maxSize)
+	if !s.opts.QuietDisk {
+		s.opts.Log.Infof("The spool's disk works again: spooling new metrics again (%d bytes free; the spool holds at most %d bytes)", avail, s.maxSize)
+	}
 	s.signalSpaceLocked()
 }
 

@@ -3,6 +3,7 @@ package spool
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -83,10 +84,18 @@ func (l *ledger) unwritten(s *Spool) int {
 // logged once; what was committed is still read and released; the records
 // held in memory are handed back by Unwritten; once space is freed the
 // spool appends again, without reopening. Every record is counted.
+// With QuietDisk the same happens without the spool's E! and I!: its
+// caller reports the outage.
 func TestSpoolDiskFull(t *testing.T) {
+	for _, quiet := range []bool{false, true} {
+		t.Run(fmt.Sprintf("QuietDisk=%v", quiet), func(t *testing.T) { testSpoolDiskFull(t, quiet) })
+	}
+}
+
+func testSpoolDiskFull(t *testing.T, quiet bool) {
 	fs := smallFilesystem(t, 1<<20)
 	// The sync loop stays out of the way: the test runs its disk check.
-	s, log := open(t, fs+"/s", func(o *Options) { o.MaxSize = 0; o.SyncInterval = time.Hour })
+	s, log := open(t, fs+"/s", func(o *Options) { o.MaxSize = 0; o.SyncInterval = time.Hour; o.QuietDisk = quiet })
 	var l ledger
 	next := 0
 	require.NoError(t, l.appendUntil(t, s, &next, 1000, 10))
@@ -116,8 +125,13 @@ func TestSpoolDiskFull(t *testing.T) {
 	l.readRelease(t, s)
 
 	require.Equal(t, l.appended, l.back, "every record appended was read back or handed back, in order")
-	require.Len(t, log.Errors(), 1, "one E! for the outage: %v", log.Errors())
-	require.Len(t, infos(log, "disk works again"), 1)
+	require.EqualValues(t, 1, s.Stats().DiskFailures)
+	logged := 1
+	if quiet {
+		logged = 0
+	}
+	require.Len(t, log.Errors(), logged, "E! for the outage: %v", log.Errors())
+	require.Len(t, infos(log, "disk works again"), logged)
 	require.NoError(t, s.Close())
 }
 

@@ -126,6 +126,12 @@ type Options struct {
 	SegmentSize int64
 	// Log gets the damage reports and the lock wait.
 	Log telegraf.Logger
+	// QuietDisk leaves the disk's failures and recoveries to the caller to
+	// report: the spool does not log them (the E! when the disk fails, the
+	// I! when it works again), and counts them in Stats all the same. For
+	// a caller that holds what the spool cannot take, and says so in its
+	// own lines: one E! and one I! per outage of the disk, not two.
+	QuietDisk bool
 }
 
 // Errors of Append.
@@ -1153,6 +1159,9 @@ func (s *Spool) Stats() Stats {
 	st.UnwrittenRecords = int64(s.wrecords)
 	var records int64
 	for _, seg := range s.segs {
+		if seg.seq < s.released.Seq {
+			continue // released, but its deletion failed (the disk did)
+		}
 		records += int64(seg.records)
 	}
 	records += int64(s.wrecords)
