@@ -110,7 +110,7 @@ func (r *runner) connectGateway(b *bridgeChecks, g *gatewayCheck) {
 // or as a Telegraf or telegraf-omnicore started with one of the checked
 // files that name the gateway (runningWith); or whether that cannot be told.
 func heldElsewhere(g *gatewayCheck) (bool, string) {
-	if h, ok := gateway.HostClaimHolder(g.clientID); ok {
+	if h, ok := gateway.HostClaimHolder(g.clientID, g.opts.Servers); ok {
 		return true, fmt.Sprintf("%s connects as this gateway (it holds the gateway's host claim)", h)
 	}
 	for _, f := range g.files {

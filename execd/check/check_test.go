@@ -303,8 +303,9 @@ func TestCheck(t *testing.T) {
 				// telegraf.conf is not among the checked files: only the
 				// gateway's host claim tells.
 				o := gateway.DefaultOptions()
-				o.Servers, o.SubscriptionID, o.RegistryID, o.GatewayID = []string{s.srv.URL}, s.srv.Subscription(), registry, gw
+				o.Servers, o.SubscriptionID, o.RegistryID, o.GatewayID = []string{s.srv.TLSURL}, s.srv.Subscription(), registry, gw
 				o.PrivateKey, o.Algorithm = s.key, omnicore.ES256
+				o.TLSCA = s.caFile
 				cfg, err := o.Validate(nil)
 				require.NoError(t, err)
 				sess, err := gateway.New(cfg)

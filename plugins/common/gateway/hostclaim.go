@@ -4,6 +4,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -14,7 +16,10 @@ import (
 // one connection per client ID and kicks the older one, and two processes
 // reconnecting in turn kick each other for ever.
 //
-// The claim is an abstract Unix socket (Linux) named after the client ID:
+// The claim is an abstract Unix socket (Linux) named after the client ID
+// and the bridge's address as servers spells it (so that test bridges on
+// other ports of one host do not wait for each other; two spellings of one
+// bridge are left to the bridge-side detection of a duplicate client ID):
 // it needs no file or directory (Telegraf built with the plugins has no
 // state directory), every user of the host sees it (a root `telegraf
 // --test` and the telegraf service), and the kernel releases it when the
@@ -32,18 +37,20 @@ func (h ClaimHolder) String() string {
 	return fmt.Sprintf("process %d (uid %d)", h.PID, h.UID)
 }
 
-// claimName is the abstract socket's name for a client ID: a hash, so the
-// name says nothing of the gateway and has a fixed length.
-func claimName(clientID string) string {
-	sum := sha256.Sum256([]byte(clientID))
+// claimName is the abstract socket's name for a client ID at servers: a
+// hash, so the name says nothing of the gateway and has a fixed length.
+func claimName(clientID string, servers []string) string {
+	sorted := slices.Clone(servers)
+	slices.Sort(sorted)
+	sum := sha256.Sum256([]byte(clientID + "\x00" + strings.Join(sorted, ",")))
 	return "@telegraf-omnicore/gateway/" + hex.EncodeToString(sum[:16])
 }
 
-// HostClaimHolder reports the process of this host that holds clientID's
-// claim, if any (for `telegraf-omnicore check`): ok is false when no process
-// holds it or claims are not supported here.
-func HostClaimHolder(clientID string) (holder ClaimHolder, ok bool) {
-	return claimHolder(claimName(clientID))
+// HostClaimHolder reports the process of this host that holds the claim of
+// clientID at servers, if any (for `telegraf-omnicore check`): ok is false
+// when no process holds it or claims are not supported here.
+func HostClaimHolder(clientID string, servers []string) (holder ClaimHolder, ok bool) {
+	return claimHolder(claimName(clientID, servers))
 }
 
 const (

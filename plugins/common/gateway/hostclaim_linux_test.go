@@ -30,7 +30,7 @@ func init() {
 }
 
 func TestClaimHost(t *testing.T) {
-	name := claimName("subscriptions/s/registries/r/devices/claim-" + t.Name())
+	name := claimName("subscriptions/s/registries/r/devices/claim-"+t.Name(), []string{"tls://bridge:8883"})
 
 	first, _, ignored, err := claimHost(name)
 	require.NoError(t, err)
@@ -56,7 +56,7 @@ func TestClaimHost(t *testing.T) {
 	require.NotNil(t, third, "a released claim can be taken again")
 	third.release()
 
-	_, ok = HostClaimHolder("subscriptions/s/registries/r/devices/nobody-holds-this")
+	_, ok = HostClaimHolder("subscriptions/s/registries/r/devices/nobody-holds-this", nil)
 	require.False(t, ok)
 }
 
@@ -66,7 +66,7 @@ func TestClaimOfAnotherUser(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root to run the squatting process as another user")
 	}
-	name := claimName("subscriptions/s/registries/r/devices/squatted")
+	name := claimName("subscriptions/s/registries/r/devices/squatted", nil)
 	// The test binary sits in a directory only root may enter: a copy in a
 	// directory the other user can reach.
 	self, err := os.ReadFile(os.Args[0])

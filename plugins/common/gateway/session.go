@@ -96,7 +96,7 @@ func New(cfg *Config) (*Session, error) {
 		warn:      ratelog.New(log, warnInterval),
 		dupLog:    ratelog.New(log, duplicateLogInterval),
 	}
-	s.hostClaim = claimName(s.clientID)
+	s.hostClaim = claimName(s.clientID, cfg.Servers)
 	s.pacer = newStatePacer(s)
 	s.c.errorsByType = make(map[string]uint64)
 	s.c.droppedByReason = make(map[string]uint64)
