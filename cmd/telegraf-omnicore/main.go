@@ -307,7 +307,7 @@ func newRunner(p *loadedPlugin, plog telegraf.Logger, f *flags) (*runner.Runner,
 		cfg.Conn = c.GatewayConn
 	}
 	if !host.Spool {
-		plog.Debug("spool = false: queueing standard input in memory")
+		cfg.MemoryLimit = runner.NoSpoolMemoryLimit
 		return runner.New(cfg), nil
 	}
 	opts := spool.Options{

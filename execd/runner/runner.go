@@ -36,6 +36,14 @@ import (
 // of 200 bytes, more than Telegraf's default metric_buffer_limit of 10,000.
 const DefaultMemoryLimit = 16 << 20
 
+// NoSpoolMemoryLimit is the memory of a runner without a spool (spool =
+// false): a few batches, so that the backlog waits in Telegraf's buffer
+// (metric_buffer_limit) through back-pressure on the pipe, and a stop or
+// `telegraf --once` leaves little in memory. The price: a stop while the
+// bridge is down waits on the pipe until the bridge returns or the process
+// is killed (the spool, on by default, has no such wait).
+const NoSpoolMemoryLimit = 1 << 20
+
 // Back-off between attempts to connect and to write: from minBackoff,
 // doubling, to maxBackoff. One cap for both, and a short one: while the
 // bridge is down a retry costs one failed attempt (a Write to a
@@ -306,7 +314,7 @@ const lockWait = 200 * time.Millisecond
 // meanwhile.
 func (r *Runner) openQueue(ctx context.Context) (*queue, error) {
 	if r.cfg.Spool == nil {
-		r.log.Debugf("spool = false: queueing standard input in memory (up to %d MiB)", r.cfg.MemoryLimit>>20)
+		r.log.Debugf("spool = false: queueing standard input in memory (up to %d KiB), the backlog waits in Telegraf's buffer", r.cfg.MemoryLimit>>10)
 		return r.newQueue(nil), nil
 	}
 	opts := *r.cfg.Spool
@@ -459,7 +467,15 @@ func (r *Runner) queueLine(line []byte) bool {
 		}
 		// Memory is full.
 		if r.cfg.Full == spool.Backpressure && !r.stopping.Load() {
-			if wait := r.stallTimeout - r.q.SinceRelease(); wait > 0 {
+			wait := r.stallTimeout - r.q.SinceRelease()
+			if r.cfg.Spool == nil {
+				// Without a spool the backlog belongs in Telegraf's
+				// buffer, as with any Telegraf output: standard input
+				// stays unread for as long as memory is full (see
+				// NoSpoolMemoryLimit).
+				wait = 100 * time.Millisecond
+			}
+			if wait > 0 {
 				t := time.NewTimer(min(wait, 100*time.Millisecond))
 				select {
 				case <-space:

@@ -478,3 +478,51 @@ func TestSecondRunnerOfASpoolReadsWhileLocked(t *testing.T) {
 	require.NoError(t, second.stdin.Close())
 	require.NoError(t, second.wait(t, 10*time.Second))
 }
+
+// Without a spool the backlog of an outage waits in Telegraf's buffer:
+// standard input stays unread once memory is full, however long the bridge
+// is down (no stall timeout, nothing dropped), and every line arrives once
+// the bridge is back.
+func TestNoSpoolHoldsStdinWhileTheBridgeIsDown(t *testing.T) {
+	out := newTestOutput()
+	out.failWrites = true
+	h := start(t, out, "", 100, 10*time.Millisecond, func(r *Runner) {
+		r.cfg.MemoryLimit = 16 << 10
+		r.stallTimeout = 50 * time.Millisecond
+	})
+	const n = 5000 // about 300 KB of line protocol: far over 16 KiB
+	all := lines("m", 0, n)
+	written := make(chan struct{})
+	go func() {
+		defer close(written)
+		_, _ = io.WriteString(h.stdin, all)
+	}()
+	// Many stall timeouts pass while the bridge is down: the runner keeps
+	// calling the output (its retries are the events waited on) and never
+	// reads the whole input.
+	for calls := 0; calls < 40; calls++ {
+		select {
+		case <-out.calls:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the output was not called again")
+		}
+	}
+	select {
+	case <-written:
+		t.Fatalf("all of stdin read with the bridge down and no spool: the backlog left Telegraf's buffer")
+	default:
+	}
+	require.Less(t, h.read.n.Load(), int64(len(all)))
+	require.Zero(t, h.count('E', "Memory is full"), "nothing dropped: %v", h.texts())
+
+	out.setFailing(false)
+	select {
+	case <-written:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("stdin not read once the bridge is back: %d of %d bytes", h.read.n.Load(), len(all))
+	}
+	require.NoError(t, h.stdin.Close())
+	require.NoError(t, h.wait(t, 10*time.Second))
+	got := values(flatten(out.getWritten()))
+	require.Len(t, got, n, "every line delivered once")
+}
