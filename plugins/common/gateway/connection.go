@@ -69,6 +69,9 @@ func (s *Session) run() {
 	// shortLived counts the connections in a row the bridge closed soon
 	// after connecting (see noteLoss).
 	shortLived := 0
+	// down tells the story of failed connects as one line per change of
+	// state (connectOutage).
+	var down connectOutage
 	for s.ctx.Err() == nil {
 		gen++
 		cs, err := s.connect(gen)
@@ -79,7 +82,7 @@ func (s *Session) run() {
 			s.c.connectFailures.Add(1)
 			s.setLastErr(err)
 			wait := jitter(backoff)
-			s.log.Errorf("Connecting to the bridge as %q failed: %v; retrying in %s", s.clientID, err, wait.Round(time.Millisecond))
+			down.failed(s, err, wait)
 			backoff = min(backoff*2, s.cfg.MaxReconnect)
 			if !sleepCtx(s.ctx, wait) {
 				return
@@ -93,11 +96,15 @@ func (s *Session) run() {
 		s.mu.Lock()
 		s.prevConnect, s.lastConnect = s.lastConnect, connectedAt
 		s.mu.Unlock()
-		if renewing {
+		switch {
+		case down.failures > 0:
+			s.log.Infof("Connected to the bridge as %q after %s and %d failed attempts", s.clientID, time.Since(down.since).Round(time.Second), down.failures)
+		case renewing:
 			s.log.Debugf("Connected to the bridge as %q with the renewed token", s.clientID)
-		} else {
+		default:
 			s.log.Infof("Connected to the bridge as %q", s.clientID)
 		}
+		down = connectOutage{}
 
 		s.mu.Lock()
 		s.conn = cs
@@ -160,6 +167,30 @@ const (
 // noteLoss counts an unplanned loss of a connection that lived for lived
 // and returns the new count of short-lived connections in a row; from
 // duplicateAfter on it reports a probable duplicate client ID.
+// connectOutage is a run of failed connects: the first is an E! (with the
+// reason), then a W! at most once a minute while it lasts, the attempts in
+// between at debug; the connect that ends it says how long it took (I!).
+type connectOutage struct {
+	failures int
+	since    time.Time
+	lastWarn time.Time
+}
+
+func (o *connectOutage) failed(s *Session, err error, retry time.Duration) {
+	now := time.Now()
+	o.failures++
+	switch {
+	case o.failures == 1:
+		o.since, o.lastWarn = now, now
+		s.log.Errorf("Connecting to the bridge as %q failed: %v; retrying (next in %s, then at most every %s)", s.clientID, err, retry.Round(time.Millisecond), s.cfg.MaxReconnect)
+	case now.Sub(o.lastWarn) >= time.Minute:
+		o.lastWarn = now
+		s.log.Warnf("Still not connected to the bridge as %q after %s (%d attempts): %v", s.clientID, now.Sub(o.since).Round(time.Second), o.failures, err)
+	default:
+		s.log.Debugf("Connecting to the bridge as %q failed: %v; retrying in %s", s.clientID, err, retry.Round(time.Millisecond))
+	}
+}
+
 func (s *Session) noteLoss(shortLived int, lived time.Duration) int {
 	if lived > shortLivedConnection {
 		return 0

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -48,4 +49,37 @@ func TestLogLevelsOfRoutineEvents(t *testing.T) {
 	require.Equal(t, 1, connectedInfo)
 	require.GreaterOrEqual(t, renewedDebug, 2)
 	require.Zero(t, s.Stats().ConnectionLost)
+}
+
+// Issue 23: an outage of the bridge is one line per change of state, not a
+// line per attempt: one E! when connecting first fails (with the reason),
+// the attempts after it at debug (a W! once a minute while it lasts), one
+// I! with its length when a connect succeeds again.
+func TestConnectOutageLoggedOnce(t *testing.T) {
+	b := newTestBridge(t, 0)
+	log := &testutil.CaptureLogger{Name: "gateway"}
+	b.cfg.Log = log
+	b.cfg.MinReconnect = 5 * time.Millisecond
+	b.cfg.MaxReconnect = 20 * time.Millisecond
+	s := startSession(t, b.cfg)
+
+	b.srv.Stop()
+	waitUntil(t, 30*time.Second, func() bool { return s.Stats().ConnectFailures >= 20 }, "20 failed connects")
+	require.NoError(t, b.srv.Restart())
+	require.NoError(t, s.WaitReady(testCtx(t, 30*time.Second)))
+
+	var errs, warns, back int
+	for _, e := range log.Messages() {
+		switch {
+		case e.Level == 'E' && strings.Contains(e.Text, "Connecting to the bridge as"):
+			errs++
+		case e.Level == 'W' && strings.Contains(e.Text, "Still not connected"):
+			warns++
+		case e.Level == 'I' && strings.Contains(e.Text, "failed attempts"):
+			back++
+		}
+	}
+	require.Equal(t, 1, errs, "one E! for %d failed connects", s.Stats().ConnectFailures)
+	require.Zero(t, warns, "no W! within the first minute")
+	require.Equal(t, 1, back, "one I! when connected again")
 }
