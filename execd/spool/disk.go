@@ -12,11 +12,31 @@ import (
 
 // freeSpace is what the filesystem of dir has free for this user.
 func freeSpace(dir string) (int64, error) {
+	avail, _, err := freeSpaceAndInodes(dir)
+	return avail, err
+}
+
+// minFreeInodes is how many free inodes, beyond those the spool freed
+// itself since its disk failed, the disk needs before the spool tries it
+// again: a new segment and the cursor's temporary file. Counting the
+// spool's own (each released segment it deletes frees an inode that the
+// next segment takes at once) made an inode-full disk seem to work and
+// fail again at every segment: an E! and an I! each time.
+const minFreeInodes = 2
+
+// freeSpaceAndInodes is the free bytes and inodes of the filesystem of dir
+// for this user; inodes is -1 when the filesystem does not count them.
+func freeSpaceAndInodes(dir string) (avail, inodes int64, err error) {
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(dir, &st); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	return int64(st.Bavail) * int64(st.Bsize), nil //nolint:unconvert // the field types differ between systems
+	avail = int64(st.Bavail) * int64(st.Bsize) //nolint:unconvert // the field types differ between systems
+	inodes = -1
+	if st.Files > 0 {
+		inodes = int64(st.Ffree) //nolint:unconvert // the field types differ between systems
+	}
+	return avail, inodes, nil
 }
 
 // capToDisk caps the effective MaxSize by what the filesystem can take at
@@ -58,6 +78,7 @@ func (s *Spool) limitLocked() int64 { return min(s.maxSize, s.diskLimit) }
 func (s *Spool) diskFailedLocked(op string, err error) error {
 	e := fmt.Errorf("%w: %s: %w", ErrDiskFailed, op, err)
 	if s.diskErr == nil && !s.probing {
+		s.freedInodes = 0
 		s.stats.DiskFailures++
 		if !s.opts.QuietDisk {
 			s.opts.Log.Errorf("The spool's disk failed (%s: %v): new metrics are not spooled until it works again (tried every %s); "+
@@ -148,7 +169,7 @@ func (s *Spool) Unwritten() [][]byte {
 // filesystem now allows (when Open capped it lower), and Space is
 // signalled.
 func (s *Spool) checkDisk() {
-	avail, statErr := freeSpace(s.opts.Dir)
+	avail, inodes, statErr := freeSpaceAndInodes(s.opts.Dir)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if statErr == nil {
@@ -158,16 +179,16 @@ func (s *Spool) checkDisk() {
 			s.signalSpaceLocked()
 		}
 	}
-	if s.diskErr == nil || statErr != nil || avail < diskReserve {
+	if s.diskErr == nil || statErr != nil || avail < diskReserve || (inodes >= 0 && inodes < s.freedInodes+minFreeInodes) {
 		return
 	}
-	failed := s.diskErr
-	s.diskErr = nil
+	failed, freed := s.diskErr, s.freedInodes
+	s.diskErr, s.freedInodes = nil, 0
 	s.probing = true
 	err := s.probeLocked()
 	s.probing = false
 	if err != nil {
-		s.diskErr = failed
+		s.diskErr, s.freedInodes = failed, freed
 		return
 	}
 	// A cap taken at Open on a disk that was full grows with the room.

@@ -281,3 +281,73 @@ func TestSpoolOpenNew(t *testing.T) {
 		require.ErrorIs(t, err, syscall.EROFS)
 	})
 }
+
+// fillInodes creates empty files in dir until its filesystem has no inode
+// left, as another program's many small files do, and returns a function
+// that removes them.
+func fillInodes(t *testing.T, dir string) (unfill func()) {
+	t.Helper()
+	var names []string
+	for i := 0; ; i++ {
+		name := filepath.Join(dir, fmt.Sprintf("filler-%d", i))
+		f, err := os.Create(name)
+		if err != nil {
+			require.ErrorIs(t, err, syscall.ENOSPC)
+			break
+		}
+		require.NoError(t, f.Close())
+		names = append(names, name)
+	}
+	return func() {
+		for _, name := range names {
+			require.NoError(t, os.Remove(name))
+		}
+	}
+}
+
+// TestSpoolInodesFullIsOneOutage: another program takes every inode of the
+// spool's filesystem while bytes stay free, and the bridge keeps
+// acknowledging: each released segment the spool deletes frees an inode
+// that the next segment takes at once, so a check of the free bytes alone
+// saw the disk working again and failing again at every segment (an E!
+// and an I! per segment). It is one outage: one E!, no I! until inodes
+// are free again, then one I!; every record read back or handed back.
+func TestSpoolInodesFullIsOneOutage(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a tmpfs needs root")
+	}
+	fs := t.TempDir()
+	if err := syscall.Mount("tmpfs", fs, "tmpfs", 0, "size=4m,nr_inodes=64,mode=0700"); err != nil {
+		t.Skipf("cannot mount a tmpfs: %v", err)
+	}
+	t.Cleanup(func() { require.NoError(t, syscall.Unmount(fs, syscall.MNT_DETACH)) })
+	s, log := open(t, fs+"/s", func(o *Options) { o.SegmentSize = 4 << 10; o.SyncInterval = time.Hour })
+	var l ledger
+	next := 0
+	require.NoError(t, l.appendUntil(t, s, &next, 500, 10))
+	unfill := fillInodes(t, fs)
+	failed := 0
+	for range 30 { // the bridge acknowledges: read, release, check, append
+		if err := l.appendUntil(t, s, &next, 200, 10); err != nil {
+			require.ErrorIs(t, err, ErrDiskFailed)
+			failed++
+		}
+		l.readRelease(t, s)
+		l.unwritten(s)
+		s.checkDisk()
+	}
+	require.Positive(t, failed, "the inode-full disk failed the spool")
+	require.Len(t, log.Errors(), 1, "one E! for the outage: %v", log.Errors())
+	require.Empty(t, infos(log, "disk works again"), "no recovery while no inode is free")
+
+	unfill()
+	s.checkDisk()
+	require.NoError(t, s.DiskErr())
+	require.NoError(t, l.appendUntil(t, s, &next, 500, 10))
+	l.readRelease(t, s)
+	l.unwritten(s)
+	require.Equal(t, l.appended, l.back, "every record appended was read back or handed back, in order")
+	require.Len(t, infos(log, "disk works again"), 1)
+	require.EqualValues(t, 1, s.Stats().DiskFailures)
+	require.NoError(t, s.Close())
+}

@@ -223,24 +223,28 @@ type Spool struct {
 	maxSize int64      // the effective MaxSize
 	// diskLimit is what the spool's bytes may reach before the filesystem
 	// is left with less than diskReserve free, as of the last check.
-	diskLimit  int64
-	diskErr    error  // the disk failure in progress (nil: none)
-	activeTail bool   // a failed write left bytes after the active segment's size
-	probing    bool   // checkDisk is trying a failed disk: failures are not logged again
-	fullWait   bool   // an Append returned ErrFull since the last signal of Space
-	wbuf       []byte // appended bytes not yet written to active
-	wrecords   int    // records in wbuf
-	wfirstMs   int64  // append time of wbuf's first record
-	total      int64  // bytes of all segments plus wbuf
-	released   Position
-	read       Position
-	unsynced   bool // bytes written to active since its last fsync
-	dirDirty   bool // entries created or removed since the directory's last fsync
-	cursorAt   Position
-	ready      chan struct{} // closed at the next Commit that adds records
-	space      chan struct{} // closed at the next release of space
-	closed     bool
-	stats      Stats
+	diskLimit int64
+	diskErr   error // the disk failure in progress (nil: none)
+	// freedInodes counts the segment files deleted during the disk
+	// failure in progress: inodes the spool freed itself, not a sign that
+	// the disk has room again (see minFreeInodes).
+	freedInodes int64
+	activeTail  bool   // a failed write left bytes after the active segment's size
+	probing     bool   // checkDisk is trying a failed disk: failures are not logged again
+	fullWait    bool   // an Append returned ErrFull since the last signal of Space
+	wbuf        []byte // appended bytes not yet written to active
+	wrecords    int    // records in wbuf
+	wfirstMs    int64  // append time of wbuf's first record
+	total       int64  // bytes of all segments plus wbuf
+	released    Position
+	read        Position
+	unsynced    bool // bytes written to active since its last fsync
+	dirDirty    bool // entries created or removed since the directory's last fsync
+	cursorAt    Position
+	ready       chan struct{} // closed at the next Commit that adds records
+	space       chan struct{} // closed at the next release of space
+	closed      bool
+	stats       Stats
 
 	rmu  sync.Mutex // the reader's state below
 	rseq uint64
@@ -1139,6 +1143,9 @@ func (s *Spool) deleteReleasedLocked() bool {
 		s.segs = s.segs[1:]
 		s.dirDirty = true
 		freed = true
+		if s.diskErr != nil {
+			s.freedInodes++
+		}
 	}
 	if first := (Position{Seq: s.segs[0].seq, Off: int64(headerSize)}); s.released.before(first) {
 		s.released = first
