@@ -95,25 +95,30 @@ func (s *Session) run() {
 		connectedAt := time.Now()
 		s.mu.Lock()
 		s.prevConnect, s.lastConnect = s.lastConnect, connectedAt
-		s.mu.Unlock()
-		switch {
-		case down.failures > 0:
-			s.log.Infof("Connected to the bridge as %q after %s and %d failed attempts", s.clientID, time.Since(down.since).Round(time.Second), down.failures)
-		case renewing:
-			s.log.Debugf("Connected to the bridge as %q with the renewed token", s.clientID)
-		default:
-			s.log.Infof("Connected to the bridge as %q", s.clientID)
-		}
-		down = connectOutage{}
-
-		s.mu.Lock()
 		s.conn = cs
 		s.mu.Unlock()
-		if err := s.rebuild(cs, renewing); err != nil {
+		if renewing {
+			s.log.Debugf("Connected to the bridge as %q with the renewed token", s.clientID)
+		}
+		re, err := s.rebuild(cs)
+		if err != nil {
 			s.log.Warnf("Restoring gateway state after connect failed: %v; reconnecting", err)
 			s.lose(cs)
 		}
 		s.openForPublishing(cs)
+		switch {
+		case s.c.connects.Load() == 1:
+			// The first connect: one line once the plugins' first
+			// attaches are done (reportStart).
+			go s.reportStart(cs, down)
+		case down.failures > 0 || down.lost != nil:
+			down.ended(s, re)
+		case renewing && re.failed > 0:
+			s.log.Infof("Re-attached %s after the token renewal", re)
+		default:
+			s.log.Debugf("Re-attached %s", re)
+		}
+		down = connectOutage{}
 
 		renew := time.NewTimer(max(time.Until(cs.expires)-s.cfg.RenewBefore, time.Second))
 		planned := false
@@ -127,7 +132,10 @@ func (s *Session) run() {
 				break
 			}
 			s.c.connectionLost.Add(1)
-			s.warn.Warnf("connection_lost", "Connection to the bridge lost; reconnecting")
+			// Told with what follows: a reconnect at once (W!) or an
+			// outage (E!, see connectOutage).
+			down = connectOutage{since: time.Now(), lost: s.lossReason()}
+			s.log.Debugf("Connection to the bridge lost (%v); reconnecting", down.lost)
 			shortLived = s.noteLoss(shortLived, time.Since(connectedAt))
 		case <-renew.C:
 			planned, renewing = true, true
@@ -164,31 +172,172 @@ const (
 	duplicateLogInterval = time.Minute
 )
 
-// noteLoss counts an unplanned loss of a connection that lived for lived
-// and returns the new count of short-lived connections in a row; from
-// duplicateAfter on it reports a probable duplicate client ID.
-// connectOutage is a run of failed connects: the first is an E! (with the
-// reason), then a W! at most once a minute while it lasts, the attempts in
-// between at debug; the connect that ends it says how long it took (I!).
+// connectOutage is a time without a connection, told as one line per change
+// of state. A connection lost and made again at the first attempt is one W!.
+// Otherwise the first failed connect is one E! (with the reason and where the
+// metrics not acknowledged wait), a W! follows at most once a minute while it
+// lasts (with their number), the attempts in between at debug, and the
+// connect that ends it is one I! (how long, the devices re-attached, what is
+// replayed).
 type connectOutage struct {
 	failures int
 	since    time.Time
+	// lost is why the connection before the outage ended; nil when no
+	// connection was made yet.
+	lost     error
 	lastWarn time.Time
 }
+
+// outageWarnInterval is how often a lasting outage is told again.
+const outageWarnInterval = time.Minute
 
 func (o *connectOutage) failed(s *Session, err error, retry time.Duration) {
 	now := time.Now()
 	o.failures++
 	switch {
 	case o.failures == 1:
-		o.since, o.lastWarn = now, now
-		s.log.Errorf("Connecting to the bridge as %q failed: %v; retrying (next in %s, then at most every %s)", s.clientID, err, retry.Round(time.Millisecond), s.cfg.MaxReconnect)
-	case now.Sub(o.lastWarn) >= time.Minute:
+		if o.since.IsZero() {
+			o.since = now
+		}
 		o.lastWarn = now
-		s.log.Warnf("Still not connected to the bridge as %q after %s (%d attempts): %v", s.clientID, now.Sub(o.since).Round(time.Second), o.failures, err)
+		lost := ""
+		if o.lost != nil {
+			lost = fmt.Sprintf("Connection to the bridge lost (%v). ", o.lost)
+		}
+		s.log.Errorf("%sConnecting to the bridge as %q failed: %v; %s, retrying at most every %s",
+			lost, s.clientID, err, s.backlog("wait"), s.cfg.MaxReconnect)
+	case now.Sub(o.lastWarn) >= outageWarnInterval:
+		o.lastWarn = now
+		s.log.Warnf("Still not connected to the bridge as %q after %s (%d attempts): %v; %s",
+			s.clientID, now.Sub(o.since).Round(time.Second), o.failures, err, s.backlog("wait"))
 	default:
 		s.log.Debugf("Connecting to the bridge as %q failed: %v; retrying in %s", s.clientID, err, retry.Round(time.Millisecond))
 	}
+}
+
+// ended tells the end of the outage, once connected and rebuilt.
+func (o *connectOutage) ended(s *Session, re reattached) {
+	if o.failures == 0 {
+		// Lost, and connected again at the first attempt.
+		s.warn.Warnf("connection_lost", "Connection to the bridge lost (%v) and made again at once as %q; re-attached %s",
+			o.lost, s.clientID, re)
+		return
+	}
+	s.log.Infof("Connected to the bridge as %q after %s of outage (%d failed attempts); re-attached %s%s",
+		s.clientID, time.Since(o.since).Round(time.Second), o.failures, re, s.replaying())
+}
+
+// reattached counts the devices a rebuild attached again.
+type reattached struct{ tried, failed int }
+
+func (r reattached) String() string {
+	return fmt.Sprintf("%d of %d devices", r.tried-r.failed, r.tried)
+}
+
+// lossReason is the error the connection was lost with, as paho reported it.
+func (s *Session) lossReason() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lastErr != nil {
+		return s.lastErr
+	}
+	return errClosedByBridge
+}
+
+var errClosedByBridge = errors.New("closed without a reason")
+
+// startReportWait bounds how long the line of the first connect waits for
+// the plugins' first attaches.
+const startReportWait = 10 * time.Second
+
+// reportStart logs the first connect as one line with the devices attached.
+// The plugins ask for their devices as they start, before the connection is
+// up; the line waits until those attaches are done (the Attach calls in
+// progress, counted from before the connect), so that it tells how many the
+// gateway has. It polls: this happens once per session.
+func (s *Session) reportStart(cs *connection, down connectOutage) {
+	deadline := time.Now().Add(startReportWait)
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for s.attachCalls.Load() > 0 && time.Now().Before(deadline) {
+		select {
+		case <-t.C:
+		case <-cs.lost:
+			return
+		case <-s.ctx.Done():
+			return
+		}
+	}
+	after := ""
+	if down.failures > 0 {
+		after = fmt.Sprintf(" after %s and %d failed attempts", time.Since(down.since).Round(time.Second), down.failures)
+	}
+	s.log.Infof("Connected to the bridge as %q%s; %d devices attached%s", s.clientID, after, s.attachedOn(cs), s.replaying())
+}
+
+// attachedOn counts the devices attached on cs.
+func (s *Session) attachedOn(cs *connection) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, d := range s.devices {
+		if d.attachedGen == cs.gen {
+			n++
+		}
+	}
+	return n
+}
+
+// backlog says where the metrics the bridge has not acknowledged wait, for
+// the outage lines: "the metrics not acknowledged <verb> in ...". The execd
+// output reports its queue (ReportGauges): the spool, memory while the
+// spool's disk fails, or Telegraf's buffer with spool = false. Built in they
+// wait in Telegraf's buffer. Under execd with no output reporting (only the
+// input runs) there is no backlog to tell of.
+func (s *Session) backlog(verb string) string {
+	spool, records, disk, ok := s.c.gauges.queues(time.Now())
+	switch {
+	case !ok && s.cfg.Route == RouteExecd:
+		return "no output of this gateway has a backlog to keep"
+	case !ok:
+		return fmt.Sprintf("the metrics not acknowledged %s in Telegraf's buffer", verb)
+	case disk:
+		return fmt.Sprintf("%d metrics %s in memory while the spool's disk fails", records, verb)
+	case spool:
+		return fmt.Sprintf("%d metrics %s in the spool", records, verb)
+	}
+	return fmt.Sprintf("the metrics not acknowledged %s in Telegraf's buffer (spool = false)", verb)
+}
+
+// replaying is the end of the line of a connect after an outage under
+// execd: how many spooled metrics are sent now.
+func (s *Session) replaying() string {
+	if spool, n, _, ok := s.c.gauges.queues(time.Now()); ok && spool && n > 0 {
+		return fmt.Sprintf("; replaying the %d metrics kept in the spool", n)
+	}
+	return ""
+}
+
+// queues reads the execd output's queue from the live gauge sources (see
+// execd/runner's gauges): whether a spool reports (spool), the metrics
+// queued (records in the spool and in memory), and whether the spool's disk
+// failed; ok is false when no queue reports.
+func (b *gaugeBook) queues(now time.Time) (spool bool, records int64, disk, ok bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for src, r := range b.sources {
+		if now.Sub(r.at) > GaugeTTL {
+			continue
+		}
+		if _, queue := r.gauges["memory_records"]; !queue {
+			continue
+		}
+		ok = true
+		spool = spool || strings.HasPrefix(src, "spool ")
+		disk = disk || r.gauges["spool_disk_failed"] > 0
+		records += r.gauges["spool_records"] + r.gauges["memory_records"]
+	}
+	return spool, records, disk, ok
 }
 
 func (s *Session) noteLoss(shortLived int, lived time.Duration) int {
@@ -318,10 +467,10 @@ func explainConnectError(err error) error {
 // rebuild restores the per-connection state in the order the bridge needs:
 // errors first (so attach failures are seen), then attachments, then
 // subscriptions.
-func (s *Session) rebuild(cs *connection, renewing bool) error {
+func (s *Session) rebuild(cs *connection) (reattached, error) {
 	errTopic := omnicore.Topic(s.cfg.RegistryID, s.cfg.GatewayID, omnicore.KindErrors, "")
 	if err := s.subscribe(cs, map[string]byte{errTopic: 0}); err != nil {
-		return fmt.Errorf("subscribing %q: %w", errTopic, err)
+		return reattached{}, fmt.Errorf("subscribing %q: %w", errTopic, err)
 	}
 	s.mu.Lock()
 	var reattach []string
@@ -346,11 +495,11 @@ func (s *Session) rebuild(cs *connection, renewing bool) error {
 	s.mu.Unlock()
 	if gatewaySubs {
 		if err := s.subscribeDevice(cs, s.cfg.GatewayID); err != nil {
-			return err
+			return reattached{}, err
 		}
 	}
+	re := reattached{tried: len(reattach)}
 	if len(reattach) > 0 {
-		start := time.Now()
 		var wg sync.WaitGroup
 		var failed atomic.Int64
 		work := make(chan string)
@@ -376,13 +525,9 @@ func (s *Session) rebuild(cs *connection, renewing bool) error {
 		}
 		close(work)
 		wg.Wait()
-		logf := s.log.Infof
-		if renewing && failed.Load() == 0 {
-			logf = s.log.Debugf
-		}
-		logf("Re-attached %d of %d devices in %s", len(reattach)-int(failed.Load()), len(reattach), time.Since(start).Round(time.Millisecond))
+		re.failed = int(failed.Load())
 	}
-	return nil
+	return re, nil
 }
 
 func (s *Session) openForPublishing(cs *connection) {
