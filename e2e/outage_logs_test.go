@@ -38,6 +38,11 @@ func testOutageLogs(t *testing.T, r route) {
 	s := newSetup(t)
 	ids := generatorDevices(devices)
 	gw := s.gatewayFor("plant", "edge-gw", ids...)
+	// TLS, as in production (plain TCP draws a warning at start).
+	gw.Servers = []string{s.srv.TLSURL}
+	ca, err := s.srv.WriteCAFile(s.dir)
+	require.NoError(t, err)
+	gw.TLSCA = ca
 	done := filepath.Join(s.dir, "generated")
 	// Telegraf's default log level (info): no debug = true.
 	agent := strings.Replace(Agent(time.Second, time.Second), "  debug = true\n", "", 1)
@@ -51,9 +56,12 @@ func testOutageLogs(t *testing.T, r route) {
 	s.waitEmulator(60*time.Second, "the first metrics", func() bool { return len(countSeq(t, s.srv.Received()).seen) >= 20 })
 	// Telegraf logs the lines of its execd children from its own goroutines:
 	// wait for the start line rather than for the emulator alone.
-	time.Sleep(3 * time.Second) // TEMP
+	require.Eventually(t, func() bool { return len(startLines(tg.Log())) > 0 }, 30*time.Second, 20*time.Millisecond,
+		"no line says the gateway connected")
 	start := ourLines(tg.Log())
 	t.Logf("%s: the healthy start at the default level:\n%s", r.name, strings.Join(start, "\n"))
+	require.Len(t, start, 1, "a healthy start is one line")
+	require.Regexp(t, `^I! \[(inputs|outputs)\.omnicore\] Connected to the bridge as "[^"]+"; 3 devices attached$`, start[0])
 
 	s.srv.Stop()
 	stopped := time.Now()
@@ -73,7 +81,7 @@ func testOutageLogs(t *testing.T, r route) {
 		return strings.Contains(tg.Log()[mark:], "after ")
 	}, 30*time.Second, 20*time.Millisecond)
 	elapsed := time.Since(stopped)
-	_, err := tg.Stop(10 * time.Second)
+	_, err = tg.Stop(10 * time.Second)
 	require.NoError(t, err)
 
 	outage := tg.Log()[mark:]
@@ -85,8 +93,9 @@ func testOutageLogs(t *testing.T, r route) {
 		}
 	}
 	agentLines := flushErrors(outage)
-	t.Logf("%s: %s from the outage to the replay; our lines:\n%s\nTelegraf's agent: %d lines, the first: %s",
-		r.name, elapsed.Round(time.Second), strings.Join(ours, "\n"), len(agentLines), first(agentLines))
+	t.Logf("%s: %s from the outage to the replay; our lines:\n%s\nTelegraf's agent: %d error lines, the first: %s; %d lines %q",
+		r.name, elapsed.Round(time.Second), strings.Join(ours, "\n"), len(agentLines), first(agentLines),
+		strings.Count(outage, flushSlow), flushSlow)
 	require.NotEmpty(t, alarms, "the outage is not told at all")
 	require.LessOrEqual(t, len(alarms), 3, "E! and W! lines of our plugins in a %s outage:\n%s", outageLength, strings.Join(alarms, "\n"))
 	require.Equal(t, "E", level(alarms[0]), "an outage begins with an E!: %s", alarms[0])
@@ -123,6 +132,13 @@ var (
 	// [inputs.execd::omnicore] [inputs.omnicore] ...", or the output child's
 	// stdout, "I! [outputs.execd::omnicore] X! [outputs.omnicore] ...".
 	ourPrefix = regexp.MustCompile(`^\S+ ([EWIDT])! (?:\[(?:inputs|outputs)\.execd::omnicore\] (?:stderr: )?(?:([EWIDT])! )?)?\[(?:inputs|outputs)\.omnicore\]`)
+	// ourBare matches a line of the execd binary without a plugin name,
+	// under outputs.execd: "E! [outputs.execd::omnicore] stderr: W! ..." or
+	// "I! [outputs.execd::omnicore] I! Stopped outputs.omnicore".
+	ourBare = regexp.MustCompile(`^\S+ [EI]! \[outputs\.execd::omnicore\] (?:stderr: )?([EWIDT])! (.*)$`)
+	// flushSlow is Telegraf's agent reporting a Write longer than the flush
+	// interval: built in, a Write waits up to 1 s while the gateway is down.
+	flushSlow = `W! [agent] ["outputs.omnicore"] did not complete within its flush interval`
 	// flushError is Telegraf's agent reporting a failed write.
 	flushError = regexp.MustCompile(`^\S+ E! \[agent\] Error writing to outputs\.(?:omnicore|execd)`)
 )
@@ -134,6 +150,9 @@ func ourLines(log string) []string {
 	for _, l := range strings.Split(log, "\n") {
 		m := ourPrefix.FindStringSubmatchIndex(l)
 		if m == nil {
+			if b := ourBare.FindStringSubmatch(l); b != nil {
+				out = append(out, b[1]+"! "+b[2])
+			}
 			continue
 		}
 		lvl := l[m[2]:m[3]]

@@ -231,7 +231,15 @@ func (o *connectOutage) ended(s *Session, re reattached) {
 type reattached struct{ tried, failed int }
 
 func (r reattached) String() string {
-	return fmt.Sprintf("%d of %d devices", r.tried-r.failed, r.tried)
+	return fmt.Sprintf("%d of %s", r.tried-r.failed, devicesText(r.tried))
+}
+
+// devicesText is "1 device" or "n devices".
+func devicesText(n int) string {
+	if n == 1 {
+		return "1 device"
+	}
+	return fmt.Sprintf("%d devices", n)
 }
 
 // lossReason is the error the connection was lost with, as paho reported it.
@@ -246,20 +254,25 @@ func (s *Session) lossReason() error {
 
 var errClosedByBridge = errors.New("closed without a reason")
 
-// startReportWait bounds how long the line of the first connect waits for
-// the plugins' first attaches.
-const startReportWait = 10 * time.Second
+// The line of the first connect waits at least startReportSettle and at most
+// startReportWait for the plugins' first attaches.
+const (
+	startReportSettle = time.Second
+	startReportWait   = 10 * time.Second
+)
 
 // reportStart logs the first connect as one line with the devices attached.
-// The plugins ask for their devices as they start, before the connection is
-// up; the line waits until those attaches are done (the Attach calls in
-// progress, counted from before the connect), so that it tells how many the
-// gateway has. It polls: this happens once per session.
+// The plugins ask for their devices as they start: Telegraf connects its
+// outputs, then starts its inputs, and the execd processes start side by
+// side. The line waits a little for them (startReportSettle), then until
+// their attaches are done (the Attach calls in progress), so that it tells
+// how many devices the gateway has. It polls: this happens once per session.
 func (s *Session) reportStart(cs *connection, down connectOutage) {
+	settled := time.Now().Add(startReportSettle)
 	deadline := time.Now().Add(startReportWait)
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
-	for s.attachCalls.Load() > 0 && time.Now().Before(deadline) {
+	for (time.Now().Before(settled) || s.attachCalls.Load() > 0) && time.Now().Before(deadline) {
 		select {
 		case <-t.C:
 		case <-cs.lost:
@@ -272,7 +285,7 @@ func (s *Session) reportStart(cs *connection, down connectOutage) {
 	if down.failures > 0 {
 		after = fmt.Sprintf(" after %s and %d failed attempts", time.Since(down.since).Round(time.Second), down.failures)
 	}
-	s.log.Infof("Connected to the bridge as %q%s; %d devices attached%s", s.clientID, after, s.attachedOn(cs), s.replaying())
+	s.log.Infof("Connected to the bridge as %q%s; %s attached%s", s.clientID, after, devicesText(s.attachedOn(cs)), s.replaying())
 }
 
 // attachedOn counts the devices attached on cs.
@@ -302,11 +315,20 @@ func (s *Session) backlog(verb string) string {
 	case !ok:
 		return fmt.Sprintf("the metrics not acknowledged %s in Telegraf's buffer", verb)
 	case disk:
-		return fmt.Sprintf("%d metrics %s in memory while the spool's disk fails", records, verb)
+		return fmt.Sprintf("%s %s in memory while the spool's disk fails", metricsText(records), verb)
 	case spool:
-		return fmt.Sprintf("%d metrics %s in the spool", records, verb)
+		return fmt.Sprintf("%s %s in the spool", metricsText(records), verb)
 	}
 	return fmt.Sprintf("the metrics not acknowledged %s in Telegraf's buffer (spool = false)", verb)
+}
+
+// metricsText is the count of a backlog the gauges report: they are a few
+// seconds old, and a backlog that just began may not be counted yet.
+func metricsText(n int64) string {
+	if n == 0 {
+		return "the metrics not acknowledged"
+	}
+	return fmt.Sprintf("%d metrics", n)
 }
 
 // replaying is the end of the line of a connect after an outage under
