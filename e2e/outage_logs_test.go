@@ -46,8 +46,9 @@ func testOutageLogs(t *testing.T, r route) {
 	done := filepath.Join(s.dir, "generated")
 	// Telegraf's default log level (info): no debug = true.
 	agent := strings.Replace(Agent(time.Second, time.Second), "  debug = true\n", "", 1)
-	// Ten metrics a second for longer than the outage.
-	total := int((outageLength + 25*time.Second) / (100 * time.Millisecond))
+	// Ten metrics a second (a little less: sh forks a sleep for each) for
+	// longer than the outage.
+	total := int((outageLength + 5*time.Second) / (100 * time.Millisecond))
 	tg := s.startBin(r.bin(), agent+
 		pacedGenerator(total, devices, 100*time.Millisecond, done)+
 		s.output(r, gw)+
