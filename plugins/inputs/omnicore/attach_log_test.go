@@ -6,13 +6,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/influxdata/telegraf/config"
 	"github.com/influxdata/telegraf/plugins/outputs"
 	"github.com/influxdata/telegraf/testutil"
 	"github.com/stretchr/testify/require"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/emulator"
-	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
 	outomni "github.com/telegraf-omnicore/telegraf-omnicore/plugins/outputs/omnicore"
 )
 
@@ -30,13 +28,7 @@ func TestRefusedDeviceReportedByTheInputOnly(t *testing.T) {
 
 	outLog := &testutil.CaptureLogger{Name: "outputs.omnicore"}
 	out := outputs.Outputs["omnicore"]().(*outomni.OmniCore)
-	out.Servers = []string{b.srv.URL}
-	out.SubscriptionID = b.srv.Subscription()
-	out.RegistryID = testRegistry
-	out.GatewayID = testGateway
-	out.PrivateKey = b.key
-	out.Algorithm = omnicore.ES256
-	out.MaxReconnectInterval = config.Duration(time.Second)
+	b.connectTo(&out.Options)
 	out.Log = outLog
 	require.NoError(t, out.Init())
 	require.NoError(t, out.Connect()) // starts the session: its logger is the output's
