@@ -205,11 +205,11 @@ func (o *connectOutage) failed(s *Session, err error, retry time.Duration) {
 			lost = fmt.Sprintf("Connection to the bridge lost (%v). ", o.lost)
 		}
 		s.log.Errorf("%sConnecting to the bridge as %q failed: %v; %s, retrying at most every %s",
-			lost, s.clientID, err, s.backlog("wait"), s.cfg.MaxReconnect)
+			lost, s.clientID, err, s.backlog(), s.cfg.MaxReconnect)
 	case now.Sub(o.lastWarn) >= outageWarnInterval:
 		o.lastWarn = now
 		s.log.Warnf("Still not connected to the bridge as %q after %s (%d attempts): %v; %s",
-			s.clientID, now.Sub(o.since).Round(time.Second), o.failures, err, s.backlog("wait"))
+			s.clientID, now.Sub(o.since).Round(time.Second), o.failures, err, s.backlog())
 	default:
 		s.log.Debugf("Connecting to the bridge as %q failed: %v; retrying in %s", s.clientID, err, retry.Round(time.Millisecond))
 	}
@@ -302,24 +302,25 @@ func (s *Session) attachedOn(cs *connection) int {
 }
 
 // backlog says where the metrics the bridge has not acknowledged wait, for
-// the outage lines: "the metrics not acknowledged <verb> in ...". The execd
+// the outage lines: "the metrics not acknowledged wait in ...". The execd
 // output reports its queue (ReportGauges): the spool, memory while the
 // spool's disk fails, or Telegraf's buffer with spool = false. Built in they
-// wait in Telegraf's buffer. Under execd with no output reporting (only the
-// input runs) there is no backlog to tell of.
-func (s *Session) backlog(verb string) string {
+// wait in Telegraf's buffer.
+func (s *Session) backlog() string {
 	spool, records, disk, ok := s.c.gauges.queues(time.Now())
 	switch {
 	case !ok && s.cfg.Route == RouteExecd:
-		return "no output of this gateway has a backlog to keep"
+		// No report yet (an outage at start comes before the output's
+		// first), or only the input runs.
+		return "the metrics not acknowledged wait with the output process (in its spool, unless spool = false)"
 	case !ok:
-		return fmt.Sprintf("the metrics not acknowledged %s in Telegraf's buffer", verb)
+		return "the metrics not acknowledged wait in Telegraf's buffer"
 	case disk:
-		return fmt.Sprintf("%s %s in memory while the spool's disk fails", metricsText(records), verb)
+		return metricsText(records) + " wait in memory while the spool's disk fails"
 	case spool:
-		return fmt.Sprintf("%s %s in the spool", metricsText(records), verb)
+		return metricsText(records) + " wait in the spool"
 	}
-	return fmt.Sprintf("the metrics not acknowledged %s in Telegraf's buffer (spool = false)", verb)
+	return "the metrics not acknowledged wait in Telegraf's buffer (spool = false)"
 }
 
 // metricsText is the count of a backlog the gauges report: they are a few

@@ -88,8 +88,8 @@ func TestConnectOutageLoggedOnce(t *testing.T) {
 // Issue 23: each outage line says where the metrics not acknowledged wait on
 // its route, and only there: built in Telegraf's buffer; under execd what
 // the output's runner reports (the spool, memory while the spool's disk
-// fails, Telegraf's buffer with spool = false), or nothing when no output
-// reports (only the input runs).
+// fails, Telegraf's buffer with spool = false), or, before its first report,
+// the output process's spool.
 func TestOutageLinesSayWhereTheBacklogWaits(t *testing.T) {
 	queue := func(spooled, inMemory, diskFailed int64) map[string]int64 {
 		return map[string]int64{"spool_records": spooled, "memory_records": inMemory, "spool_disk_failed": diskFailed}
@@ -106,7 +106,7 @@ func TestOutageLinesSayWhereTheBacklogWaits(t *testing.T) {
 		{name: "execd, spool empty so far", route: RouteExecd, source: "spool /var/lib/x", gauges: queue(0, 0, 0), want: "the metrics not acknowledged wait in the spool"},
 		{name: "execd, spool disk failed", route: RouteExecd, source: "spool /var/lib/x", gauges: queue(0, 7, 1), want: "7 metrics wait in memory while the spool's disk fails"},
 		{name: "execd, spool = false", route: RouteExecd, source: "memory queue", gauges: queue(0, 3, 0), want: "the metrics not acknowledged wait in Telegraf's buffer (spool = false)"},
-		{name: "execd, input only", route: RouteExecd, want: "no output of this gateway has a backlog to keep"},
+		{name: "execd, no report yet", route: RouteExecd, want: "the metrics not acknowledged wait with the output process (in its spool, unless spool = false)"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -117,7 +117,7 @@ func TestOutageLinesSayWhereTheBacklogWaits(t *testing.T) {
 			if tt.source != "" {
 				s.ReportGauges(tt.source, tt.gauges)
 			}
-			require.Equal(t, tt.want, s.backlog("wait"))
+			require.Equal(t, tt.want, s.backlog())
 		})
 	}
 }
