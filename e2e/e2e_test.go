@@ -248,7 +248,7 @@ func perDevice(msgs []emulator.Message) map[string]int {
 var (
 	timestamped = regexp.MustCompile(`^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ([EWIDT])! (.*)$`)
 	// outputs.execd logs every stderr line of its child as an error:
-	// `E! [outputs.execd::omnicore] stderr: I! [outputs.omnicore] ...`.
+	// `E! [outputs.execd::omnicore] stderr: W! [outputs.omnicore] ...`.
 	execdStderr = regexp.MustCompile(`stderr: "?([EWIDT])! `)
 	// Telegraf's own race: exec.Cmd.Wait closes the stdout and stderr pipes
 	// of an execd child that just exited while its readers still read, e.g.

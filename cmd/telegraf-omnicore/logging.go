@@ -17,11 +17,22 @@ import (
 // no timestamp (Telegraf adds its own). Every line of a multi-line message
 // gets the prefix, so execd never mistakes a continuation line for an
 // unprefixed error. Nothing is buffered.
+//
+// outputs.execd logs every stderr line of its child as an error ("E!
+// [outputs.execd] stderr: I! ..."), and every stdout line at info level;
+// inputs.execd maps the prefixes of stderr lines to its own levels. So an
+// output process sends its info, debug and trace lines to stdout (quiet,
+// which it does not otherwise use: useQuietOutput), for Telegraf to show them
+// at info level, and its warnings and errors to stderr.
 type logSink struct {
 	mu    sync.Mutex
 	w     io.Writer
-	level atomic.Int32 // a telegraf.LogLevel
+	quiet atomic.Pointer[io.Writer] // info and below, when set
+	level atomic.Int32              // a telegraf.LogLevel
 }
+
+// useQuietOutput sends the lines at info level and below to w.
+func (s *logSink) useQuietOutput(w io.Writer) { s.quiet.Store(&w) }
 
 func newLogSink(w io.Writer, level telegraf.LogLevel) *logSink {
 	s := &logSink{w: w}
@@ -53,9 +64,13 @@ func (s *logSink) print(level telegraf.LogLevel, source, msg string) {
 		b.WriteString(strings.TrimRight(line, "\r"))
 		b.WriteByte('\n')
 	}
+	w := s.w
+	if q := s.quiet.Load(); q != nil && level >= telegraf.Info {
+		w = *q
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	_, _ = io.WriteString(s.w, b.String())
+	_, _ = io.WriteString(w, b.String())
 }
 
 // installLogging routes every Telegraf logger of the process, and the

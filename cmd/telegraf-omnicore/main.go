@@ -9,7 +9,9 @@
 // own batching, retry and back-pressure loop; in input mode it runs the
 // plugin through Telegraf's shim and prints line protocol on stdout. Log
 // lines go to stderr as "E! ", "W! ", "I! " or "D! " followed by the message,
-// without timestamps, which is what execd parses.
+// without timestamps, which is what execd parses; an output process sends
+// its info and debug lines to stdout instead, which outputs.execd logs at
+// info level (see logSink).
 package main
 
 import (
@@ -78,6 +80,7 @@ func main() {
 	// Let Telegraf read the last lines (the error, "Stopped ...") before
 	// the exit closes its pipe.
 	waitStderrRead(os.Stderr, stderrReadTimeout)
+	waitStderrRead(os.Stdout, stderrReadTimeout) // an output's info lines
 	os.Exit(code)
 }
 
@@ -119,7 +122,7 @@ func parseFlags(args []string, usage io.Writer) (*flags, error) {
 	fs := flag.NewFlagSet("telegraf-omnicore", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&f.config, "config", "", "plugin file holding exactly one [[outputs.omnicore]] or [[inputs.omnicore]] table (required)")
-	fs.StringVar(&f.logLevel, "log_level", "warn", "log level: error, warn, info, debug or trace; a log_level in the plugin table wins (outputs.execd shows every line of this program as an error, whatever its level)")
+	fs.StringVar(&f.logLevel, "log_level", "info", "log level: error, warn, info, debug or trace; a log_level in the plugin table wins")
 	fs.DurationVar(&f.pollInterval, "poll_interval", 10*time.Second, "input only: how often the omnicore_gateway statistics metric is gathered until Telegraf signals a gather on stdin (signal = \"STDIN\"); 0 disables it")
 	fs.IntVar(&f.batchSize, "batch_size", 1000, "output only: most metrics per Write")
 	fs.DurationVar(&f.batchTimeout, "batch_timeout", time.Second, "output only: longest wait before a partial batch is written")
@@ -142,7 +145,7 @@ func parseFlags(args []string, usage io.Writer) (*flags, error) {
 
 // run is main without os.Exit; it returns the exit status.
 func run(args []string, env environment) (status int) {
-	sink := newLogSink(env.stderr, telegraf.Warn)
+	sink := newLogSink(env.stderr, telegraf.Info)
 	remove, err := installLogging(sink)
 	if err != nil {
 		sink.print(telegraf.Error, "", err.Error())
@@ -194,6 +197,10 @@ func run(args []string, env environment) (status int) {
 		log.Errorf("Loading plugin file %q failed: %v", f.config, err)
 		return 1
 	}
+	if p.kind != "inputs" {
+		// stdout is free in an output process: see logSink.
+		sink.useQuietOutput(env.stdout)
+	}
 	if p.logLevel != "" {
 		level, _ = parseLogLevel(p.logLevel) // validated by loadPluginFile
 		sink.setLevel(level)
@@ -226,7 +233,7 @@ func run(args []string, env environment) (status int) {
 
 	switch p.kind {
 	case "inputs":
-		log.Infof("Starting %s (telegraf-omnicore %s); gathering statistics on Telegraf's signal (signal = \"STDIN\"), until then every %s", p.id(), programVersion(), f.pollInterval)
+		log.Debugf("Starting %s (telegraf-omnicore %s); gathering statistics on Telegraf's signal (signal = \"STDIN\"), until then every %s", p.id(), programVersion(), f.pollInterval)
 		if err := runInput(p.input, plog, f.pollInterval, env.stdin); err != nil {
 			log.Errorf("Running %s failed: %v", p.id(), err)
 			return 1
@@ -234,7 +241,7 @@ func run(args []string, env environment) (status int) {
 		log.Infof("Stopped %s", p.id())
 		return 0
 	default:
-		log.Infof("Starting %s (telegraf-omnicore %s); batches of up to %d metrics, written at least every %s",
+		log.Debugf("Starting %s (telegraf-omnicore %s); batches of up to %d metrics, written at least every %s",
 			p.id(), programVersion(), f.batchSize, f.batchTimeout)
 		stop, cancel := stopOnSignal()
 		defer cancel()

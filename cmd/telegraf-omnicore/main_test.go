@@ -104,11 +104,15 @@ func startProgram(t *testing.T, args ...string) *program {
 			<-p.done
 		}
 		if t.Failed() {
-			t.Logf("stderr of the program:\n%s", p.stderr.String())
+			t.Logf("stderr of the program:\n%s\nstdout:\n%s", p.stderr.String(), p.stdout.String())
 		}
 	})
 	return p
 }
+
+// log is what the program logged: an output logs warnings and errors on
+// stderr and the rest on stdout.
+func (p *program) log() string { return p.stdout.String() + p.stderr.String() }
 
 // wait waits for the exit, failing the test after d, and returns the exit
 // status and how long it took from since.
@@ -253,29 +257,29 @@ func TestMainOutput(t *testing.T) {
 		name  string
 		args  []string
 		table string
-		// ready is a stderr line that shows the program is running; the
+		// ready is a log line that shows the program is running; the
 		// time to exit is measured from there (not checked when empty).
 		ready  string
 		stop   func(t *testing.T, p *program)
 		code   int
 		record string
-		stderr []string
-		// absent are substrings stderr must not contain.
+		// log are substrings of the log: stdout (info and below) and
+		// stderr (warnings and errors).
+		log []string
+		// absent are substrings the log must not contain.
 		absent []string
 	}{
 		{
 			name:   "stdin EOF flushes and closes",
 			args:   []string{"-batch_timeout", "1h", "-log_level", "info"},
-			ready:  "I! Starting outputs.omnicore_test",
+			ready:  "I! [outputs.omnicore_test] Connected",
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			record: lines + "closed\n",
-			stderr: []string{
-				"I! Starting outputs.omnicore_test (telegraf-omnicore ",
-				"batches of up to 1000 metrics, written at least every 1h0m0s",
+			log: []string{
 				"I! [outputs.omnicore_test] Closed the test output",
 				"I! Stopped outputs.omnicore_test",
 			},
-			absent: []string{"D! "},
+			absent: []string{"D! ", "Starting"},
 		},
 		{
 			name:  "SIGTERM closes",
@@ -287,43 +291,43 @@ func TestMainOutput(t *testing.T) {
 				// tested on the run loop: here the signal could overtake
 				// the metrics in the pipe.)
 				waitFor(t, 30*time.Second, "the batch to be written", func() bool {
-					return strings.Contains(p.stderr.String(), "Wrote 3 metrics")
+					return strings.Contains(p.log(), "Wrote 3 metrics")
 				})
 				require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
 			},
 			record: lines + "closed\n",
-			stderr: []string{"D! [outputs.omnicore_test] Signalled to stop", "D! [outputs.omnicore_test] Wrote 3 metrics"},
+			log:    []string{"D! [outputs.omnicore_test] Signalled to stop", "D! [outputs.omnicore_test] Wrote 3 metrics"},
 		},
 		{
 			name:   "log level from the plugin table",
 			table:  "log_level = \"debug\"",
-			ready:  "I! Starting outputs.omnicore_test",
+			ready:  "D! Starting outputs.omnicore_test (telegraf-omnicore ",
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			record: lines + "closed\n",
-			stderr: []string{"D! [outputs.omnicore_test] Wrote 3 metrics", "D! [outputs.omnicore_test] Standard input closed"},
+			log:    []string{"D! [outputs.omnicore_test] Wrote 3 metrics", "D! [outputs.omnicore_test] Standard input closed"},
 		},
 		{
 			name:   "spool options in the output's table, as earlier versions had them",
 			table:  "spool = false",
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			record: lines + "closed\n",
-			stderr: []string{"W! [outputs.omnicore_test] spool in [[outputs.omnicore_test]] belong in the plugin file's [telegraf_omnicore] table now"},
+			log:    []string{"W! [outputs.omnicore_test] spool in [[outputs.omnicore_test]] belong in the plugin file's [telegraf_omnicore] table now"},
 		},
 		{
-			name:   "warn level (the default) hides info",
+			name:   "info level (the default) hides debug",
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			record: lines + "closed\n",
-			absent: []string{"I! ", "D! "},
+			log:    []string{"I! [outputs.omnicore_test] Connected", "I! Stopped outputs.omnicore_test"},
+			absent: []string{"D! "},
 		},
 		{
 			name:   "metrics that cannot be written at EOF",
 			table:  "fail_writes = true\n[telegraf_omnicore]\n  spool = false",
-			args:   []string{"-log_level", "info"},
-			ready:  "I! Starting outputs.omnicore_test",
+			ready:  "I! [outputs.omnicore_test] Connected",
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			code:   1,
 			record: "closed\n",
-			stderr: []string{
+			log: []string{
 				"E! Stopping outputs.omnicore_test: 3 metrics not acknowledged by the bridge are lost: they were held in memory, and spool = false",
 			},
 		},
@@ -337,7 +341,7 @@ func TestMainOutput(t *testing.T) {
 			_, err := io.WriteString(p.stdin, lines)
 			require.NoError(t, err)
 			if tt.ready != "" {
-				waitFor(t, 30*time.Second, "the program to run", func() bool { return strings.Contains(p.stderr.String(), tt.ready) })
+				waitFor(t, 30*time.Second, "the program to run", func() bool { return strings.Contains(p.log(), tt.ready) })
 			}
 			start := time.Now()
 			tt.stop(t, p)
@@ -351,11 +355,15 @@ func TestMainOutput(t *testing.T) {
 			}
 			require.Equal(t, tt.record, readFile(t, record))
 			requireLogFormat(t, p.stderr.String())
-			for _, s := range tt.stderr {
-				require.Contains(t, p.stderr.String(), s)
+			requireLogFormat(t, p.stdout.String())
+			// outputs.execd shows stderr as errors and stdout at info level.
+			require.NotRegexp(t, `(?m)^[IDT]! `, p.stderr.String(), "info and debug on stderr")
+			require.NotRegexp(t, `(?m)^[EW]! `, p.stdout.String(), "warnings and errors on stdout")
+			for _, s := range tt.log {
+				require.Contains(t, p.log(), s)
 			}
 			for _, s := range tt.absent {
-				require.NotContains(t, p.stderr.String(), s)
+				require.NotContains(t, p.log(), s)
 			}
 		})
 	}
@@ -376,7 +384,7 @@ func TestMainInput(t *testing.T) {
 			args:   []string{"-poll_interval", "10ms", "-log_level", "info"},
 			stop:   func(t *testing.T, p *program) { require.NoError(t, p.stdin.Close()) },
 			stdout: []string{"test_start ok=true ", "test_gather n=1i ", "test_gather n=2i "},
-			stderr: []string{"I! Starting inputs.omnicore_test", "I! [inputs.omnicore_test] Started", "I! [inputs.omnicore_test] Stopped the test input", "I! Stopped inputs.omnicore_test"},
+			stderr: []string{"I! [inputs.omnicore_test] Started", "I! [inputs.omnicore_test] Stopped the test input", "I! Stopped inputs.omnicore_test"},
 		},
 		{
 			name:   "SIGTERM stops",

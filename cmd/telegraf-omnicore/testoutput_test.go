@@ -46,7 +46,11 @@ func (o *testOutput) Init() error {
 	return nil
 }
 
-func (*testOutput) Connect() error { return nil }
+// Connect logs an info line, as the real output does through its session.
+func (o *testOutput) Connect() error {
+	o.Log.Info("Connected")
+	return nil
+}
 
 func (o *testOutput) Close() error {
 	o.mu.Lock()

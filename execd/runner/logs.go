@@ -12,11 +12,17 @@ import (
 // once a minute while it lasts (with the backlog), I! when it ends (with its
 // length and the backlog replayed). Every failed attempt of every Write in
 // flight and of Connect reports here, so concurrent Writes make one story.
+//
+// While the gateway's connection is down, its session tells the outage (one
+// E!, a W! a minute, one I!, each with this runner's backlog, which it reads
+// from the gauges the runner reports): the failures of the Writes are then
+// at debug, so that one outage is one story in Telegraf's log.
 type outage struct {
-	log     telegraf.Logger
-	where   func() string
-	backlog func() int64
-	retry   time.Duration
+	log         telegraf.Logger
+	where       func() string
+	backlog     func() int64
+	retry       time.Duration
+	gatewayDown func() bool
 
 	mu       sync.Mutex
 	active   bool
@@ -30,6 +36,8 @@ func (o *outage) fail(what string, err error) {
 	defer o.mu.Unlock()
 	now := time.Now()
 	switch {
+	case !o.active && o.gatewayDown != nil && o.gatewayDown():
+		o.log.Debugf("%s failed: %v; the gateway is not connected (its session tells the outage)", what, err)
 	case !o.active:
 		o.active, o.since, o.lastWarn = true, now, now
 		o.log.Errorf("%s failed: %v; retrying every %s at most, metrics kept %s (%d now)", what, err, o.retry, o.where(), o.backlog())

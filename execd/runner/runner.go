@@ -168,7 +168,7 @@ func (r *Runner) Run(stdin io.Reader, stop <-chan struct{}) error {
 		return err
 	}
 	r.q = q
-	r.outage = outage{log: r.log, where: r.where, backlog: q.Backlog, retry: r.maxBackoff}
+	r.outage = outage{log: r.log, where: r.where, backlog: q.Backlog, retry: r.maxBackoff, gatewayDown: r.gatewayDown}
 	r.dropLog = rateLog{log: r.log, every: time.Minute}
 
 	eof := make(chan struct{})
@@ -286,12 +286,20 @@ func (r *Runner) why() string {
 	return "the spool could not take them (full, or its disk failed)"
 }
 
+// gatewayDown reports whether the gateway's connection is down: its session
+// (in this process or the one that owns the connection) then tells the
+// outage, with this runner's backlog (from its gauges).
+func (r *Runner) gatewayDown() bool {
+	c := r.connected.Load()
+	return c != nil && !(*c).Stats().Connected
+}
+
 // where says where the backlog is kept now, for the logs.
 func (r *Runner) where() string {
 	st := r.q.Stats()
 	switch {
 	case r.cfg.Spool == nil:
-		return "in memory (spool = false)"
+		return "in Telegraf's buffer (spool = false: standard input waits)"
 	case !st.hasSpool || st.spoolDown:
 		return "in memory while the spool's disk fails"
 	default:

@@ -13,9 +13,9 @@ const errOwnerSilent = "share_owner_silent"
 
 // watch reports, at error level, what keeps this process from delivering:
 // an owner that has not been heard from (stopped or hung: its lock cannot
-// be taken from it), an owner that cannot connect to the bridge (with the
-// owner's reason, at most once a minute), and calls that made no progress
-// for stallReport (with the reason, at most once a minute).
+// be taken from it) and calls that made no progress for stallReport (with
+// the reason, at most once a minute); an owner that cannot connect to the
+// bridge (with the owner's reason, at most once a minute) at debug level.
 func (sc *shareConn) watch() {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
@@ -61,7 +61,10 @@ func (sc *shareConn) checkOwner(now time.Time) {
 	}
 	sc.mu.Unlock()
 	if due {
-		sc.log.Errorf("Process %d, which owns the connection of gateway %q, cannot connect to the bridge: %s", rc.ownerPID, sc.cfg.GatewayID, ownerErr)
+		// Debug: the owner's session tells the outage (E! when it begins,
+		// W! a minute, I! when it ends) in its own log, which under execd
+		// is the same Telegraf's; one outage is one story.
+		sc.log.Debugf("Process %d, which owns the connection of gateway %q, cannot connect to the bridge: %s", rc.ownerPID, sc.cfg.GatewayID, ownerErr)
 	}
 }
 

@@ -95,25 +95,30 @@ func (s *Session) run() {
 		connectedAt := time.Now()
 		s.mu.Lock()
 		s.prevConnect, s.lastConnect = s.lastConnect, connectedAt
-		s.mu.Unlock()
-		switch {
-		case down.failures > 0:
-			s.log.Infof("Connected to the bridge as %q after %s and %d failed attempts", s.clientID, time.Since(down.since).Round(time.Second), down.failures)
-		case renewing:
-			s.log.Debugf("Connected to the bridge as %q with the renewed token", s.clientID)
-		default:
-			s.log.Infof("Connected to the bridge as %q", s.clientID)
-		}
-		down = connectOutage{}
-
-		s.mu.Lock()
 		s.conn = cs
 		s.mu.Unlock()
-		if err := s.rebuild(cs, renewing); err != nil {
+		if renewing {
+			s.log.Debugf("Connected to the bridge as %q with the renewed token", s.clientID)
+		}
+		re, err := s.rebuild(cs)
+		if err != nil {
 			s.log.Warnf("Restoring gateway state after connect failed: %v; reconnecting", err)
 			s.lose(cs)
 		}
 		s.openForPublishing(cs)
+		switch {
+		case s.c.connects.Load() == 1:
+			// The first connect: one line once the plugins' first
+			// attaches are done (reportStart).
+			go s.reportStart(cs, down)
+		case down.failures > 0 || down.lost != nil:
+			down.ended(s, re)
+		case renewing && re.failed > 0:
+			s.log.Infof("Re-attached %s after the token renewal", re)
+		default:
+			s.log.Debugf("Re-attached %s", re)
+		}
+		down = connectOutage{}
 
 		renew := time.NewTimer(max(time.Until(cs.expires)-s.cfg.RenewBefore, time.Second))
 		planned := false
@@ -127,7 +132,10 @@ func (s *Session) run() {
 				break
 			}
 			s.c.connectionLost.Add(1)
-			s.warn.Warnf("connection_lost", "Connection to the bridge lost; reconnecting")
+			// Told with what follows: a reconnect at once (W!) or an
+			// outage (E!, see connectOutage).
+			down = connectOutage{since: time.Now(), lost: s.lossReason()}
+			s.log.Debugf("Connection to the bridge lost (%v); reconnecting", down.lost)
 			shortLived = s.noteLoss(shortLived, time.Since(connectedAt))
 		case <-renew.C:
 			planned, renewing = true, true
@@ -167,30 +175,6 @@ const (
 // noteLoss counts an unplanned loss of a connection that lived for lived
 // and returns the new count of short-lived connections in a row; from
 // duplicateAfter on it reports a probable duplicate client ID.
-// connectOutage is a run of failed connects: the first is an E! (with the
-// reason), then a W! at most once a minute while it lasts, the attempts in
-// between at debug; the connect that ends it says how long it took (I!).
-type connectOutage struct {
-	failures int
-	since    time.Time
-	lastWarn time.Time
-}
-
-func (o *connectOutage) failed(s *Session, err error, retry time.Duration) {
-	now := time.Now()
-	o.failures++
-	switch {
-	case o.failures == 1:
-		o.since, o.lastWarn = now, now
-		s.log.Errorf("Connecting to the bridge as %q failed: %v; retrying (next in %s, then at most every %s)", s.clientID, err, retry.Round(time.Millisecond), s.cfg.MaxReconnect)
-	case now.Sub(o.lastWarn) >= time.Minute:
-		o.lastWarn = now
-		s.log.Warnf("Still not connected to the bridge as %q after %s (%d attempts): %v", s.clientID, now.Sub(o.since).Round(time.Second), o.failures, err)
-	default:
-		s.log.Debugf("Connecting to the bridge as %q failed: %v; retrying in %s", s.clientID, err, retry.Round(time.Millisecond))
-	}
-}
-
 func (s *Session) noteLoss(shortLived int, lived time.Duration) int {
 	if lived > shortLivedConnection {
 		return 0
@@ -318,10 +302,10 @@ func explainConnectError(err error) error {
 // rebuild restores the per-connection state in the order the bridge needs:
 // errors first (so attach failures are seen), then attachments, then
 // subscriptions.
-func (s *Session) rebuild(cs *connection, renewing bool) error {
+func (s *Session) rebuild(cs *connection) (reattached, error) {
 	errTopic := omnicore.Topic(s.cfg.RegistryID, s.cfg.GatewayID, omnicore.KindErrors, "")
 	if err := s.subscribe(cs, map[string]byte{errTopic: 0}); err != nil {
-		return fmt.Errorf("subscribing %q: %w", errTopic, err)
+		return reattached{}, fmt.Errorf("subscribing %q: %w", errTopic, err)
 	}
 	s.mu.Lock()
 	var reattach []string
@@ -346,11 +330,11 @@ func (s *Session) rebuild(cs *connection, renewing bool) error {
 	s.mu.Unlock()
 	if gatewaySubs {
 		if err := s.subscribeDevice(cs, s.cfg.GatewayID); err != nil {
-			return err
+			return reattached{}, err
 		}
 	}
+	re := reattached{tried: len(reattach)}
 	if len(reattach) > 0 {
-		start := time.Now()
 		var wg sync.WaitGroup
 		var failed atomic.Int64
 		work := make(chan string)
@@ -376,13 +360,9 @@ func (s *Session) rebuild(cs *connection, renewing bool) error {
 		}
 		close(work)
 		wg.Wait()
-		logf := s.log.Infof
-		if renewing && failed.Load() == 0 {
-			logf = s.log.Debugf
-		}
-		logf("Re-attached %d of %d devices in %s", len(reattach)-int(failed.Load()), len(reattach), time.Since(start).Round(time.Millisecond))
+		re.failed = int(failed.Load())
 	}
-	return nil
+	return re, nil
 }
 
 func (s *Session) openForPublishing(cs *connection) {

@@ -59,13 +59,18 @@ func (s *Session) Attach(ctx context.Context, device string) error {
 	if device == s.cfg.GatewayID {
 		return nil
 	}
+	s.attachCalls.Add(1)
+	defer s.attachCalls.Add(-1)
 	for {
 		cs, err := s.ready(ctx)
 		if err != nil {
 			return err
 		}
 		err = s.attachOn(ctx, cs, device, true)
-		if err == nil || errors.Is(err, ErrAttachRefused) || ctx.Err() != nil || errors.Is(err, ErrClosed) {
+		// A timeout goes back to the caller too, which reports it and
+		// tries again in its own way; only a lost connection is retried
+		// here, on the next one.
+		if err == nil || errors.Is(err, ErrAttachRefused) || errors.Is(err, errAckTimeout) || ctx.Err() != nil || errors.Is(err, ErrClosed) {
 			return err
 		}
 	}
@@ -142,12 +147,20 @@ func (s *Session) attachOn(ctx context.Context, cs *connection, id string, use b
 		d.lastErr = a.err
 		d.retryAt = time.Now().Add(retryBackoff(d.failures))
 		s.c.attachesFailed.Add(1)
-		s.warn.Warnf("attach_refused", "Attaching device %q failed: %v", id, a.err)
+		s.log.Debugf("Attaching device %q failed: %v", id, a.err)
 	case errors.Is(a.err, errAckTimeout):
 		// Neither PUBACK nor error: try again at once on the next call.
 		s.c.attachesFailed.Add(1)
-		s.warn.Warnf("attach_timeout", "Attaching device %q: %v", id, a.err)
+		s.log.Debugf("Attaching device %q failed: %v", id, a.err)
 	}
+	// Failed attaches are counted here and logged at debug only: the
+	// session is shared by the plugins of a gateway (and under execd by
+	// their processes), and its logger is that of the plugin that started
+	// it. The error goes back to the plugin that asked for the device,
+	// which reports it through its own logger, at its own pace (the input:
+	// one W!, further attempts at debug; the output: its drop warnings);
+	// the session's own re-attaches (reconnects, healLoop) are told in
+	// the connect line and in the statistics (attaches_failed).
 	if d.attempt == a {
 		d.attempt = nil
 		if a.err != nil {

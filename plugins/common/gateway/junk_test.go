@@ -118,24 +118,27 @@ func TestJunkDeviceIDsDoNotLockOutBoundDevices(t *testing.T) {
 	s.mu.Unlock()
 }
 
-// Issue 21 item 3: 10,000 refused junk IDs log one W! line of the kind per
-// warnInterval (the README's promise), not one per device.
-func TestJunkDeviceIDsWarnOncePerInterval(t *testing.T) {
+// Issue 21 item 3 and issue 23 item 7: 10,000 refused junk IDs are counted,
+// and the session says nothing of them above debug level: it is shared by
+// the plugins of a gateway and logs with the logger of the one that started
+// it, so each refusal goes back to the plugin that asked for the device,
+// which reports it at its own pace (the output: one W! of the kind per
+// warnInterval, see plugins/outputs/omnicore).
+func TestJunkDeviceIDsLeftToTheAskingPlugin(t *testing.T) {
 	b := newTestBridge(t, 0)
 	log := &testutil.CaptureLogger{Name: "gateway"}
 	b.cfg.Log = log
 	s := startSession(t, b.cfg)
-	start := time.Now()
 	publishJunk(t, s, "junk", 10000)
-	elapsed := time.Since(start)
-	refusedLines := 0
-	for _, w := range log.Warnings() {
-		if strings.Contains(w, "Attaching device") {
-			refusedLines++
+	debug := 0
+	for _, e := range log.Messages() {
+		if !strings.Contains(e.Text, `"junk-`) {
+			continue
 		}
+		require.Equal(t, 'D', rune(e.Level), "a refusal above debug: %s", e.Text)
+		debug++
 	}
-	t.Logf("10000 refused junk IDs in %s: %d W! lines of the kind, %d W! lines in all", elapsed.Round(time.Millisecond), refusedLines, len(log.Warnings()))
-	require.GreaterOrEqual(t, refusedLines, 1, "the refusal is said")
-	require.LessOrEqual(t, refusedLines, 1+int(elapsed/warnInterval), "at most one line per warnInterval")
-	require.LessOrEqual(t, len(log.Warnings()), 2*(1+int(elapsed/warnInterval)))
+	t.Logf("10000 refused junk IDs: %d debug lines, %d attaches failed", debug, s.Stats().AttachesFailed)
+	require.Positive(t, debug)
+	require.GreaterOrEqual(t, s.Stats().AttachesFailed, uint64(10000))
 }

@@ -115,6 +115,10 @@ type Config struct {
 	DetachIdle        time.Duration
 	MaxDevices        int
 	Log               telegraf.Logger
+	// Route is how the plugins run (RouteExecd or RouteBuiltIn, the
+	// default), set by Host.Acquire: the outage lines say where the
+	// metrics not acknowledged wait, which depends on it.
+	Route string
 
 	// settings are the connection options by TOML name, as Settings
 	// returns them.

@@ -71,6 +71,9 @@ func Acquire(cfg *Config) (conn Conn, release func(), err error) {
 // the connection, or hands it over to the next process.
 func (h Host) Acquire(cfg *Config) (conn Conn, release func(), err error) {
 	key := cfg.ClientID()
+	if cfg.Route == "" {
+		cfg.Route = h.RouteName()
+	}
 	registry.mu.Lock()
 	defer registry.mu.Unlock()
 	sh, ok := registry.sessions[key]

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/influxdata/telegraf"
@@ -59,6 +60,9 @@ type Session struct {
 	// dupLog reports a probable duplicate client ID at most once per
 	// duplicateLogInterval.
 	dupLog *ratelog.Limiter
+	// attachCalls counts the Attach calls in progress, for the line of the
+	// first connect (reportStart).
+	attachCalls atomic.Int64
 	// hostClaim names this gateway's claim on the host (hostclaim.go);
 	// tests of two hosts give their sessions different names.
 	hostClaim string

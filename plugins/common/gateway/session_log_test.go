@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -35,7 +36,7 @@ func TestLogLevelsOfRoutineEvents(t *testing.T) {
 	var connectedInfo, renewedDebug int
 	for _, e := range log.Messages() {
 		switch {
-		case e.Level == 'I' && e.Text == `Connected to the bridge as "`+s.clientID+`"`:
+		case e.Level == 'I' && regexp.MustCompile(`^Connected to the bridge as "`+regexp.QuoteMeta(s.clientID)+`"; (1 device|\d+ devices) attached$`).MatchString(e.Text):
 			connectedInfo++
 		case e.Level == 'D' && e.Text == `Connected to the bridge as "`+s.clientID+`" with the renewed token`:
 			renewedDebug++
@@ -82,4 +83,41 @@ func TestConnectOutageLoggedOnce(t *testing.T) {
 	require.Equal(t, 1, errs, "one E! for %d failed connects", s.Stats().ConnectFailures)
 	require.Zero(t, warns, "no W! within the first minute")
 	require.Equal(t, 1, back, "one I! when connected again")
+}
+
+// Issue 23: each outage line says where the metrics not acknowledged wait on
+// its route, and only there: built in Telegraf's buffer; under execd what
+// the output's runner reports (the spool, memory while the spool's disk
+// fails, Telegraf's buffer with spool = false), or, before its first report,
+// the output process's spool.
+func TestOutageLinesSayWhereTheBacklogWaits(t *testing.T) {
+	queue := func(spooled, inMemory, diskFailed int64) map[string]int64 {
+		return map[string]int64{"spool_records": spooled, "memory_records": inMemory, "spool_disk_failed": diskFailed}
+	}
+	tests := []struct {
+		name   string
+		route  string
+		source string // "" for no report
+		gauges map[string]int64
+		want   string
+	}{
+		{name: "built in", route: RouteBuiltIn, want: "the metrics not acknowledged wait in Telegraf's buffer"},
+		{name: "execd, spool", route: RouteExecd, source: "spool /var/lib/x", gauges: queue(40, 2, 0), want: "42 metrics wait in the spool"},
+		{name: "execd, spool empty so far", route: RouteExecd, source: "spool /var/lib/x", gauges: queue(0, 0, 0), want: "the metrics not acknowledged wait in the spool"},
+		{name: "execd, spool disk failed", route: RouteExecd, source: "spool /var/lib/x", gauges: queue(0, 7, 1), want: "7 metrics wait in memory while the spool's disk fails"},
+		{name: "execd, spool = false", route: RouteExecd, source: "memory queue", gauges: queue(0, 3, 0), want: "the metrics not acknowledged wait in Telegraf's buffer (spool = false)"},
+		{name: "execd, no report yet", route: RouteExecd, want: "the metrics not acknowledged wait with the output process (in its spool, unless spool = false)"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := *newTestBridge(t, 0).cfg
+			cfg.Route = tt.route
+			s, err := New(&cfg)
+			require.NoError(t, err)
+			if tt.source != "" {
+				s.ReportGauges(tt.source, tt.gauges)
+			}
+			require.Equal(t, tt.want, s.backlog())
+		})
+	}
 }

@@ -43,13 +43,7 @@ func newBridge(t *testing.T, devices ...string) *bridge {
 func (b *bridge) plugin(t *testing.T, mutate func(*OmniCore)) *OmniCore {
 	t.Helper()
 	p := inputs.Inputs["omnicore"]().(*OmniCore)
-	p.Servers = []string{b.srv.URL}
-	p.SubscriptionID = b.srv.Subscription()
-	p.RegistryID = testRegistry
-	p.GatewayID = testGateway
-	p.PrivateKey = b.key
-	p.Algorithm = omnicore.ES256
-	p.MaxReconnectInterval = config.Duration(time.Second)
+	b.connectTo(&p.Options)
 	p.Log = testutil.Logger{Name: "inputs.omnicore"}
 	if mutate != nil {
 		mutate(p)
@@ -57,6 +51,18 @@ func (b *bridge) plugin(t *testing.T, mutate func(*OmniCore)) *OmniCore {
 	require.NoError(t, p.Init())
 	p.Host.Route = gateway.RouteExecd // as the execd binary sets it
 	return p
+}
+
+// connectTo sets the connection options of a plugin (either) for the
+// gateway of b.
+func (b *bridge) connectTo(o *gateway.Options) {
+	o.Servers = []string{b.srv.URL}
+	o.SubscriptionID = b.srv.Subscription()
+	o.RegistryID = testRegistry
+	o.GatewayID = testGateway
+	o.PrivateKey = b.key
+	o.Algorithm = omnicore.ES256
+	o.MaxReconnectInterval = config.Duration(time.Second)
 }
 
 func (b *bridge) waitSubscribed(t *testing.T, device string) {

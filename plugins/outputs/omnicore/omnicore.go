@@ -74,14 +74,6 @@ const defaultWriteTimeout = 2 * time.Second
 // whole write_timeout while the bridge is down.
 const disconnectedWriteTimeout = time.Second
 
-// timeoutName names the timeout a Write ran with, for its error.
-func timeoutName(timeout, writeTimeout time.Duration) string {
-	if timeout < writeTimeout {
-		return fmt.Sprintf("%s (the gateway was not connected when the write started)", timeout)
-	}
-	return fmt.Sprintf("write_timeout (%s)", writeTimeout)
-}
-
 // warnInterval is how often one kind of drop warning is logged; the ones in
 // between are logged at debug level and summed up in the next warning.
 const warnInterval = 10 * time.Second
@@ -286,7 +278,8 @@ func (o *OmniCore) attachDevices(ctx context.Context) {
 	if ctx.Err() != nil {
 		return
 	}
-	o.Log.Infof("Attached %d of %d configured devices in %s", len(o.Devices)-failed, len(o.Devices), time.Since(start).Round(time.Millisecond))
+	// Debug: the session's connect line tells the devices attached.
+	o.Log.Debugf("Attached %d of %d configured devices in %s", len(o.Devices)-failed, len(o.Devices), time.Since(start).Round(time.Millisecond))
 }
 
 // Close stops attaching and releases the session; the last user of the

@@ -791,7 +791,7 @@ func TestConnectAttachesDevicesConcurrently(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("the configured devices were not attached")
 	}
-	require.Equal(t, 1, logOf(o).count("I", "Attached 49 of 50 configured devices"), logOf(o).String())
+	require.Equal(t, 1, logOf(o).count("D", "Attached 49 of 50 configured devices"), logOf(o).String())
 	for i, d := range devices {
 		require.Equal(t, i != 7, conn.Attached(d), d)
 	}

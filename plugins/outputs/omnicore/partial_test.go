@@ -141,7 +141,7 @@ func TestWriteWhileDisconnected(t *testing.T) {
 		t.Fatal("Write waited for write_timeout while the gateway was down")
 	}
 	require.ErrorIs(t, err, context.DeadlineExceeded)
-	require.ErrorContains(t, err, "the gateway was not connected when the write started")
+	require.ErrorContains(t, err, "the gateway is not connected to the bridge")
 	var werr *writeError
 	require.ErrorAs(t, err, &werr)
 	require.Empty(t, werr.accept)

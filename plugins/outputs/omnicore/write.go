@@ -96,9 +96,7 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 		// Telegraf log every such write as failed.
 		return nil
 	}
-	werr := &writeError{err: fmt.Errorf("%d of %d messages not acknowledged within %s: %w; "+
-		"the metrics not acknowledged stay in the buffer and are written again",
-		failed, len(msgs), timeoutName(timeout, time.Duration(o.WriteTimeout)), firstErr)}
+	werr := &writeError{err: o.writeFailure(failed, len(msgs), timeout, firstErr)}
 	for i, m := range metrics {
 		acked, settled := st.settled[m]
 		switch {
