@@ -368,3 +368,43 @@ func TestShareProtocolVersions(t *testing.T) {
 		})
 	}
 }
+
+// TestShareDuplicatePendingIDClosesTheConnection: a request whose ID is
+// still pending breaks the protocol (its answer could not be told from the
+// first's): the owner disconnects the client and cancels its pending calls.
+func TestShareDuplicatePendingIDClosesTheConnection(t *testing.T) {
+	fake := newShareFake()
+	fake.gate = make(chan struct{})
+	defer close(fake.gate)
+	rz, _ := serveFake(t, fake, nil)
+	ctx := shareCtx(t, 10*time.Second)
+	c, err := net.Dial("unix", rz.sock)
+	require.NoError(t, err)
+	defer c.Close()
+	br, bw := bufio.NewReader(c), bufio.NewWriter(c)
+	require.NoError(t, writeJSONFrame(bw, &frame{wireHeader: wireHeader{Op: opHello, ID: 1, Version: shareProtoVersion, Key: rz.name}}))
+	require.Empty(t, readRawFrame(t, br).json(t).Code)
+	fw := newFrameWriter(bw, shareProtoVersion)
+	publish := &frame{wireHeader: wireHeader{Op: opPublish, ID: 5, Device: "dev-1", Kind: omnicore.KindEvents, QoS: 1}, Payload: []byte("p")}
+	require.NoError(t, fw.write(publish))
+	require.NoError(t, bw.Flush())
+	<-fake.entered
+	require.NoError(t, fw.write(publish))
+	require.NoError(t, bw.Flush())
+	// Well before the owner would let a silent client go (30 s).
+	require.NoError(t, c.SetReadDeadline(time.Now().Add(10*time.Second)))
+	for {
+		f, err := readRaw(br)
+		if err != nil {
+			require.ErrorIs(t, err, io.EOF, "the owner closed the connection")
+			break
+		}
+		var h wireHeader
+		require.NoError(t, decodeCompact(f.header, &h))
+		require.Equal(t, opPing, h.Op, "no answer to either request")
+	}
+	fake.waitFor(t, ctx, func() bool { return fake.canceled.Load() == 1 })
+	fake.mu.Lock()
+	defer fake.mu.Unlock()
+	require.Empty(t, fake.published)
+}

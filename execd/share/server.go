@@ -453,7 +453,12 @@ func (c *serverClient) handle(f *frame) bool {
 		case <-c.ctx.Done():
 			return false
 		}
-		ctx, cancel := c.requestContext(f)
+		ctx, cancel, ok := c.requestContext(f)
+		if !ok {
+			<-c.sem
+			c.srv.log.Warnf("Process %d sent request %d while its request %d was still pending; disconnecting it", c.pid, f.ID, f.ID)
+			return false
+		}
 		c.reqs.Add(1)
 		go func() {
 			defer c.reqs.Done()
@@ -515,7 +520,8 @@ func (c *serverClient) handle(f *frame) bool {
 // every request of the client, which cost a sixth of the CPU of a publish
 // through the socket (BenchmarkShareSocketPublish). A request without an ID
 // cannot be canceled by the client and is not pending; it derives from c.ctx.
-func (c *serverClient) requestContext(f *frame) (context.Context, context.CancelFunc) {
+// A request whose ID is pending already breaks the protocol: not ok.
+func (c *serverClient) requestContext(f *frame) (context.Context, context.CancelFunc, bool) {
 	parent := context.Background()
 	if f.ID == 0 {
 		parent = c.ctx
@@ -529,10 +535,17 @@ func (c *serverClient) requestContext(f *frame) (context.Context, context.Cancel
 	}
 	if f.ID != 0 {
 		c.mu.Lock()
-		c.pending[f.ID] = cancel
+		_, dup := c.pending[f.ID]
+		if !dup {
+			c.pending[f.ID] = cancel
+		}
 		c.mu.Unlock()
+		if dup {
+			cancel()
+			return nil, nil, false
+		}
 	}
-	return ctx, cancel
+	return ctx, cancel, true
 }
 
 // run performs a request that waits for the bridge.
