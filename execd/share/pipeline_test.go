@@ -272,6 +272,18 @@ func serveOldOwner(t *testing.T) (*rendezvous, <-chan wireHeader, <-chan error) 
 	return rz, got, errs
 }
 
+// rawHello dials rz as a client that speaks the protocol by hand and says
+// hello in version; it returns the owner's answer.
+func rawHello(t *testing.T, rz *rendezvous, version int) (net.Conn, *bufio.Reader, *bufio.Writer, wireHeader) {
+	t.Helper()
+	c, err := net.Dial("unix", rz.sock)
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	br, bw := bufio.NewReader(c), bufio.NewWriter(c)
+	require.NoError(t, writeJSONFrame(bw, &frame{wireHeader: wireHeader{Op: opHello, ID: 1, Version: version, Key: rz.name}}))
+	return c, br, bw, readRawFrame(t, br).json(t)
+}
+
 func TestShareProtocolVersions(t *testing.T) {
 	ctx := shareCtx(t, 20*time.Second)
 	msg := gateway.Message{Device: "dev-1", Kind: omnicore.KindEvents, Payload: []byte("p"), QoS: 1}
@@ -296,12 +308,7 @@ func TestShareProtocolVersions(t *testing.T) {
 	t.Run("a client of version 2 and this owner agree on 2", func(t *testing.T) {
 		fake := newShareFake()
 		rz, _ := serveFake(t, fake, nil)
-		c, err := net.Dial("unix", rz.sock)
-		require.NoError(t, err)
-		defer c.Close()
-		br, bw := bufio.NewReader(c), bufio.NewWriter(c)
-		require.NoError(t, writeJSONFrame(bw, &frame{wireHeader: wireHeader{Op: opHello, ID: 1, Version: 2, Key: rz.name}}))
-		resp := readRawFrame(t, br).json(t)
+		_, br, bw, resp := rawHello(t, rz, 2)
 		require.Empty(t, resp.Code, resp.Error)
 		require.Equal(t, 2, resp.Version)
 		require.NoError(t, writeJSONFrame(bw, &frame{wireHeader: wireHeader{Op: opPublish, ID: 2, Device: "dev-1", Kind: omnicore.KindEvents, QoS: 1}, Payload: []byte("p")}))
@@ -324,12 +331,7 @@ func TestShareProtocolVersions(t *testing.T) {
 	t.Run("this client and owner speak version 3, compact headers", func(t *testing.T) {
 		fake := newShareFake()
 		rz, _ := serveFake(t, fake, nil)
-		c, err := net.Dial("unix", rz.sock)
-		require.NoError(t, err)
-		defer c.Close()
-		br, bw := bufio.NewReader(c), bufio.NewWriter(c)
-		require.NoError(t, writeJSONFrame(bw, &frame{wireHeader: wireHeader{Op: opHello, ID: 1, Version: shareProtoVersion, Key: rz.name}}))
-		resp := readRawFrame(t, br).json(t)
+		_, br, bw, resp := rawHello(t, rz, shareProtoVersion)
 		require.Empty(t, resp.Code, resp.Error)
 		require.Equal(t, shareProtoVersion, resp.Version)
 		fw := newFrameWriter(bw, shareProtoVersion)
@@ -378,12 +380,8 @@ func TestShareDuplicatePendingIDClosesTheConnection(t *testing.T) {
 	defer close(fake.gate)
 	rz, _ := serveFake(t, fake, nil)
 	ctx := shareCtx(t, 10*time.Second)
-	c, err := net.Dial("unix", rz.sock)
-	require.NoError(t, err)
-	defer c.Close()
-	br, bw := bufio.NewReader(c), bufio.NewWriter(c)
-	require.NoError(t, writeJSONFrame(bw, &frame{wireHeader: wireHeader{Op: opHello, ID: 1, Version: shareProtoVersion, Key: rz.name}}))
-	require.Empty(t, readRawFrame(t, br).json(t).Code)
+	c, br, bw, resp := rawHello(t, rz, shareProtoVersion)
+	require.Empty(t, resp.Code)
 	fw := newFrameWriter(bw, shareProtoVersion)
 	publish := &frame{wireHeader: wireHeader{Op: opPublish, ID: 5, Device: "dev-1", Kind: omnicore.KindEvents, QoS: 1}, Payload: []byte("p")}
 	require.NoError(t, fw.write(publish))
