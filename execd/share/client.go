@@ -52,10 +52,31 @@ type remoteConn struct {
 // dialOwner connects to the owner's socket, checks that the owner runs as
 // this user, and shakes hands: the hello carries this process's connection
 // settings and plugin file, and an owner whose settings differ answers with
-// a *conflictError.
+// a *conflictError. An owner of an older protocol version refuses the hello
+// and names its version; when this process speaks that one too, it says
+// hello again in it.
 func dialOwner(ctx context.Context, rz *rendezvous, log telegraf.Logger, settings map[string]string, pluginFile string) (*remoteConn, error) {
 	ctx, cancel := context.WithTimeout(ctx, shareDialTimeout)
 	defer cancel()
+	rc, err := dialVersion(ctx, rz, log, settings, pluginFile, shareProtoVersion)
+	var old *olderOwnerError
+	if errors.As(err, &old) {
+		rc, err = dialVersion(ctx, rz, log, settings, pluginFile, old.version)
+	}
+	return rc, err
+}
+
+// olderOwnerError is an owner's refusal of the hello's version, naming an
+// older version this process speaks too.
+type olderOwnerError struct {
+	version int
+	msg     string
+}
+
+func (e *olderOwnerError) Error() string { return e.msg }
+
+// dialVersion connects and says hello in protocol version.
+func dialVersion(ctx context.Context, rz *rendezvous, log telegraf.Logger, settings map[string]string, pluginFile string, version int) (*remoteConn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", rz.sock)
 	if err != nil {
@@ -72,13 +93,9 @@ func dialOwner(ctx context.Context, rz *rendezvous, log telegraf.Logger, setting
 	}
 	dl, _ := ctx.Deadline()
 	_ = uc.SetDeadline(dl)
-	bw := bufio.NewWriter(uc)
 	br := bufio.NewReaderSize(uc, 64<<10)
-	hello := &frame{wireHeader: wireHeader{Op: opHello, ID: 1, Version: shareProtoVersion, Key: rz.name, PID: os.Getpid(), Settings: settings, File: pluginFile}}
-	if err := writeFrame(bw, hello); err == nil {
-		err = bw.Flush()
-	}
-	if err != nil {
+	hello := &frame{wireHeader: wireHeader{Op: opHello, ID: 1, Version: version, Key: rz.name, PID: os.Getpid(), Settings: settings, File: pluginFile}}
+	if err := writeJSONFrame(bufio.NewWriter(uc), hello); err != nil {
 		uc.Close()
 		return nil, fmt.Errorf("handshake: %w", err)
 	}
@@ -89,6 +106,10 @@ func dialOwner(ctx context.Context, rz *rendezvous, log telegraf.Logger, setting
 	if err == nil && resp.Code == codeConflict {
 		uc.Close()
 		return nil, &conflictError{pid: resp.PID, file: resp.File, settings: resp.Settings}
+	}
+	if err == nil && resp.Code == codeProtocol && resp.Version < version && resp.Version >= shareProtoMinVersion {
+		uc.Close()
+		return nil, &olderOwnerError{version: resp.Version, msg: resp.Error}
 	}
 	if err == nil && resp.Code != "" {
 		err = errors.New(resp.Error)
@@ -118,7 +139,7 @@ func dialOwner(ctx context.Context, rz *rendezvous, log telegraf.Logger, setting
 	go rc.ping()
 	go rc.readLoop(br)
 	go func() {
-		if err := writeLoop(uc, rc.out, rc.dead, 0, nil); err != nil {
+		if err := writeLoop(uc, rc.out, rc.dead, version, 0, nil); err != nil {
 			rc.fail(err)
 		}
 	}()

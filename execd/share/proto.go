@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"sync"
 	"time"
 
@@ -21,7 +22,8 @@ import (
 //
 //	uint32 big-endian: length of the rest of the frame (4 + H + P)
 //	uint32 big-endian: H, the length of the header
-//	H bytes:           the header, one JSON object (wireHeader)
+//	H bytes:           the header (wireHeader): one JSON object, or from
+//	                   version 3 on its compact form (header.go)
 //	P bytes:           the payload (publish and inbound messages), raw
 //
 // so payloads travel without base64 and a reader always knows how much to
@@ -29,8 +31,20 @@ import (
 // request whose ID is not 0 with exactly one "resp" frame carrying the same
 // ID, in completion order (requests run concurrently). Inbound messages are
 // "msg" frames naming the client's subscription ID.
+//
+// Versions: 2 has JSON headers only; 3 adds the compact header. The hello
+// and its answer are always JSON, so that any two versions understand each
+// other's handshake. A client says hello with the newest version it speaks;
+// an owner answers in the same version when it speaks it, else refuses and
+// names its own newest version, and a client that speaks that one too says
+// hello again in it (dialOwner). So a binary of version 3 shares a gateway
+// with one of version 2, over JSON headers.
 const (
-	shareProtoVersion = 2
+	shareProtoVersion = 3
+	// shareProtoMinVersion is the oldest version this binary still speaks.
+	shareProtoMinVersion = 2
+	// compactVersion is the first version with compact headers.
+	compactVersion = 3
 	// maxHeaderBytes bounds the JSON header of a frame.
 	maxHeaderBytes = 64 << 10
 	// maxFrameBytes bounds a whole frame: the largest payload the bridge
@@ -108,11 +122,29 @@ type frame struct {
 
 var errFrameTooLarge = errors.New("sharing protocol: frame too large")
 
-// writeFrame appends one frame to w (a buffered writer; the caller flushes).
-func writeFrame(w *bufio.Writer, f *frame) error {
-	hdr, err := json.Marshal(&f.wireHeader)
-	if err != nil {
-		return err
+// frameWriter writes frames to a buffered writer (the caller flushes), with
+// compact headers once the peer speaks them.
+type frameWriter struct {
+	w       *bufio.Writer
+	compact bool
+	hdr     []byte // scratch for compact headers
+}
+
+func newFrameWriter(w *bufio.Writer, version int) *frameWriter {
+	return &frameWriter{w: w, compact: version >= compactVersion}
+}
+
+// write appends one frame.
+func (fw *frameWriter) write(f *frame) error {
+	var hdr []byte
+	if fw.compact && f.compactable() {
+		fw.hdr = appendCompact(fw.hdr[:0], &f.wireHeader)
+		hdr = fw.hdr
+	} else {
+		var err error
+		if hdr, err = json.Marshal(&f.wireHeader); err != nil {
+			return err
+		}
 	}
 	if len(hdr) > maxHeaderBytes {
 		return errFrameTooLarge
@@ -124,18 +156,28 @@ func writeFrame(w *bufio.Writer, f *frame) error {
 	var pre [8]byte
 	binary.BigEndian.PutUint32(pre[0:4], uint32(total))
 	binary.BigEndian.PutUint32(pre[4:8], uint32(len(hdr)))
-	if _, err := w.Write(pre[:]); err != nil {
+	if _, err := fw.w.Write(pre[:]); err != nil {
 		return err
 	}
-	if _, err := w.Write(hdr); err != nil {
+	if _, err := fw.w.Write(hdr); err != nil {
 		return err
 	}
-	_, err = w.Write(f.Payload)
+	_, err := fw.w.Write(f.Payload)
 	return err
 }
 
-// readFrame reads one frame. A malformed or oversized frame is an error after
-// which the stream cannot be trusted: the caller closes the connection.
+// writeJSONFrame writes f with a JSON header and flushes: the handshake,
+// which every version reads.
+func writeJSONFrame(w *bufio.Writer, f *frame) error {
+	if err := newFrameWriter(w, shareProtoMinVersion).write(f); err != nil {
+		return err
+	}
+	return w.Flush()
+}
+
+// readFrame reads one frame, with a JSON or a compact header. A malformed
+// or oversized frame is an error after which the stream cannot be trusted:
+// the caller closes the connection.
 func readFrame(r *bufio.Reader) (*frame, error) {
 	var pre [8]byte
 	if _, err := io.ReadFull(r, pre[:4]); err != nil {
@@ -157,8 +199,17 @@ func readFrame(r *bufio.Reader) (*frame, error) {
 		return nil, unexpectedEOF(err)
 	}
 	f := &frame{}
-	if err := json.Unmarshal(buf[:h], &f.wireHeader); err != nil {
-		return nil, fmt.Errorf("sharing protocol: bad header: %w", err)
+	switch {
+	case h == 0:
+		return nil, errors.New("sharing protocol: frame without header")
+	case buf[0] == '{':
+		if err := json.Unmarshal(buf[:h], &f.wireHeader); err != nil {
+			return nil, fmt.Errorf("sharing protocol: bad header: %w", err)
+		}
+	default:
+		if err := decodeCompact(buf[:h], &f.wireHeader); err != nil {
+			return nil, err
+		}
 	}
 	if f.Op == "" {
 		return nil, errors.New("sharing protocol: frame without op")
@@ -348,6 +399,15 @@ func (fq *frameQueue) take(done <-chan struct{}) []*frame {
 	}
 }
 
+// poll returns what is queued, without waiting.
+func (fq *frameQueue) poll() []*frame {
+	fq.mu.Lock()
+	defer fq.mu.Unlock()
+	fs := fq.frames
+	fq.frames = nil
+	return fs
+}
+
 // written accounts for messages the writer has handed to the socket.
 func (fq *frameQueue) written(fs []*frame) {
 	n, b := 0, 0
@@ -381,9 +441,19 @@ func (fq *frameQueue) close() int {
 	return n
 }
 
-// writeLoop drains fq into conn until done closes or a write fails.
-func writeLoop(w io.Writer, fq *frameQueue, done <-chan struct{}, timeout time.Duration, setDeadline func(time.Time) error) error {
+// writeLoop drains fq into conn until done closes or a write fails, with
+// the headers of the negotiated version.
+//
+// Before each write it yields (runtime.Gosched) so that the goroutines the
+// last frames woke (callers answered, owner's requests acknowledged) queue
+// their frames first, and one write carries them all: the callers are
+// woken one by one, and without the yield most writes carried one or two
+// frames, a syscall each and a wake-up of the reader in the other process.
+// A yield with nothing else to run returns at once, so a lone frame is not
+// delayed.
+func writeLoop(w io.Writer, fq *frameQueue, done <-chan struct{}, version int, timeout time.Duration, setDeadline func(time.Time) error) error {
 	bw := bufio.NewWriterSize(w, 64<<10)
+	fw := newFrameWriter(bw, version)
 	for {
 		fs := fq.take(done)
 		if fs == nil {
@@ -392,14 +462,21 @@ func writeLoop(w io.Writer, fq *frameQueue, done <-chan struct{}, timeout time.D
 		if setDeadline != nil && timeout > 0 {
 			_ = setDeadline(time.Now().Add(timeout))
 		}
-		for _, f := range fs {
-			if err := writeFrame(bw, f); err != nil {
-				return err
+		for len(fs) > 0 {
+			for _, f := range fs {
+				if err := fw.write(f); err != nil {
+					return err
+				}
 			}
+			fq.written(fs)
+			if bw.Buffered() >= bw.Size()/2 {
+				break
+			}
+			runtime.Gosched()
+			fs = fq.poll()
 		}
 		if err := bw.Flush(); err != nil {
 			return err
 		}
-		fq.written(fs)
 	}
 }

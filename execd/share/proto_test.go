@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/gateway"
 	"github.com/telegraf-omnicore/telegraf-omnicore/plugins/common/omnicore"
@@ -22,46 +23,82 @@ func TestShareFrameRoundTrip(t *testing.T) {
 	tests := []struct {
 		name string
 		in   frame
+		// compact: the header travels in compact form from version 3 on
+		compact bool
 	}{
-		{"hello", frame{wireHeader: wireHeader{Op: opHello, ID: 1, Version: shareProtoVersion, Key: "gw-abc", PID: 42}}},
+		{"hello", frame{wireHeader: wireHeader{Op: opHello, ID: 1, Version: shareProtoVersion, Key: "gw-abc", PID: 42}}, false},
 		{"publish with binary payload", frame{
 			wireHeader: wireHeader{Op: opPublish, ID: 7, Device: "dev-1", Kind: omnicore.KindEvents, Subfolder: "a/b", QoS: 1, Deadline: received.UnixNano()},
 			Payload:    []byte{0, 1, 2, 0xff, '\n', '{'},
-		}},
+		}, true},
 		{"publish of the largest telemetry", frame{
 			wireHeader: wireHeader{Op: opPublish, ID: 8, Device: "dev-1", Kind: omnicore.KindEvents, QoS: 1},
 			Payload:    bytes.Repeat([]byte("x"), omnicore.MaxTelemetryBytes),
-		}},
-		{"inbound message", *inboundFrame(3, gateway.Inbound{Device: "dev-2", Kind: omnicore.KindCommands, Subfolder: "reboot", Topic: "/reg/dev-2/commands/reboot", Payload: []byte(`{"now":true}`), Received: received})},
-		{"error response", *respond(9, fmt.Errorf("%w: device %q: not bound", gateway.ErrAttachRefused, "dev-3"))},
-		{"stats response", frame{wireHeader: wireHeader{Op: opResponse, ID: 10, Stats: &gateway.Stats{Connected: true, Acked: 5, ErrorsByType: map[string]uint64{"X": 1}, DroppedByReason: map[string]uint64{}}}}},
-		{"count drop", frame{wireHeader: wireHeader{Op: opCountDrop, Reason: "too_large", N: 3}}},
+		}, true},
+		{"publish with a deadline before 1970 and an unknown kind", frame{
+			wireHeader: wireHeader{Op: opPublish, ID: 1 << 60, Device: "d", Kind: "other", Deadline: -5},
+		}, true},
+		{"inbound message", *inboundFrame(3, gateway.Inbound{Device: "dev-2", Kind: omnicore.KindCommands, Subfolder: "reboot", Topic: "/reg/dev-2/commands/reboot", Payload: []byte(`{"now":true}`), Received: received}), true},
+		{"error response", *respond(9, fmt.Errorf("%w: device %q: not bound", gateway.ErrAttachRefused, "dev-3")), true},
+		{"kept subscription", frame{wireHeader: wireHeader{Op: opResponse, ID: 4, Code: codeAttachRefused, Error: "x", Kept: true}}, true},
+		{"owner's ping", frame{wireHeader: wireHeader{Op: opPing, Connected: true, Error: "last connect: refused"}}, true},
+		{"cancel", frame{wireHeader: wireHeader{Op: opCancel, ID: 12}}, true},
+		{"stats response", frame{wireHeader: wireHeader{Op: opResponse, ID: 10, Stats: &gateway.Stats{Connected: true, Acked: 5, ErrorsByType: map[string]uint64{"X": 1}, DroppedByReason: map[string]uint64{}}}}, false},
+		{"gauges", frame{wireHeader: wireHeader{Op: opReportGauges, Reason: "spool", Gauges: map[string]int64{"spool_bytes": 7}}}, false},
+		{"count drop", frame{wireHeader: wireHeader{Op: opCountDrop, Reason: "too_large", N: 3}}, true},
 	}
-	var buf bytes.Buffer
-	bw := bufio.NewWriter(&buf)
-	for _, tt := range tests {
-		in := tt.in
-		require.NoError(t, writeFrame(bw, &in), tt.name)
-	}
-	require.NoError(t, bw.Flush())
-	br := bufio.NewReader(&buf)
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := readFrame(br)
-			require.NoError(t, err)
-			require.Equal(t, tt.in.wireHeader, got.wireHeader)
-			require.Equal(t, len(tt.in.Payload), len(got.Payload))
-			if len(tt.in.Payload) > 0 {
-				require.Equal(t, tt.in.Payload, got.Payload)
+	for _, version := range []int{2, 3} {
+		t.Run(fmt.Sprintf("version %d", version), func(t *testing.T) {
+			var buf bytes.Buffer
+			bw := bufio.NewWriter(&buf)
+			fw := newFrameWriter(bw, version)
+			var starts []int
+			for _, tt := range tests {
+				require.NoError(t, bw.Flush())
+				starts = append(starts, buf.Len())
+				in := tt.in
+				require.NoError(t, fw.write(&in), tt.name)
 			}
+			require.NoError(t, bw.Flush())
+			data := buf.Bytes()
+			br := bufio.NewReader(&buf)
+			for i, tt := range tests {
+				t.Run(tt.name, func(t *testing.T) {
+					wantCompact := tt.compact && version >= compactVersion
+					require.Equal(t, wantCompact, data[starts[i]+8] != '{', "compact header")
+					got, err := readFrame(br)
+					require.NoError(t, err)
+					require.Equal(t, tt.in.wireHeader, got.wireHeader)
+					require.Equal(t, len(tt.in.Payload), len(got.Payload))
+					if len(tt.in.Payload) > 0 {
+						require.Equal(t, tt.in.Payload, got.Payload)
+					}
+				})
+			}
+			_, err := readFrame(br)
+			require.ErrorIs(t, err, io.EOF, "a clean end between frames is io.EOF")
 		})
 	}
-	_, err := readFrame(br)
-	require.ErrorIs(t, err, io.EOF, "a clean end between frames is io.EOF")
 
 	in := inboundFrame(3, gateway.Inbound{Device: "d", Kind: omnicore.KindConfig, Payload: []byte("p"), Received: received}).inbound()
 	require.Equal(t, received, in.Received)
 	require.Equal(t, omnicore.KindConfig, in.Kind)
+}
+
+// TestShareCompactHeaderSkipsUnknownFields: a later version may add fields
+// to the compact header; this one reads past them.
+func TestShareCompactHeaderSkipsUnknownFields(t *testing.T) {
+	want := wireHeader{Op: opResponse, ID: 3, Error: "e"}
+	b := appendCompact(nil, &want)
+	b = protowire.AppendTag(b, 99, protowire.BytesType)
+	b = protowire.AppendString(b, "from the future")
+	b = protowire.AppendTag(b, 100, protowire.Fixed64Type)
+	b = protowire.AppendFixed64(b, 1)
+	b = protowire.AppendTag(b, 101, protowire.VarintType)
+	b = protowire.AppendVarint(b, 300)
+	var got wireHeader
+	require.NoError(t, decodeCompact(b, &got))
+	require.Equal(t, want, got)
 }
 
 func TestShareFrameRejected(t *testing.T) {
@@ -83,6 +120,11 @@ func TestShareFrameRejected(t *testing.T) {
 		{"truncated prefix", []byte{0, 0, 0, 20, 0}, io.ErrUnexpectedEOF},
 		{"header not JSON", raw(4+3, 3, []byte("{{{")), nil},
 		{"header without op", raw(4+2, 2, []byte("{}")), nil},
+		{"empty header", raw(4, 0, nil), nil},
+		{"compact header with an unknown op", raw(4+2, 2, []byte{0x08, 99}), errCompactHeader},
+		{"compact header without op", raw(4+2, 2, []byte{0x10, 1}), errCompactHeader},
+		{"compact header cut in a string", raw(4+3, 3, []byte{0x08, 1, 0x22}), errCompactHeader},
+		{"compact header with a string past its end", raw(4+4, 4, []byte{0x08, 1, 0x22, 9}), errCompactHeader},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -98,8 +140,10 @@ func TestShareFrameRejected(t *testing.T) {
 	t.Run("writer refuses an oversized payload", func(t *testing.T) {
 		var buf bytes.Buffer
 		bw := bufio.NewWriter(&buf)
-		err := writeFrame(bw, &frame{wireHeader: wireHeader{Op: opPublish}, Payload: make([]byte, maxFrameBytes)})
-		require.ErrorIs(t, err, errFrameTooLarge)
+		for _, version := range []int{2, 3} {
+			err := newFrameWriter(bw, version).write(&frame{wireHeader: wireHeader{Op: opPublish}, Payload: make([]byte, maxFrameBytes)})
+			require.ErrorIs(t, err, errFrameTooLarge)
+		}
 		require.NoError(t, bw.Flush())
 		require.Zero(t, buf.Len(), "nothing of a refused frame is written")
 	})
