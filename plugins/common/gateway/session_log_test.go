@@ -85,6 +85,49 @@ func TestConnectOutageLoggedOnce(t *testing.T) {
 	require.Equal(t, 1, back, "one I! when connected again")
 }
 
+// Issue 23: an outage that lasts is told again at most once per
+// outageWarnInterval (a minute; shortened here), each W! with how long it
+// has lasted and where the backlog waits; the attempts between at debug.
+func TestLastingOutageWarnsOncePerInterval(t *testing.T) {
+	defer func(d time.Duration) { outageWarnInterval = d }(outageWarnInterval)
+	outageWarnInterval = 200 * time.Millisecond
+	b := newTestBridge(t, 0)
+	log := &testutil.CaptureLogger{Name: "gateway"}
+	b.cfg.Log = log
+	b.cfg.MinReconnect = 5 * time.Millisecond
+	b.cfg.MaxReconnect = 10 * time.Millisecond
+	s := startSession(t, b.cfg)
+
+	b.srv.Stop()
+	start := time.Now()
+	warns := func() (n int) {
+		for _, e := range log.Messages() {
+			if e.Level == 'W' && strings.Contains(e.Text, "Still not connected") {
+				require.Regexp(t, `after \d+s \(\d+ attempts\): .*; the metrics not acknowledged wait in Telegraf's buffer$`, e.Text)
+				n++
+			}
+		}
+		return n
+	}
+	waitUntil(t, 30*time.Second, func() bool { return warns() >= 3 }, "three W! of a lasting outage")
+	require.NoError(t, b.srv.Restart())
+	require.NoError(t, s.WaitReady(testCtx(t, 30*time.Second)))
+	elapsed := time.Since(start)
+
+	var errs, debug int
+	for _, e := range log.Messages() {
+		switch {
+		case e.Level == 'E':
+			errs++
+		case e.Level == 'D' && strings.Contains(e.Text, "Connecting to the bridge as"):
+			debug++
+		}
+	}
+	require.Equal(t, 1, errs, "one E! when the outage began")
+	require.LessOrEqual(t, warns(), int(elapsed/outageWarnInterval)+1, "at most one W! per interval in %s", elapsed)
+	require.Greater(t, debug, warns(), "the attempts between the W! lines at debug")
+}
+
 // Issue 23: each outage line says where the metrics not acknowledged wait on
 // its route, and only there: built in Telegraf's buffer; under execd what
 // the output's runner reports (the spool, memory while the spool's disk
