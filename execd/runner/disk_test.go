@@ -16,6 +16,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/telegraf-omnicore/telegraf-omnicore/internal/disktest"
+
 	"github.com/telegraf-omnicore/telegraf-omnicore/execd/spool"
 )
 
@@ -39,32 +41,6 @@ func remount(t *testing.T, dir, mode string) {
 	t.Helper()
 	out, err := exec.Command("mount", "-o", "remount,"+mode, dir).CombinedOutput()
 	require.NoError(t, err, "%s", out)
-}
-
-// fillInodes creates empty files in dir until its filesystem has no inode
-// left, as another program's many small files do, and returns a function
-// that removes them. A full inode table fails the spool's next file
-// creation with ENOSPC though the filesystem has bytes free: a failure of
-// the disk that the spool's check of the free space cannot foresee, and
-// that ends without a remount.
-func fillInodes(t *testing.T, dir string) (unfill func()) {
-	t.Helper()
-	var names []string
-	for i := 0; ; i++ {
-		name := filepath.Join(dir, fmt.Sprintf("filler-%d", i))
-		f, err := os.Create(name)
-		if err != nil {
-			require.ErrorIs(t, err, syscall.ENOSPC)
-			break
-		}
-		require.NoError(t, f.Close())
-		names = append(names, name)
-	}
-	return func() {
-		for _, name := range names {
-			require.NoError(t, os.Remove(name))
-		}
-	}
 }
 
 // writeAll writes s to the runner's stdin, failing the test when the
@@ -212,7 +188,7 @@ func TestDiskFailureIsAnOutageOfTheDisk(t *testing.T) {
 			const n = 8000 // about 450 KB of line protocol: within spool_max_size
 			h.write(t, lines("m", 0, n/2))
 			waitFor(t, 10*time.Second, "the first half read", func() bool { return h.read.n.Load() == int64(len(lines("m", 0, n/2))) })
-			unfill := fillInodes(t, disk)
+			unfill := disktest.FillInodes(t, disk)
 			h.writeAll(t, lines("m", n/2, n/2), "the disk failed")
 			waitFor(t, 10*time.Second, "the disk failure", func() bool { return h.count('E', "The spool's disk failed") == 1 }, h.texts)
 			require.True(t, r.q.Stats().spoolDown)

@@ -13,6 +13,8 @@ import (
 
 	"github.com/influxdata/telegraf/testutil"
 	"github.com/stretchr/testify/require"
+
+	"github.com/telegraf-omnicore/telegraf-omnicore/internal/disktest"
 )
 
 // fill writes a file in dir until the filesystem is full, and returns a
@@ -282,29 +284,6 @@ func TestSpoolOpenNew(t *testing.T) {
 	})
 }
 
-// fillInodes creates empty files in dir until its filesystem has no inode
-// left, as another program's many small files do, and returns a function
-// that removes them.
-func fillInodes(t *testing.T, dir string) (unfill func()) {
-	t.Helper()
-	var names []string
-	for i := 0; ; i++ {
-		name := filepath.Join(dir, fmt.Sprintf("filler-%d", i))
-		f, err := os.Create(name)
-		if err != nil {
-			require.ErrorIs(t, err, syscall.ENOSPC)
-			break
-		}
-		require.NoError(t, f.Close())
-		names = append(names, name)
-	}
-	return func() {
-		for _, name := range names {
-			require.NoError(t, os.Remove(name))
-		}
-	}
-}
-
 // TestSpoolInodesFullIsOneOutage: another program takes every inode of the
 // spool's filesystem while bytes stay free, and the bridge keeps
 // acknowledging: each released segment the spool deletes frees an inode
@@ -325,7 +304,7 @@ func TestSpoolInodesFullIsOneOutage(t *testing.T) {
 	var l ledger
 	next := 0
 	require.NoError(t, l.appendUntil(t, s, &next, 500, 10))
-	unfill := fillInodes(t, fs)
+	unfill := disktest.FillInodes(t, fs)
 	failed := 0
 	for range 30 { // the bridge acknowledges: read, release, check, append
 		if err := l.appendUntil(t, s, &next, 200, 10); err != nil {
