@@ -51,8 +51,17 @@ type writeStats struct {
 	// device in this Write: settled, but not a loss.
 	coalesced int
 	// settled holds the metrics this Write acknowledged (true) or gave up
-	// on (false).
+	// on (false), but those of the messages in published.
 	settled map[telegraf.Metric]bool
+	// published are the messages settled by the bridge's outcome: their
+	// metrics go into settled only when the Write fails (one append per
+	// message instead of a map entry per metric).
+	published []settledMessage
+}
+
+type settledMessage struct {
+	msg   *message
+	acked bool
 }
 
 func (o *OmniCore) Write(metrics []telegraf.Metric) error {
@@ -95,6 +104,11 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 		// and logged above; reporting them as rejected would also make
 		// Telegraf log every such write as failed.
 		return nil
+	}
+	for _, p := range st.published {
+		for _, m := range p.msg.metrics {
+			st.settled[m] = p.acked
+		}
 	}
 	werr := &writeError{err: fmt.Errorf("%d of %d messages not acknowledged within %s: %w; "+
 		"the metrics not acknowledged stay in the buffer and are written again",
@@ -143,9 +157,7 @@ func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) 
 			st.dropped[reason] += len(msg.metrics)
 			o.warnings.Warnf(reason, "Dropping %d metrics of device %q: %v", len(msg.metrics), msg.Device, err)
 		}
-		for _, m := range msg.metrics {
-			st.settled[m] = err == nil
-		}
+		st.published = append(st.published, settledMessage{msg: msg, acked: err == nil})
 	}
 	for range min(o.parallel, len(msgs)) {
 		wg.Add(1)
