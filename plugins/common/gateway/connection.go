@@ -38,10 +38,9 @@ type connection struct {
 	pending  map[uint16]chan struct{} // packet ID -> signal "bridge says device not found"
 	routedCh chan struct{}            // closed and replaced whenever routed grows
 	// acked keeps each data message acknowledged in the last ackedWindow
-	// by packet ID, oldest first in ackedOrder: a GATEWAY_DEVICE_NOT_FOUND
-	// naming the packet ID after the PUBACK sends it again.
-	acked      map[uint16]*ackedMsg
-	ackedOrder []uint16
+	// with its packet ID: a GATEWAY_DEVICE_NOT_FOUND naming the packet ID
+	// after the PUBACK sends it again.
+	acked ackedRing
 
 	// raw is the network connection under paho, closed to abort a connect.
 	raw atomic.Pointer[net.Conn]
@@ -206,7 +205,6 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 		expires:  time.Unix(now.Add(s.cfg.TokenLifetime).Unix(), 0),
 		pending:  make(map[uint16]chan struct{}),
 		routedCh: make(chan struct{}),
-		acked:    make(map[uint16]*ackedMsg),
 	}
 	cs.lastAck.Store(now.UnixNano())
 	opts := mqtt.NewClientOptions()
@@ -226,6 +224,7 @@ func (s *Session) connect(gen uint64) (*connection, error) {
 	opts.SetConnectTimeout(s.cfg.ConnectionTimeout)
 	opts.SetWriteTimeout(s.cfg.Timeout)
 	opts.SetOrderMatters(true)
+	opts.SetStore(noStore{})
 	opts.SetCustomOpenConnectionFn(dialer(s.ctx, s.cfg.TLS, s.cfg.ConnectionTimeout, s.cfg.Timeout, &cs.readPublishes, func(c net.Conn) { cs.raw.Store(&c) }))
 	opts.SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) {
 		s.onMessage(cs, m)
@@ -475,3 +474,20 @@ func (cs *connection) drain(ctx context.Context) {
 		}
 	}
 }
+
+// noStore is a paho Store that keeps nothing. paho's default MemoryStore
+// keeps every QoS 1 message until its PUBACK (a map and a lock per message
+// each way) so that a client reconnecting with the same session can send
+// them again; a connection here is never resumed (clean session, no
+// automatic reconnect, a new client per connection) and the session sends
+// again what a lost connection left unacknowledged, so the copies were
+// never read.
+type noStore struct{}
+
+func (noStore) Open()                             {}
+func (noStore) Put(string, packets.ControlPacket) {}
+func (noStore) Get(string) packets.ControlPacket  { return nil }
+func (noStore) All() []string                     { return nil }
+func (noStore) Del(string)                        {}
+func (noStore) Close()                            {}
+func (noStore) Reset()                            {}

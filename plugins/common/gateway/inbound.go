@@ -371,19 +371,19 @@ func (s *Session) handleBridgeError(cs *connection, payload []byte) {
 		s.markDetached(cs, e.DeviceID)
 		if e.MessageInfo != nil && e.MessageInfo.PacketID != 0 {
 			cs.mu.Lock()
-			var resend *ackedMsg
+			var resend Message
+			found := false
 			if ch, ok := cs.pending[e.MessageInfo.PacketID]; ok {
 				delete(cs.pending, e.MessageInfo.PacketID)
 				close(ch)
-			} else if m, ok := cs.acked[e.MessageInfo.PacketID]; ok && m.msg.Device == e.DeviceID && time.Since(m.at) <= ackedWindow {
+			} else {
 				// The error came after the PUBACK: the message was
 				// acknowledged but dropped. Send it again.
-				delete(cs.acked, e.MessageInfo.PacketID)
-				resend = m
+				resend, found = cs.acked.take(e.MessageInfo.PacketID, e.DeviceID, time.Now())
 			}
 			cs.mu.Unlock()
-			if resend != nil {
-				go s.resend(resend.msg, e.ErrorType)
+			if found {
+				go s.resend(resend, e.ErrorType)
 			}
 		}
 		// A subscribed device the bridge detached is re-attached by

@@ -393,7 +393,9 @@ func TestIntegrationSessionRetriesAtOnceAfterConnectionLoss(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- o.Write(batch) }()
 	waitForGoroutines(t, "paho%2emqtt%2egolang.(*client).Publish(", 1)
-	waitForGoroutines(t, "gateway.(*Session).sendKeep(", 30)
+	// Write hands its messages to the session in one batch: its senders
+	// wait behind the blocked publishers.
+	waitForGoroutines(t, "gateway.(*connection).handOver(", 4)
 
 	// The connection drops and the bridge is reachable again at once.
 	proxy.cut()

@@ -77,10 +77,13 @@ func (o *OmniCore) serialize(msgs []message, dst destination, entries []entry, s
 	if o.Layout == layoutBatch {
 		return o.serializeBatch(msgs, dst, entries, st)
 	}
-	for _, e := range entries {
+	// One metric per message: their metrics slices share one array.
+	origs := make([]telegraf.Metric, len(entries))
+	for i, e := range entries {
 		payload, ok := o.serializeOne(dst, e, st)
 		if ok {
-			msgs = append(msgs, o.newMessage(dst, payload, e))
+			origs[i] = e.orig
+			msgs = append(msgs, o.message(dst, payload, origs[i:i+1:i+1]))
 		}
 	}
 	return msgs
@@ -160,7 +163,16 @@ func (o *OmniCore) serializeBatch(msgs []message, dst destination, entries []ent
 }
 
 func (o *OmniCore) newMessage(dst destination, payload []byte, entries ...entry) message {
-	msg := message{
+	metrics := make([]telegraf.Metric, len(entries))
+	for i, e := range entries {
+		metrics[i] = e.orig
+	}
+	return o.message(dst, payload, metrics)
+}
+
+// message is the message of payload to dst, settling metrics.
+func (o *OmniCore) message(dst destination, payload []byte, metrics []telegraf.Metric) message {
+	return message{
 		Message: gateway.Message{
 			Device:    dst.device,
 			Kind:      dst.kind,
@@ -168,12 +180,8 @@ func (o *OmniCore) newMessage(dst destination, payload []byte, entries ...entry)
 			Payload:   payload,
 			QoS:       byte(o.QoS),
 		},
-		metrics: make([]telegraf.Metric, len(entries)),
+		metrics: metrics,
 	}
-	for i, e := range entries {
-		msg.metrics[i] = e.orig
-	}
-	return msg
 }
 
 // coalesce counts a state replaced by a newer one of its device and

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -51,8 +52,17 @@ type writeStats struct {
 	// device in this Write: settled, but not a loss.
 	coalesced int
 	// settled holds the metrics this Write acknowledged (true) or gave up
-	// on (false).
+	// on (false), but those of the messages in published.
 	settled map[telegraf.Metric]bool
+	// published are the messages settled by the bridge's outcome: their
+	// metrics go into settled only when the Write fails (one append per
+	// message instead of a map entry per metric).
+	published []settledMessage
+}
+
+type settledMessage struct {
+	msg   *message
+	acked bool
 }
 
 func (o *OmniCore) Write(metrics []telegraf.Metric) error {
@@ -96,6 +106,11 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 		// Telegraf log every such write as failed.
 		return nil
 	}
+	for _, p := range st.published {
+		for _, m := range p.msg.metrics {
+			st.settled[m] = p.acked
+		}
+	}
 	werr := &writeError{err: o.writeFailure(failed, len(msgs), timeout, firstErr)}
 	for i, m := range metrics {
 		acked, settled := st.settled[m]
@@ -113,7 +128,9 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 // returns how many were not acknowledged for a reason that may pass
 // (bridge unreachable until write_timeout) and the first such error.
 //
-// At most parallel long-lived workers take the messages in order, rather
+// A connection that publishes batches (gateway.BatchPublisher) takes them
+// all at once unless some are still to be serialized (layout auto); else
+// at most parallel long-lived workers take the messages in order, rather
 // than a goroutine per message.
 func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) (int, error) {
 	var (
@@ -141,9 +158,15 @@ func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) 
 			st.dropped[reason] += len(msg.metrics)
 			o.warnings.Warnf(reason, "Dropping %d metrics of device %q: %v", len(msg.metrics), msg.Device, err)
 		}
-		for _, m := range msg.metrics {
-			st.settled[m] = err == nil
+		st.published = append(st.published, settledMessage{msg: msg, acked: err == nil})
+	}
+	if bp, ok := o.conn.(gateway.BatchPublisher); ok && !slices.ContainsFunc(msgs, func(m message) bool { return m.pending != nil }) {
+		out := make([]gateway.Message, len(msgs))
+		for i := range msgs {
+			out[i] = msgs[i].Message
 		}
+		bp.PublishAll(ctx, out, func(i int, err error) { settle(&msgs[i], err) })
+		return failed, firstErr
 	}
 	for range min(o.parallel, len(msgs)) {
 		wg.Add(1)
