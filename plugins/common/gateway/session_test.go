@@ -401,42 +401,32 @@ func TestFaultsLoseNothingAcknowledged(t *testing.T) {
 			},
 		},
 	}
-	// Each fault through Publish and through PublishAll (the batch path).
-	streams := []struct {
-		name    string
-		publish func(ctx context.Context, s *Session, n, devices int, onAck func(i int)) []error
-	}{
-		{"Publish", publishStream},
-		{"PublishAll", publishAllStream},
-	}
 	for _, tt := range tests {
-		for _, stream := range streams {
-			t.Run(tt.name+" via "+stream.name, func(t *testing.T) {
-				b := newTestBridge(t, devices)
-				if tt.setup != nil {
-					tt.setup(b)
+		t.Run(tt.name, func(t *testing.T) {
+			b := newTestBridge(t, devices)
+			if tt.setup != nil {
+				tt.setup(b)
+			}
+			s := startSession(t, b.cfg)
+			ctx := testCtx(t, 60*time.Second)
+			var acked atomic.Int64
+			injected := make(chan struct{})
+			go func() {
+				defer close(injected)
+				// Inject once the stream is well under way.
+				for acked.Load() < n/4 && ctx.Err() == nil {
+					time.Sleep(time.Millisecond)
 				}
-				s := startSession(t, b.cfg)
-				ctx := testCtx(t, 60*time.Second)
-				var acked atomic.Int64
-				injected := make(chan struct{})
-				go func() {
-					defer close(injected)
-					// Inject once the stream is well under way.
-					for acked.Load() < n/4 && ctx.Err() == nil {
-						time.Sleep(time.Millisecond)
-					}
-					tt.inject(t, b)
-				}()
-				errs := stream.publish(ctx, s, n, devices, func(int) { acked.Add(1) })
-				<-injected
-				for i, err := range errs {
-					require.NoError(t, err, "message %d", i)
-				}
-				requireNoAckedLoss(t, b.srv, n, devices)
-				tt.check(t, b, s)
-			})
-		}
+				tt.inject(t, b)
+			}()
+			errs := publishStream(ctx, s, n, devices, func(int) { acked.Add(1) })
+			<-injected
+			for i, err := range errs {
+				require.NoError(t, err, "message %d", i)
+			}
+			requireNoAckedLoss(t, b.srv, n, devices)
+			tt.check(t, b, s)
+		})
 	}
 }
 

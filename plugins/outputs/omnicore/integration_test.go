@@ -393,9 +393,7 @@ func TestIntegrationSessionRetriesAtOnceAfterConnectionLoss(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- o.Write(batch) }()
 	waitForGoroutines(t, "paho%2emqtt%2egolang.(*client).Publish(", 1)
-	// Write hands its messages to the session in one batch: its senders
-	// wait behind the blocked publishers.
-	waitForGoroutines(t, "gateway.(*connection).handOver(", 4)
+	waitForGoroutines(t, "gateway.(*Session).sendKeep(", 30)
 
 	// The connection drops and the bridge is reachable again at once.
 	proxy.cut()

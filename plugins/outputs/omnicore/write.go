@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -128,9 +127,7 @@ func (o *OmniCore) Write(metrics []telegraf.Metric) error {
 // returns how many were not acknowledged for a reason that may pass
 // (bridge unreachable until write_timeout) and the first such error.
 //
-// A connection that publishes batches (gateway.BatchPublisher) takes them
-// all at once unless some are still to be serialized (layout auto); else
-// at most parallel long-lived workers take the messages in order, rather
+// At most parallel long-lived workers take the messages in order, rather
 // than a goroutine per message.
 func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) (int, error) {
 	var (
@@ -159,14 +156,6 @@ func (o *OmniCore) publish(ctx context.Context, msgs []message, st *writeStats) 
 			o.warnings.Warnf(reason, "Dropping %d metrics of device %q: %v", len(msg.metrics), msg.Device, err)
 		}
 		st.published = append(st.published, settledMessage{msg: msg, acked: err == nil})
-	}
-	if bp, ok := o.conn.(gateway.BatchPublisher); ok && !slices.ContainsFunc(msgs, func(m message) bool { return m.pending != nil }) {
-		out := make([]gateway.Message, len(msgs))
-		for i := range msgs {
-			out[i] = msgs[i].Message
-		}
-		bp.PublishAll(ctx, out, func(i int, err error) { settle(&msgs[i], err) })
-		return failed, firstErr
 	}
 	for range min(o.parallel, len(msgs)) {
 		wg.Add(1)
