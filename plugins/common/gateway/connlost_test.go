@@ -19,12 +19,7 @@ import (
 // line per message, every message delivered after the reconnect, through
 // Publish's path.
 func TestConnectionLostWithMessagesInFlightIsQuiet(t *testing.T) {
-	b := newTestBridge(t, 1)
-	log := &testutil.CaptureLogger{Name: "gateway"}
-	b.cfg.Log = log
-	b.cfg.MinReconnect = 5 * time.Millisecond
-	b.cfg.MaxReconnect = 20 * time.Millisecond
-	s := startSession(t, b.cfg)
+	b, log, s := fastReconnectSession(t, 1, 20*time.Millisecond)
 	require.NoError(t, s.Attach(testCtx(t, 10*time.Second), deviceName(0)))
 	b.srv.WithholdPubacks(1 << 20)
 	const n = 80 // within the window of 100: all in flight at once
@@ -81,4 +76,17 @@ func TestTokenFailedByConnectionLossIsConnLost(t *testing.T) {
 			require.Equal(t, tc.err, err, "other errors are passed on")
 		}
 	}
+}
+
+// fastReconnectSession starts a session on a test bridge with devices,
+// its log captured, reconnecting every few milliseconds (at most
+// maxReconnect apart): for the tests of what an outage logs.
+func fastReconnectSession(t *testing.T, devices int, maxReconnect time.Duration) (*testBridge, *testutil.CaptureLogger, *Session) {
+	t.Helper()
+	b := newTestBridge(t, devices)
+	log := &testutil.CaptureLogger{Name: "gateway"}
+	b.cfg.Log = log
+	b.cfg.MinReconnect = 5 * time.Millisecond
+	b.cfg.MaxReconnect = maxReconnect
+	return b, log, startSession(t, b.cfg)
 }

@@ -57,12 +57,7 @@ func TestLogLevelsOfRoutineEvents(t *testing.T) {
 // the attempts after it at debug (a W! once a minute while it lasts), one
 // I! with its length when a connect succeeds again.
 func TestConnectOutageLoggedOnce(t *testing.T) {
-	b := newTestBridge(t, 0)
-	log := &testutil.CaptureLogger{Name: "gateway"}
-	b.cfg.Log = log
-	b.cfg.MinReconnect = 5 * time.Millisecond
-	b.cfg.MaxReconnect = 20 * time.Millisecond
-	s := startSession(t, b.cfg)
+	b, log, s := fastReconnectSession(t, 0, 20*time.Millisecond)
 
 	b.srv.Stop()
 	waitUntil(t, 30*time.Second, func() bool { return s.Stats().ConnectFailures >= 20 }, "20 failed connects")
@@ -91,12 +86,7 @@ func TestConnectOutageLoggedOnce(t *testing.T) {
 func TestLastingOutageWarnsOncePerInterval(t *testing.T) {
 	defer func(d time.Duration) { outageWarnInterval = d }(outageWarnInterval)
 	outageWarnInterval = 200 * time.Millisecond
-	b := newTestBridge(t, 0)
-	log := &testutil.CaptureLogger{Name: "gateway"}
-	b.cfg.Log = log
-	b.cfg.MinReconnect = 5 * time.Millisecond
-	b.cfg.MaxReconnect = 10 * time.Millisecond
-	s := startSession(t, b.cfg)
+	b, log, s := fastReconnectSession(t, 0, 10*time.Millisecond)
 
 	b.srv.Stop()
 	start := time.Now()
