@@ -28,6 +28,9 @@ import (
 // a pipe, as a user's `mosquitto_sub -q 1` would.
 type userSubscriber struct {
 	kind string // for the notes
+	// pid is mosquitto_sub's process (0 for the in-process subscriber),
+	// whose CPU benchmark 9 reports next to Telegraf's.
+	pid  int
 	stop func()
 }
 
@@ -79,7 +82,7 @@ func startUserSubscriber(ctx context.Context, server, dir string, r *receiver) (
 			}
 		}
 	}()
-	s := &userSubscriber{kind: "mosquitto_sub -q 1 in its own process, its output counted by the benchmark", stop: func() {
+	s := &userSubscriber{kind: "mosquitto_sub -q 1 in its own process, its output counted by the benchmark", pid: cmd.Process.Pid, stop: func() {
 		_ = cmd.Process.Signal(os.Interrupt)
 		select {
 		case <-done:

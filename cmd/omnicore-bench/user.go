@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -41,9 +42,13 @@ type userRoute struct {
 
 // userResult is one run as the subscriber and the OS saw it.
 type userResult struct {
-	wall  time.Duration // Telegraf's start to the last message (or its exit)
-	cpu   time.Duration // CPU of Telegraf's process tree at that moment
-	tally tally
+	wall time.Duration // Telegraf's start to the last message (or its exit)
+	cpu  time.Duration // CPU of Telegraf's process tree at that moment
+	// others is the CPU the broker and the subscriber spent over the
+	// same span: they share the machine's cores with Telegraf, so the
+	// three together say whether a run was bound by the CPU.
+	others time.Duration
+	tally  tally
 }
 
 func (r userResult) rate(n int) float64         { return float64(n) / r.wall.Seconds() }
@@ -57,6 +62,8 @@ type userRows struct {
 	builtinVsExecd *row
 	results        map[string][]userResult
 	sums           map[string]*tally
+	// cores is the machine's CPU count, for how busy a run kept it.
+	cores int
 }
 
 func newUserRows(n, devices int, where string, strict bool) *userRows {
@@ -81,6 +88,7 @@ func newUserRows(n, devices int, where string, strict bool) *userRows {
 			unit: "metrics/s", neutral: true, oursLabel: routeDiscard, peerLabel: routeMQTT},
 		results: map[string][]userResult{},
 		sums:    map[string]*tally{routeExecd: {}, routeBuiltin: {}, routeMQTT: {}},
+		cores:   runtime.NumCPU(),
 	}
 	return u
 }
@@ -139,13 +147,18 @@ func (u *userRows) summary(route string, n int) string {
 	if len(rs) == 0 {
 		return route + ": no run"
 	}
-	var wall, cpu, per []float64
+	var wall, cpu, per, others, busy []float64
 	for _, r := range rs {
 		wall = append(wall, r.wall.Seconds())
 		cpu = append(cpu, r.cpu.Seconds())
 		per = append(per, r.cpuPerMetric(n))
+		others = append(others, float64(r.others.Microseconds())/float64(n))
+		busy = append(busy, 100*(r.cpu+r.others).Seconds()/(r.wall.Seconds()*float64(u.cores)))
 	}
 	s := fmt.Sprintf("%s: wall %.2f s, CPU of the tree %.2f s, %.1f µs/metric", route, median(wall), median(cpu), median(per))
+	if route != routeDiscard && u.cores > 0 {
+		s += fmt.Sprintf(", the broker and the subscriber %.1f µs/metric, all three together %.0f%% of the machine's %d cores", median(others), median(busy), u.cores)
+	}
 	if t := u.sums[route]; t != nil {
 		s += "; all runs at the subscriber: " + t.String()
 	}
@@ -221,7 +234,7 @@ func (b *bench) benchUser(ctx context.Context) error {
 			for _, rt := range append(routes[k:], routes[:k]...) {
 				progress("  run %d/%d%s: %s", run+1, b.opts.runs, pinnedWhere(cpus), rt.name)
 				logPath := filepath.Join(b.dir, fmt.Sprintf("user-%s-%d-%s.log", cpus, run, strings.Fields(rt.name)[0]))
-				res, err := b.userRun(ctx, cpus, rt, logPath, mosq, rcv, want)
+				res, err := b.userRun(ctx, cpus, rt, logPath, mosq, sub, rcv, want)
 				if t := u.sums[rt.name]; t != nil {
 					t.add(res.tally)
 				}
@@ -231,8 +244,9 @@ func (b *bench) benchUser(ctx context.Context) error {
 					continue
 				}
 				u.add(rt.name, n, res)
-				progress("    %s from Telegraf's start (%s); CPU of the tree %s, %.1f µs/metric; at the subscriber %s",
-					formatValue(res.rate(n), "metrics/s"), res.wall.Round(time.Millisecond), res.cpu.Round(time.Millisecond), res.cpuPerMetric(n), res.tally)
+				progress("    %s from Telegraf's start (%s); CPU of the tree %s, %.1f µs/metric; broker and subscriber %.1f µs/metric; at the subscriber %s",
+					formatValue(res.rate(n), "metrics/s"), res.wall.Round(time.Millisecond), res.cpu.Round(time.Millisecond), res.cpuPerMetric(n),
+					float64(res.others.Microseconds())/float64(n), res.tally)
 			}
 		}
 		b.userNotes(u, n, cpus, sub.kind)
@@ -316,7 +330,7 @@ const userQuiet = 30 * time.Second
 // (SIGTERM) once every metric arrived at the subscriber, or nothing more
 // came; its CPU is read from /proc at the last arrival, before the stop,
 // so that Telegraf's shutdown is not counted.
-func (b *bench) userRun(ctx context.Context, cpus string, rt userRoute, logPath string, mosq *mosquitto, rcv *receiver, want []int64) (userResult, error) {
+func (b *bench) userRun(ctx context.Context, cpus string, rt userRoute, logPath string, mosq *mosquitto, sub *userSubscriber, rcv *receiver, want []int64) (userResult, error) {
 	n := len(want)
 	rcv.reset(false)
 	mosqLog := mosq.logSize()
@@ -343,6 +357,7 @@ func (b *bench) userRun(ctx context.Context, cpus string, rt userRoute, logPath 
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), statedir.EnvStateDirectory+"="+state, share.EnvRuntimeDir+"="+filepath.Join(state, "rt"))
+	othersAtStart := othersCPU(mosq, sub)
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
 		return userResult{}, err
@@ -385,10 +400,11 @@ func (b *bench) userRun(ctx context.Context, cpus string, rt userRoute, logPath 
 	// after userQuiet without one.
 	rcv.waitWhileRunning(ctx, n, userQuiet, exited)
 	cpu, cpuErr := treeCPU(cmd.Process.Pid)
+	others := othersCPU(mosq, sub) - othersAtStart
 	_, last := rcv.span()
 	stop()
 	logf.Close()
-	res := userResult{wall: last.Sub(start), cpu: cpu, tally: rcv.count(want)}
+	res := userResult{wall: last.Sub(start), cpu: cpu, others: others, tally: rcv.count(want)}
 	out, _ := os.ReadFile(logPath)
 	switch {
 	case !res.tally.ok():
@@ -407,6 +423,21 @@ func (b *bench) userRun(ctx context.Context, cpus string, rt userRoute, logPath 
 		return res, errors.New("no message after Telegraf's start")
 	}
 	return res, nil
+}
+
+// othersCPU is the CPU spent so far by the broker and the subscriber
+// process (0 for what cannot be read: the figure is a note, not a row).
+func othersCPU(mosq *mosquitto, sub *userSubscriber) time.Duration {
+	var sum time.Duration
+	for _, pid := range []int{mosq.cmd.Process.Pid, sub.pid} {
+		if pid == 0 {
+			continue
+		}
+		if d, err := treeCPU(pid); err == nil {
+			sum += d
+		}
+	}
+	return sum
 }
 
 // errorLines are the lines of a Telegraf log at error level.
@@ -429,6 +460,11 @@ func (b *bench) userNotes(u *userRows, n int, cpus, subscriber string) {
 	}
 	common := "real Telegraf processes left running (not --once), inputs.execd running cat on the line-protocol file once (signal none), metric_batch_size 1000, flush_interval 1s, metric_buffer_limit above the file; default plugin options (telegraf-omnicore's spool on, a fresh STATE_DIRECTORY per run); QoS 1 onto " + broker + "; the subscriber: %s, counting every metric; the clock runs from Telegraf's start to the last metric at the subscriber"
 	common = fmt.Sprintf(common, subscriber)
+	// Why the share of the cores is in the notes: the broker and the
+	// subscriber run on the same cores as Telegraf, and when the three
+	// keep them busy the run is bound by CPU, not by round trips, so a
+	// route gets faster only by spending less CPU per metric.
+	common += "; the broker's and the subscriber's CPU over the same span is given next to the tree's, with how busy the three kept the machine's cores: near 100% a route is bound by CPU, not by round trips"
 	u.execd.note = fmt.Sprintf("%s; %s; %s", common, u.summary(routeExecd, n), mqtt)
 	u.builtin.note = fmt.Sprintf("the runs of the row above with Telegraf %s (outputs.omnicore compiled in, the same options in Telegraf's config; its spool options do not apply there); %s; %s",
 		"of make telegraf-builtin", u.summary(routeBuiltin, n), mqtt)

@@ -152,8 +152,9 @@ func TestWireRowSaysBytes(t *testing.T) {
 func TestUserRowsRouteRuns(t *testing.T) {
 	u := newUserRows(1000, 10, "", false)
 	u.add(routeMQTT, 1000, userResult{wall: 2 * time.Second, cpu: 4 * time.Millisecond})
-	u.add(routeExecd, 1000, userResult{wall: time.Second, cpu: 2 * time.Millisecond})
+	u.add(routeExecd, 1000, userResult{wall: time.Second, cpu: 2 * time.Millisecond, others: 6 * time.Millisecond})
 	u.fail(routeBuiltin, os.ErrClosed)
+	u.cores = 2
 	u.add(routeDiscard, 1000, userResult{wall: 100 * time.Millisecond, cpu: time.Millisecond})
 
 	require.Equal(t, []float64{1000}, u.execd.ours, "metrics/s from Telegraf's start")
@@ -168,7 +169,11 @@ func TestUserRowsRouteRuns(t *testing.T) {
 	require.Equal(t, 1, u.cpuBuiltin.leftOut)
 	require.Zero(t, u.execd.leftOut, "a failed built-in run does not touch the execd rows")
 	require.Equal(t, []float64{10000}, u.ceiling.ours)
-	require.Contains(t, u.summary(routeExecd, 1000), "wall 1.00 s, CPU of the tree 0.00 s, 2.0 µs/metric")
+	require.Contains(t, u.summary(routeExecd, 1000), "wall 1.00 s, CPU of the tree 0.00 s, 2.0 µs/metric, the broker and the subscriber 6.0 µs/metric, all three together 0% of the machine's 2 cores")
+	u.add(routeExecd, 1000, userResult{wall: time.Second, cpu: 500 * time.Millisecond, others: 1100 * time.Millisecond})
+	u.add(routeExecd, 1000, userResult{wall: time.Second, cpu: 500 * time.Millisecond, others: 1100 * time.Millisecond})
+	require.Contains(t, u.summary(routeExecd, 1000), "all three together 80% of the machine's 2 cores", "1.6 s of CPU in 1 s on 2 cores, the median of three runs")
+	require.NotContains(t, u.summary(routeDiscard, 1000), "broker", "the ceiling has no broker")
 }
 
 func TestMosquittoDropsSinceOffset(t *testing.T) {
