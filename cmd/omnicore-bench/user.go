@@ -147,17 +147,25 @@ func (u *userRows) summary(route string, n int) string {
 	if len(rs) == 0 {
 		return route + ": no run"
 	}
-	var wall, cpu, per, others, busy []float64
+	var wall, cpu, per, others, busy, bound []float64
 	for _, r := range rs {
 		wall = append(wall, r.wall.Seconds())
 		cpu = append(cpu, r.cpu.Seconds())
 		per = append(per, r.cpuPerMetric(n))
 		others = append(others, float64(r.others.Microseconds())/float64(n))
 		busy = append(busy, 100*(r.cpu+r.others).Seconds()/(r.wall.Seconds()*float64(u.cores)))
+		if all := (r.cpu + r.others).Seconds(); all > 0 {
+			bound = append(bound, float64(n)*float64(u.cores)/all)
+		}
 	}
 	s := fmt.Sprintf("%s: wall %.2f s, CPU of the tree %.2f s, %.1f µs/metric", route, median(wall), median(cpu), median(per))
 	if route != routeDiscard && u.cores > 0 {
 		s += fmt.Sprintf(", the broker and the subscriber %.1f µs/metric, all three together %.0f%% of the machine's %d cores", median(others), median(busy), u.cores)
+		if len(bound) > 0 {
+			// The rate if the three kept every core busy and spent what
+			// they did: no route of this CPU cost gets past it here.
+			s += fmt.Sprintf(" (at 100%%, that CPU per metric allows %s)", formatValue(median(bound), "metrics/s"))
+		}
 	}
 	if t := u.sums[route]; t != nil {
 		s += "; all runs at the subscriber: " + t.String()

@@ -172,7 +172,7 @@ func TestUserRowsRouteRuns(t *testing.T) {
 	require.Contains(t, u.summary(routeExecd, 1000), "wall 1.00 s, CPU of the tree 0.00 s, 2.0 µs/metric, the broker and the subscriber 6.0 µs/metric, all three together 0% of the machine's 2 cores")
 	u.add(routeExecd, 1000, userResult{wall: time.Second, cpu: 500 * time.Millisecond, others: 1100 * time.Millisecond})
 	u.add(routeExecd, 1000, userResult{wall: time.Second, cpu: 500 * time.Millisecond, others: 1100 * time.Millisecond})
-	require.Contains(t, u.summary(routeExecd, 1000), "all three together 80% of the machine's 2 cores", "1.6 s of CPU in 1 s on 2 cores, the median of three runs")
+	require.Contains(t, u.summary(routeExecd, 1000), "all three together 80% of the machine's 2 cores (at 100%, that CPU per metric allows 1,250 metrics/s)", "1.6 s of CPU in 1 s on 2 cores, the median of three runs")
 	require.NotContains(t, u.summary(routeDiscard, 1000), "broker", "the ceiling has no broker")
 }
 
