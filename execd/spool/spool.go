@@ -43,10 +43,11 @@
 // cut: the file ends inside the record, or zeros follow) is truncated with a
 // warning giving the bytes dropped; a segment damaged anywhere else, or a
 // bad record in the last segment with valid records after it, is renamed
-// aside (.corrupt) with an error counting the records after the damage, its
-// records before the damage are kept, and the segments after it replay. A
-// segment found empty before the last one lost its records: a warning says
-// so, with their number estimated from the other segments.
+// aside (.corrupt) and rewritten with its intact records (their CRCs show
+// them so), those before the damage and those after it, with an error
+// counting the damaged stretches as lost metrics; the segments after it
+// replay. A segment found empty before the last one lost its records: a
+// warning says so, with their number estimated from the other segments.
 package spool
 
 import (
@@ -192,8 +193,8 @@ type Stats struct {
 	MaxSize int64
 	// LostRecords are records found lost at Open: in a segment found
 	// empty before the last one (estimated from the other segments), or
-	// after a damaged record (set aside in the .corrupt file, not
-	// replayed).
+	// damaged (one per damaged stretch of a segment; the intact records
+	// around it replay).
 	LostRecords int64
 	// DiskFailures counts the disk failures (each logged once at E!).
 	DiskFailures int64
@@ -408,7 +409,11 @@ func (s *Spool) recover() error {
 		if !last && len(data) < headerSize {
 			emptied = append(emptied, seq)
 		}
-		seg := s.checkSegment(path, seq, data, last)
+		var released *int64
+		if cursorOK && seq == cursor.Seq {
+			released = &cursor.Off
+		}
+		seg := s.checkSegment(path, seq, data, last, released)
 		if seg == nil {
 			continue
 		}
@@ -458,108 +463,6 @@ func (s *Spool) recover() error {
 		s.diskFailedLocked("fsync of the spool directory", err)
 	}
 	return nil
-}
-
-// reportEmptied reports the segments found empty though later segments
-// exist: they were sealed with records, which a crash of the filesystem
-// (or a hand) took. Their number is estimated from the other segments.
-func (s *Spool) reportEmptied(emptied []uint64) {
-	if len(emptied) == 0 {
-		return
-	}
-	var sealed, bytes int64
-	var records int
-	for _, seg := range s.segs {
-		sealed = max(sealed, seg.size)
-		bytes += seg.size - int64(headerSize)
-		records += seg.records
-	}
-	for _, seq := range emptied {
-		if records == 0 {
-			s.opts.Log.Warnf("Spool segment %s was empty though later segments exist: its metrics were lost (how many is unknown: no other segment to estimate from)",
-				segmentName(seq))
-			continue
-		}
-		lost := (sealed - int64(headerSize)) * int64(records) / bytes
-		s.stats.LostRecords += lost
-		s.opts.Log.Warnf("Spool segment %s was empty though later segments exist: its metrics were lost, about %d (estimated from the other segments' sizes)",
-			segmentName(seq), lost)
-	}
-}
-
-// boundaryAt is the position of the first record boundary at or after off
-// in the segment bytes data (valid records only).
-func boundaryAt(data []byte, seq uint64, off int64) Position {
-	p := Position{Seq: seq, Off: int64(headerSize)}
-	for p.Off < off && p.Off < int64(len(data)) {
-		_, _, size, err := decodeRecord(data[p.Off:])
-		if err != nil {
-			break
-		}
-		p.Off += int64(size)
-		p.Index++
-	}
-	return p
-}
-
-// checkSegment checks one segment's bytes and repairs it: a torn tail of the
-// last segment is truncated, any other damage sets the file aside and keeps
-// its undamaged prefix. It returns nil when nothing of the segment is left.
-// A repair the disk refuses is reported and retried at the next Open; the
-// undamaged prefix replays all the same.
-func (s *Spool) checkSegment(path string, seq uint64, data []byte, last bool) *segment {
-	log := s.opts.Log
-	r := scanSegment(data)
-	switch {
-	case r.problem == "":
-	case len(data) == 0 || (r.torn && r.valid == 0):
-		switch {
-		case !last:
-			// Reported with an estimate of what it held by reportEmptied.
-		case len(data) > 0:
-			log.Warnf("Spool segment %s has a torn header: removed it, dropping %d bytes", filepath.Base(path), len(data))
-			s.stats.TruncatedBytes += int64(len(data))
-		default:
-			// Created but never written: a stop right after a rotation.
-			log.Infof("Removed the empty spool segment %s", filepath.Base(path))
-		}
-		s.dirDirty = true
-		if err := os.Remove(path); err != nil {
-			s.diskFailedLocked("removing an empty spool segment", err)
-		}
-		return nil
-	case r.torn && last:
-		dropped := int64(len(data)) - r.valid
-		log.Warnf("Spool segment %s ends with a torn record (an append cut short by a crash or power loss): truncated it, dropping %d bytes; its %d records before are kept",
-			filepath.Base(path), dropped, r.records)
-		s.stats.TruncatedBytes += dropped
-		if err := os.Truncate(path, r.valid); err != nil {
-			s.diskFailedLocked("truncating a torn spool segment", err)
-		}
-	default:
-		aside := path + ".corrupt"
-		lost := r.after
-		if r.valid > 0 {
-			lost++ // the damaged record itself (at least one)
-		}
-		log.Errorf("Spool segment %s is damaged (%s): set it aside as %s; replaying its %d records before the damage and the segments after it; "+
-			"%d metrics are lost: the damaged one and %d valid ones after it (%d bytes, kept in %s)",
-			filepath.Base(path), r.problem, filepath.Base(aside), r.records, lost, r.after, int64(len(data))-r.valid, filepath.Base(aside))
-		s.stats.CorruptSegments++
-		s.stats.LostRecords += int64(lost)
-		s.dirDirty = true
-		if err := os.Rename(path, aside); err != nil {
-			s.diskFailedLocked("setting a damaged spool segment aside", err)
-		} else if r.records > 0 {
-			if err := writeFileSync(path, data[:r.valid]); err != nil {
-				s.diskFailedLocked("rewriting a damaged spool segment", err)
-			}
-		}
-		if r.records == 0 {
-			return nil
-		}
-	}
-	return &segment{seq: seq, size: r.valid, records: r.records, firstMs: r.firstMs}
 }
 
 // writeFileSync writes data to path through a temporary file, fsync'ed
