@@ -298,6 +298,13 @@ over all runs. The routes rotate between runs. **On one core** the same runs are
 the benchmark are not pinned. The goals of issue 24: ours at 3x outputs.mqtt's metrics/s or more
 and 0.5x its CPU per metric or less, on all cores and on one.
 
+The broker and the subscriber run on the same cores as Telegraf. Their CPU over the same span
+(mosquitto's and mosquitto_sub's, from ` + "`/proc`" + `) is in each route's note, with how busy the three kept
+the machine's cores and the rate their CPU per metric allows at 100% of them: near 100% a route
+is bound by the machine's CPU, not by round trips, and gets faster only by spending less CPU per
+metric, its own or the broker's (a faster route also makes the broker work per message, which
+publishing cannot avoid).
+
 ### 10. Bytes on the wire per metric
 
 What a site on a cellular contract pays. In process, each client publishes through
