@@ -31,8 +31,10 @@ type testOutput struct {
 	// writeErr decides the result of a Write call (1-based attempt number
 	// over the whole run); nil means success.
 	writeErr func(attempt int) error
-	// block, when not nil, makes Write wait until it is closed.
-	block chan struct{}
+	// block, when not nil, makes Write wait until it is closed;
+	// connectGate the same for Connect.
+	block       chan struct{}
+	connectGate chan struct{}
 	// calls receives the attempt number of every Write call.
 	calls chan int
 }
@@ -42,6 +44,9 @@ func newTestOutput() *testOutput { return &testOutput{calls: make(chan int, 1000
 func (*testOutput) SampleConfig() string { return "" }
 
 func (o *testOutput) Connect() error {
+	if o.connectGate != nil {
+		<-o.connectGate
+	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.connects++

@@ -188,8 +188,10 @@ func (r *Runner) Run(stdin io.Reader, stop <-chan struct{}) error {
 	select {
 	case <-eof:
 		budget = r.drainBudget
-		if r.connected.Load() == nil && r.cfg.Conn != nil || r.outage.isActive() {
-			// The bridge is away: nothing to wait for.
+		if r.outage.isActive() || r.gatewayDown() {
+			// The bridge is away: nothing to wait for. A first Connect
+			// still in progress is not that (telegraf --once ends its
+			// input at once): the drain waits for it, within the budget.
 			budget = r.signalBudget
 		}
 		r.log.Debugf("Standard input closed; publishing what is queued for at most %s while the bridge acknowledges", budget)

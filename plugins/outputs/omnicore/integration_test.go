@@ -40,6 +40,20 @@ func startBridge(t *testing.T, devices ...string) (*emulator.Server, string) {
 // connectPlugin runs the plugin against srv with the real session.
 func connectPlugin(t *testing.T, srv *emulator.Server, key string, mutate ...func(*OmniCore)) *OmniCore {
 	t.Helper()
+	o := startPlugin(t, srv, key, mutate...)
+	// A Write that starts before the first connect waits only
+	// disconnectedWriteTimeout (1 s), and on a loaded machine the first
+	// connect took longer than that (TestIntegrationBridgeRestartMidWrite
+	// failed so in CI): the tests that expect a Write to complete start it
+	// connected.
+	require.Eventually(t, func() bool { return o.conn.Stats().Connected }, time.Minute, 5*time.Millisecond,
+		"the plugin did not connect to the emulator; log:\n%s", logOf(o))
+	return o
+}
+
+// startPlugin is connectPlugin without waiting for the connection.
+func startPlugin(t *testing.T, srv *emulator.Server, key string, mutate ...func(*OmniCore)) *OmniCore {
+	t.Helper()
 	o := factoryPlugin(t)
 	o.Servers = []string{srv.URL}
 	o.SubscriptionID = srv.Subscription()
@@ -354,7 +368,7 @@ func TestIntegrationTLS(t *testing.T) {
 		defer other.Close()
 		ca, err := other.WriteCAFile(t.TempDir())
 		require.NoError(t, err)
-		o := connectPlugin(t, srv, key, func(o *OmniCore) {
+		o := startPlugin(t, srv, key, func(o *OmniCore) {
 			o.Servers = []string{srv.TLSURL}
 			o.TLSCA = ca
 			o.WriteTimeout = config.Duration(2 * time.Second)
