@@ -272,7 +272,13 @@ func TestReadOnlyDisk(t *testing.T) {
 	out := newTestOutput()
 	out.failWrites = true
 	var r *Runner
-	h := start(t, out, filepath.Join(disk, "spool"), 500, 10*time.Millisecond, func(rr *Runner) { r = rr })
+	h := start(t, out, filepath.Join(disk, "spool"), 500, 10*time.Millisecond, func(rr *Runner) {
+		r = rr
+		// Start with the spool: on a loaded machine opening it on the
+		// loop device took longer than lockWait, and the first half went
+		// to memory instead (CI, 2026-12-07).
+		r.lockWait = time.Minute
+	})
 	const n = 4000
 	h.write(t, lines("m", 0, n/2))
 	waitFor(t, 10*time.Second, "the first half spooled", func() bool {

@@ -112,6 +112,9 @@ type Runner struct {
 	// reopenEvery is how often a spool that could not be opened for its
 	// disk's reason is opened again (an open spool tries its disk itself).
 	reopenEvery time.Duration
+	// lockWait is lockWait (tests raise it to start with the spool on a
+	// loaded machine).
+	lockWait time.Duration
 
 	q        *queue
 	source   string // where the backlog is kept, for the logs and gauges
@@ -143,6 +146,7 @@ func New(cfg Config) *Runner {
 		stallTimeout: stallTimeout,
 		reportEvery:  gateway.GaugeTTL / 6,
 		reopenEvery:  5 * time.Second,
+		lockWait:     lockWait,
 	}
 }
 
@@ -341,7 +345,7 @@ func (r *Runner) openQueue(ctx context.Context) (*queue, error) {
 		sp, err := spool.Open(ctx, opts)
 		result <- opened{sp, err}
 	}()
-	t := time.NewTimer(lockWait)
+	t := time.NewTimer(r.lockWait)
 	defer t.Stop()
 	select {
 	case res := <-result:
