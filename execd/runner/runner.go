@@ -112,8 +112,9 @@ type Runner struct {
 	// reopenEvery is how often a spool that could not be opened for its
 	// disk's reason is opened again (an open spool tries its disk itself).
 	reopenEvery time.Duration
-	// lockWait is lockWait (tests raise it to start with the spool on a
-	// loaded machine).
+	// lockWait is how long openQueue waits for the spool before it starts
+	// with memory (the constant lockWait; tests raise it to start with
+	// the spool on a loaded machine).
 	lockWait time.Duration
 
 	q        *queue
